@@ -1,0 +1,167 @@
+"""Audio utilities: validation, resampling, channel conversion, loudness, file I/O.
+
+Waveforms are float tensors `[C, S]` (one clip) or `[B, C, S]` (a batch), values nominally in
+[-1, 1]. No torchaudio: resampling is julius' `resample_frac`, files go through soundfile.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import MagnetError
+
+
+def check_waveform(wav, what: str = "waveform") -> torch.Tensor:
+    """Check that `wav` is a finite, non-empty float tensor [C, S] or [B, C, S]; return it.
+
+    Raises MagnetError naming `what` and the fix.
+    """
+    if not isinstance(wav, torch.Tensor):
+        raise MagnetError(f"{what} must be a torch tensor [channels, samples] or [batch, channels, samples], "
+                          f"got {type(wav).__name__}. Pass audio as a tensor (e.g. torch.from_numpy(array)).")
+    if not wav.is_floating_point():
+        raise MagnetError(f"{what} has integer samples ({wav.dtype}); audio must be float in [-1, 1]. "
+                          f"Convert it, e.g. wav.float() / 32768 for 16-bit PCM.")
+    if wav.dim() not in (2, 3):
+        raise MagnetError(f"{what} has shape {tuple(wav.shape)}; expected [channels, samples] or "
+                          f"[batch, channels, samples]. Add or remove dimensions (e.g. wav[None] for mono).")
+    if wav.numel() == 0:
+        raise MagnetError(f"{what} is empty (shape {tuple(wav.shape)}). Give audio with at least one "
+                          f"channel and one sample.")
+    if not bool(torch.isfinite(wav).all()):
+        raise MagnetError(f"{what} contains NaN or infinite samples. Check the audio source (or replace "
+                          f"them, e.g. torch.nan_to_num(wav)).")
+    return wav
+
+
+def resample(wav: torch.Tensor, from_sr: int, to_sr: int) -> torch.Tensor:
+    """Resample along the last dimension (julius.resample_frac, a windowed-sinc filter); identity when equal."""
+    from_sr, to_sr = _rate(from_sr, "from_sr"), _rate(to_sr, "to_sr")
+    if from_sr == to_sr:
+        return wav
+    import julius
+
+    return julius.resample_frac(wav, from_sr, to_sr)
+
+
+def convert_audio_channels(wav: torch.Tensor, channels: int) -> torch.Tensor:
+    """[..., C, S] -> [..., channels, S]: downmix to mono by mean, mono -> N by repeat, or keep the first N."""
+    src = wav.shape[-2]
+    if channels < 1:
+        raise MagnetError(f"Cannot convert audio to {channels} channels; use 1 (mono) or 2 (stereo).")
+    if src == channels:
+        return wav
+    if channels == 1:
+        return wav.mean(dim=-2, keepdim=True)
+    if src == 1:
+        return wav.repeat_interleave(channels, dim=-2)
+    if src > channels:
+        return wav[..., :channels, :]
+    raise MagnetError(f"The audio has {src} channels but {channels} are needed and it is not mono. "
+                      f"Give mono audio or audio with at least {channels} channels.")
+
+
+def convert_audio(wav: torch.Tensor, from_sr: int, to_sr: int, to_channels: int) -> torch.Tensor:
+    """Convert [C, S] or [B, C, S] audio to `to_channels` channels at `to_sr` (channels first, then rate)."""
+    check_waveform(wav, "audio")
+    return resample(convert_audio_channels(wav, to_channels), from_sr, to_sr)
+
+
+def normalize_loudness(wav: torch.Tensor, sample_rate: int, target_lufs: float = -14.0,
+                       peak: float = 1.0) -> torch.Tensor:
+    """Scale each batch item to `target_lufs` integrated loudness (ITU-R BS.1770, via pyloudnorm).
+
+    Takes [B, C, S] (or [C, S]) and returns a new tensor of the same shape. Peak guard: if the gain
+    would push an item's peak above `peak` (1.0), the gain is lowered so the peak is exactly `peak`;
+    that item then ends up quieter than the target rather than clipped. Items whose loudness cannot
+    be measured (silent, below the -70 LUFS gate, or shorter than the 400 ms measuring block) are
+    returned unchanged.
+    """
+    import pyloudnorm
+
+    check_waveform(wav, "audio to normalize")
+    sample_rate = _rate(sample_rate, "sample_rate")
+    batch = wav if wav.dim() == 3 else wav[None]
+    meter = pyloudnorm.Meter(sample_rate)
+    out = []
+    for item in batch:
+        data = item.detach().to("cpu", torch.float64).numpy().T  # [S, C] as pyloudnorm wants
+        gain = 1.0
+        if data.shape[0] >= int(meter.block_size * sample_rate):
+            with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                loudness = meter.integrated_loudness(data)
+            if np.isfinite(loudness):
+                gain = 10.0 ** ((target_lufs - loudness) / 20.0)
+                item_peak = float(np.abs(data).max())
+                if item_peak * gain > peak:
+                    gain = peak / item_peak
+        out.append(item * gain if gain != 1.0 else item.clone())
+    result = torch.stack(out)
+    return result if wav.dim() == 3 else result[0]
+
+
+def write_wav(path: str | Path, wav: torch.Tensor, sample_rate: int, subtype: str = "PCM_16") -> Path:
+    """Write [C, S] or [1, C, S] audio to `path` (format from the extension: .wav, .flac, .ogg).
+
+    Samples are clipped to [-1, 1]. The file is written under a temporary name in the same folder
+    and renamed into place, so a failed write leaves no partial file.
+    """
+    import soundfile as sf
+
+    path = Path(path)
+    check_waveform(wav, "audio to write")
+    if wav.dim() == 3:
+        if wav.shape[0] != 1:
+            raise MagnetError(f"write_wav writes one clip, got a batch of {wav.shape[0]}. Write each item "
+                              f"(wav[i]) to its own file.")
+        wav = wav[0]
+    sample_rate = _rate(sample_rate, "sample_rate")
+    data = wav.detach().to("cpu", torch.float32).clamp(-1.0, 1.0).numpy().T  # [S, C]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    except OSError as e:
+        raise MagnetError(f"Cannot write {path} ({e}). Choose a folder you can write to.") from None
+    os.close(fd)
+    try:
+        sf.write(tmp, data, sample_rate, subtype=subtype)
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, (sf.LibsndfileError, TypeError, ValueError, RuntimeError)):
+            raise MagnetError(f"Cannot write {path} as {subtype} ({e}). Use a .wav or .flac file name "
+                              f"and a subtype such as PCM_16, PCM_24 or FLOAT.") from None
+        if isinstance(e, OSError):
+            raise MagnetError(f"Cannot write {path} ({e}). Check the disk space and permissions.") from None
+        raise
+    return path
+
+
+def read_audio(path: str | Path) -> tuple[torch.Tensor, int]:
+    """Read an audio file (WAV, FLAC, OGG, MP3, ...) -> (float32 [C, S], sample_rate)."""
+    import soundfile as sf
+
+    path = Path(path)
+    if not path.is_file():
+        raise MagnetError(f"Audio file not found: {path}. Check the path." if not path.exists() else
+                          f"{path} is not a file. Give the path of an audio file.")
+    try:
+        data, sample_rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
+        raise MagnetError(f"Cannot read audio file {path} ({e}). It is damaged or in a format libsndfile "
+                          f"does not read: convert it to WAV or FLAC.") from None
+    if data.shape[0] == 0 or data.shape[1] == 0:
+        raise MagnetError(f"Audio file {path} holds no samples. Give a file with audio in it.")
+    return torch.from_numpy(np.ascontiguousarray(data.T)), int(sample_rate)
+
+
+def _rate(value, name: str) -> int:
+    if isinstance(value, bool) or not float(value).is_integer() or value <= 0:
+        raise MagnetError(f"{name} must be a positive whole number of Hz, got {value!r}.")
+    return int(value)

@@ -1,0 +1,286 @@
+"""Reading official releases safely.
+
+`load_torch_file` opens a `.bin` written by `torch.save` with `weights_only=True`: tensors, dicts,
+lists and plain values only, so a file that carries code is refused, never run.
+"""
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from .errors import MagnetError
+
+
+def load_torch_file(path: str | Path, what: str = "checkpoint") -> dict:
+    """Load a torch.save'd dict without running pickled code; clear errors for every failure."""
+    path = Path(path)
+    if not path.exists():
+        raise MagnetError(f"{what} not found: {path}. Check the path, or download the release "
+                          f"files into that folder.")
+    if not path.is_file():
+        raise MagnetError(f"{what} is not a file: {path}. Point to the file itself.")
+    if path.stat().st_size == 0:
+        raise MagnetError(f"{what} is empty (0 bytes): {path}. The download was interrupted: "
+                          f"download the file again.")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+    except pickle.UnpicklingError as e:
+        raise MagnetError(
+            f"{what} {path} contains Python objects other than tensors and plain values, so it was "
+            f"not loaded (loading it could run code hidden in the file). Use the official release "
+            f"file, or convert a trusted one with `python -m magnet convert`. Detail: {_first_line(e)}"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
+        raise MagnetError(f"{what} {path} is truncated or corrupt ({_first_line(e)}). Download the "
+                          f"file again.") from None
+    if not isinstance(obj, dict):
+        raise MagnetError(f"{what} {path} does not hold a dict of weights (found {type(obj).__name__}): "
+                          f"this is not an official MAGNeT/MusicGen release file.")
+    return obj
+
+
+def _is_zip(path: Path) -> bool:
+    try:
+        return zipfile.is_zipfile(path)
+    except OSError:
+        return False
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0][:300] if s else type(e).__name__
+
+
+# -- LM configs -------------------------------------------------------------------------------------
+
+import json  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Any  # noqa: E402
+
+import yaml  # noqa: E402
+
+from .transformer import LM, LMConfig  # noqa: E402
+
+TEXT_PROJ_KEY = "condition_provider.conditioners.description.output_proj."
+LM_FILE, CODEC_FILE = "state_dict.bin", "compression_state_dict.bin"
+FORMAT = "magnet-release"
+FORMAT_VERSION = "1"
+
+
+def parse_xp_cfg(text: Any, where: str) -> dict:
+    """`xp.cfg` is a YAML string (an OmegaConf dump). `${...}` interpolations stay plain strings:
+    they only occur in fields inference does not read."""
+    if isinstance(text, dict):
+        return text
+    try:
+        cfg = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise MagnetError(f"{where}: its xp.cfg is not valid YAML ({_first_line(e)}). The file is "
+                          f"damaged: download it again.") from None
+    if not isinstance(cfg, dict):
+        raise MagnetError(f"{where}: its xp.cfg is not a mapping. The file is damaged: download it again.")
+    return cfg
+
+
+def _get(cfg: dict, dotted: str, where: str, default: Any = KeyError):
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            if default is KeyError:
+                raise MagnetError(f"{where}: xp.cfg has no `{dotted}`. This is not an official "
+                                  f"MAGNeT/MusicGen release (or it is damaged): download it again.")
+            return default
+        node = node[part]
+    return node
+
+
+def lm_config_from_xp(cfg: dict, state: dict, where: str) -> LMConfig:
+    """Build the LM architecture from a release's xp.cfg; refuse features this engine lacks."""
+    kinds = {"transformer_lm_magnet": "magnet", "transformer_lm": "musicgen"}
+    lm_model = _get(cfg, "lm_model", where)
+    if lm_model not in kinds:
+        raise MagnetError(f"{where}: lm_model `{lm_model}` is not supported (MAGNeT `transformer_lm_magnet` "
+                          f"and MusicGen `transformer_lm` are). Use an official MAGNeT or MusicGen release.")
+    t = _get(cfg, "transformer_lm", where)
+    unsupported = {
+        "positional_embedding": (t.get("positional_embedding", "sin"), "sin"),
+        "positional_scale": (float(t.get("positional_scale", 1.0)), 1.0),
+        "layer_scale": (t.get("layer_scale"), None),
+        "qk_layer_norm": (bool(t.get("qk_layer_norm", False)), False),
+        "qk_layer_norm_cross": (bool(t.get("qk_layer_norm_cross", False)), False),
+        "kv_repeat": (int(t.get("kv_repeat", 1)), 1),
+        "norm": (t.get("norm", "layer_norm"), "layer_norm"),
+        "activation": (t.get("activation", "gelu"), "gelu"),
+        "xpos": (bool(t.get("xpos", False)), False),
+    }
+    for name, (value, want) in unsupported.items():
+        if value != want:
+            raise MagnetError(f"{where}: transformer_lm.{name} = {value!r} is not supported (only {want!r}). "
+                              f"This release is not one of the official MAGNeT/MusicGen text-to-audio models.")
+    conds = _get(cfg, "conditioners", where, {}) or {}
+    if set(conds) != {"description"} or _get(cfg, "conditioners.description.model", where) != "t5":
+        raise MagnetError(f"{where}: conditioners {sorted(conds)} are not supported: only text conditioning "
+                          f"with T5 (`description`) is. Melody/style releases are not supported.")
+    n_q, card, dim = int(t["n_q"]), int(t["card"]), int(t["dim"])
+    proj = state.get(TEXT_PROJ_KEY + "weight")
+    if proj is None:
+        raise MagnetError(f"{where}: no text projection ({TEXT_PROJ_KEY}weight) in its weights. This is not "
+                          f"an official text-to-audio release, or the file is damaged.")
+    kind = kinds[lm_model]
+    delays = [int(d) for d in _get(cfg, "codebooks_pattern.delay.delays", where, list(range(n_q)))]
+    pattern = _get(cfg, "codebooks_pattern.modeling", where)
+    if kind == "musicgen" and (pattern != "delay" or len(delays) != n_q):
+        raise MagnetError(f"{where}: MusicGen with codebook pattern `{pattern}` is not supported (only "
+                          f"`delay` with one delay per codebook).")
+    if kind == "magnet" and pattern != "parallel":
+        raise MagnetError(f"{where}: MAGNeT with codebook pattern `{pattern}` is not supported (only `parallel`).")
+    return LMConfig(
+        kind=kind, dim=dim, num_heads=int(t["num_heads"]), num_layers=int(t["num_layers"]),
+        ffn_dim=int(float(t.get("hidden_scale", 4)) * dim), n_q=n_q, card=card, text_dim=int(proj.shape[1]),
+        text_encoder=str(_get(cfg, "conditioners.description.t5.name", where)),
+        norm_first=bool(t.get("norm_first", True)), bias_ff=bool(t.get("bias_ff", True)),
+        bias_attn=bool(t.get("bias_attn", True)), bias_proj=bool(t.get("bias_proj", True)),
+        causal=bool(t.get("causal", kind == "musicgen")),
+        subcodes_context=int(t.get("subcodes_context", 5)) if kind == "magnet" else -1,
+        segment_duration=float(_get(cfg, "dataset.segment_duration", where)),
+        span_len=int(_get(cfg, "masking.span_len", where, t.get("span_len", 3))),
+        max_period=float(t.get("max_period", 10000)),
+        delays=delays if kind == "musicgen" else [],
+    )
+
+
+def lm_state_from_release(state: dict) -> dict:
+    """Official key names -> ours (only the text projection moves)."""
+    return {("text_proj." + k[len(TEXT_PROJ_KEY):] if k.startswith(TEXT_PROJ_KEY) else k): v
+            for k, v in state.items()}
+
+
+def build_lm(cfg: LMConfig, state: dict, where: str, device=None, dtype=None) -> LM:
+    """Instantiate the LM without allocating weights twice (meta device + assign)."""
+    with torch.device("meta"):
+        lm = LM(cfg)
+    expected = lm.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise MagnetError(f"{where}: its weights do not match its xp.cfg (missing {missing[:4]}, unexpected "
+                          f"{unexpected[:4]}). The file is damaged or not an official release: download it again.")
+    dtype = dtype or torch.float32
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise MagnetError(f"{where}: weight {k} has shape {tuple(state[k].shape)}, its xp.cfg implies "
+                              f"{tuple(v.shape)}. The file is damaged or not an official release.")
+    lm.load_state_dict({k: v.to(device=device or "cpu", dtype=dtype) for k, v in state.items()}, assign=True)
+    return lm.eval()
+
+
+# -- releases ---------------------------------------------------------------------------------------
+
+@dataclass
+class Release:
+    """What a release holds, before the models are built: LM config + weights, the codec, its source."""
+    lm_config: LMConfig
+    lm_state: dict
+    codec: Any  # magnet.codec.Codec
+    source: Path
+    generation: dict
+
+
+def resolve_release(release: str | Path) -> Path:
+    p = Path(release).expanduser()
+    if not p.exists():
+        raise MagnetError(f"release not found: {p}. Give a folder holding {LM_FILE} and {CODEC_FILE} (an "
+                          f"official release such as facebook/magnet-small-10secs) or a .safetensors file "
+                          f"made by `python -m magnet convert`.")
+    if p.is_dir() and not (p / LM_FILE).exists():
+        found = sorted(x.name for x in p.iterdir())[:10]
+        raise MagnetError(f"release folder {p} has no {LM_FILE} (found: {found}). Put the official release "
+                          f"files ({LM_FILE}, {CODEC_FILE}) in it.")
+    if p.is_file() and p.suffix != ".safetensors":
+        raise MagnetError(f"{p} is not a release: give the release folder (holding {LM_FILE} and {CODEC_FILE}) "
+                          f"or a converted .safetensors file.")
+    return p
+
+
+def load_release(release: str | Path, *, codec_dir=None, search_dirs=()) -> Release:
+    """Read a release folder (official `.bin` files) or a converted `.safetensors` file."""
+    from .codec import Codec
+    p = resolve_release(release)
+    if p.is_file():
+        return _load_converted(p)
+    lm_file = p / LM_FILE
+    pkg = load_torch_file(lm_file, "LM checkpoint")
+    if "best_state" not in pkg or "xp.cfg" not in pkg:
+        raise MagnetError(f"{lm_file} has no `best_state`/`xp.cfg`: it is not an official MAGNeT/MusicGen "
+                          f"{LM_FILE}. Download the release again.")
+    xp = parse_xp_cfg(pkg["xp.cfg"], str(lm_file))
+    state = pkg["best_state"]
+    cfg = lm_config_from_xp(xp, state, str(lm_file))
+    codec_file = p / CODEC_FILE
+    codec = Codec.from_release_file(codec_file, codec_dir=codec_dir, search_dirs=search_dirs)
+    check_codec_matches(cfg, codec, str(lm_file), str(codec_file))
+    return Release(cfg, lm_state_from_release(state), codec, p, _generation_defaults(xp))
+
+
+def check_codec_matches(cfg: LMConfig, codec, lm_where: str, codec_where: str):
+    if codec.card != cfg.card or codec.n_q != cfg.n_q:
+        raise MagnetError(f"codec {codec_where} has {codec.n_q} codebooks of {codec.card} entries but the LM "
+                          f"{lm_where} expects {cfg.n_q} of {cfg.card}. Use the compression_state_dict.bin "
+                          f"that came with this release.")
+
+
+def _generation_defaults(xp: dict) -> dict:
+    g = (xp.get("generate") or {}).get("lm") or {}
+    keys = ("temp", "top_k", "top_p", "max_cfg_coef", "min_cfg_coef", "decoding_steps", "span_arrangement",
+            "span_scoring")
+    return {k: g[k] for k in keys if k in g}
+
+
+# -- converted single-file releases -----------------------------------------------------------------
+
+def convert_release(release: str | Path, out: str | Path, *, codec_dir=None, search_dirs=(), dtype=None) -> Path:
+    """Write a release as one `.safetensors` file: LM + codec weights, configs in its metadata.
+    Loads faster than the `.bin` pair and can never carry code. A pointer codec is embedded."""
+    from safetensors.torch import save_file
+    r = load_release(release, codec_dir=codec_dir, search_dirs=search_dirs)
+    codec_cfg, codec_state = r.codec.export()
+    tensors = {"lm." + k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+               for k, v in r.lm_state.items()}
+    tensors.update({"codec." + k: v.contiguous() for k, v in codec_state.items()})
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "lm_config": json.dumps(r.lm_config.to_dict()),
+            "codec_config": json.dumps(codec_cfg), "generation": json.dumps(r.generation),
+            "source": Path(r.source).name}
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise MagnetError(f"output {out} must end in .safetensors.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(out)
+    return out
+
+
+def _load_converted(path: Path) -> Release:
+    from safetensors import SafetensorError, safe_open
+
+    from .codec import Codec
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise MagnetError(f"{path} is a safetensors file but not a converted MAGNeT release (no "
+                                  f"`format: {FORMAT}` in its metadata). Make one with `python -m magnet convert`.")
+            lm_state, codec_state = {}, {}
+            for k in f.keys():
+                (lm_state if k.startswith("lm.") else codec_state)[k.split(".", 1)[1]] = f.get_tensor(k)
+    except SafetensorError as e:
+        raise MagnetError(f"{path} is truncated or corrupt ({_first_line(e)}). Convert the release again.") from None
+    except (OSError, RuntimeError) as e:
+        raise MagnetError(f"{path} could not be read ({_first_line(e)}). Convert the release again.") from None
+    cfg = LMConfig.from_dict(json.loads(meta["lm_config"]))
+    codec = Codec.from_config_and_state(json.loads(meta["codec_config"]), codec_state)
+    check_codec_matches(cfg, codec, str(path), str(path))
+    return Release(cfg, lm_state, codec, path, json.loads(meta.get("generation", "{}")))

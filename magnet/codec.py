@@ -1,0 +1,388 @@
+"""EnCodec, the audio codec of MAGNeT / MusicGen releases, run through transformers' `EncodecModel`.
+
+A release's `compression_state_dict.bin` comes in two forms:
+
+- full weights: `{'best_state': audiocraft SEANet + RVQ state dict, 'xp.cfg': YAML}`. We build an
+  `EncodecConfig` from `xp.cfg` (every number from the file) and rename the keys to transformers'
+  names; the result computes exactly what audiocraft's own EnCodec computes.
+- a pointer: `{'pretrained': 'facebook/encodec_32khz'}`, naming a separately released transformers
+  EnCodec folder (`config.json` + `model.safetensors`) that we look for on disk (never downloaded,
+  never unpickled).
+
+`Codec.encode` turns a waveform `[B, C, S]` into codes `[B, n_q, T]`; `Codec.decode` goes back.
+`Codec.export` / `Codec.from_config_and_state` store and rebuild the codec (for converted files).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .checkpoints import load_torch_file
+from .errors import MagnetError
+
+CODEC_DIR_ENV = "MAGNET_CODEC_DIR"
+WHAT = "codec file (compression_state_dict.bin)"
+
+
+class Codec(nn.Module):
+    """An EnCodec model: `encode` waveform -> codes, `decode` codes -> waveform."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model  # a transformers EncodecModel, in eval mode
+        self.model.eval()
+
+    # --- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_release_file(cls, path: str | Path, *, codec_dir: str | Path | None = None,
+                          search_dirs: Iterable[str | Path] = ()) -> "Codec":
+        """Load a release's `compression_state_dict.bin` (full weights or a pointer; see module doc).
+
+        For a pointer, the transformers folder is looked for in this order: `codec_dir`, the
+        `MAGNET_CODEC_DIR` environment variable, then a folder named after the pointer's last
+        component (e.g. `encodec_32khz`) in the release folder, its parent and each of `search_dirs`.
+        """
+        path = Path(path)
+        obj = load_torch_file(path, WHAT)
+        if "best_state" in obj and "xp.cfg" in obj:
+            return cls._from_audiocraft(obj["best_state"], obj["xp.cfg"], path)
+        if "pretrained" in obj:
+            folder = _find_pointer_folder(obj["pretrained"], path, codec_dir, search_dirs)
+            return cls.from_transformers_folder(folder)
+        raise MagnetError(
+            f"{WHAT} {path} holds neither codec weights ('best_state' + 'xp.cfg') nor a pointer "
+            f"('pretrained'); found keys {sorted(map(str, obj))[:8]}. Use the "
+            f"compression_state_dict.bin from the same release as state_dict.bin.")
+
+    @classmethod
+    def from_transformers_folder(cls, folder: str | Path) -> "Codec":
+        """Load a transformers EnCodec folder (`config.json` + `model.safetensors`; no pickles)."""
+        folder = Path(folder)
+        missing = [n for n in ("config.json", "model.safetensors") if not (folder / n).is_file()]
+        if missing:
+            raise MagnetError(
+                f"The EnCodec folder {folder} lacks {' and '.join(missing)}. It must be a transformers "
+                f"EnCodec folder with config.json and model.safetensors, e.g. from `huggingface-cli "
+                f"download facebook/encodec_32khz --local-dir {folder}`.")
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise MagnetError(f"{folder / 'config.json'} is not readable JSON ({e}). Download the "
+                              f"EnCodec folder again.") from None
+        try:
+            from safetensors.torch import load_file
+            state = load_file(str(folder / "model.safetensors"))
+        except Exception as e:  # safetensors raises its own error types for truncated files
+            raise MagnetError(f"{folder / 'model.safetensors'} is truncated or corrupt ({e}). "
+                              f"Download the EnCodec folder again.") from None
+        return cls._build(config, state, source=str(folder / "model.safetensors"))
+
+    @classmethod
+    def from_config_and_state(cls, config: dict, state: dict) -> "Codec":
+        """Rebuild a codec from what `export()` returned (a transformers config dict + state dict)."""
+        return cls._build(config, state, source="the stored codec")
+
+    def export(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """(JSON-able transformers config dict, state dict) that `from_config_and_state` rebuilds exactly.
+
+        Weight-norm tensors are stored under the Hub's names (`weight_g`/`weight_v`), which every
+        transformers version loads.
+        """
+        config = json.loads(self.model.config.to_json_string())
+        state = {}
+        for key, value in self.model.state_dict().items():
+            key = key.replace(".parametrizations.weight.original0", ".weight_g")
+            key = key.replace(".parametrizations.weight.original1", ".weight_v")
+            state[key] = value.detach().clone().contiguous()
+        return config, state
+
+    @classmethod
+    def _from_audiocraft(cls, best_state: Any, xp_cfg: Any, path: Path) -> "Codec":
+        if not isinstance(best_state, dict) or not isinstance(xp_cfg, str):
+            raise MagnetError(f"{WHAT} {path} is malformed ('best_state' must be a dict of tensors and "
+                              f"'xp.cfg' a YAML string). Download the release file again.")
+        config = _config_from_xp_cfg(xp_cfg, path)
+        state = {_rename_audiocraft_key(k): v for k, v in best_state.items()}
+        return cls._build(config, state, source=str(path))
+
+    @classmethod
+    def _build(cls, config: dict, state: dict, source: str) -> "Codec":
+        from transformers import EncodecConfig, EncodecModel
+
+        try:
+            hf_config = EncodecConfig.from_dict(dict(config))
+            with _no_init_weights():
+                model = EncodecModel(hf_config)
+        except MagnetError:
+            raise
+        except Exception as e:
+            raise MagnetError(f"The EnCodec configuration of {source} is not usable ({e}). Use the "
+                              f"codec file that came with the release.") from None
+        _load_strict(model, state, source)
+        return cls(model)
+
+    # --- properties ---------------------------------------------------------------------------
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self.model.config.sampling_rate)
+
+    @property
+    def channels(self) -> int:
+        return int(self.model.config.audio_channels)
+
+    @property
+    def hop_length(self) -> int:
+        return int(math.prod(self.model.config.upsampling_ratios))
+
+    @property
+    def frame_rate(self) -> int | float:
+        """Frames per second: sample_rate / hop length (an int when it divides, as in every release)."""
+        q, r = divmod(self.sample_rate, self.hop_length)
+        return q if r == 0 else self.sample_rate / self.hop_length
+
+    @property
+    def n_q(self) -> int:
+        """Number of codebooks (residual quantizers) per frame."""
+        return len(self.model.quantizer.layers)
+
+    @property
+    def card(self) -> int:
+        """Codebook size: codes are in [0, card)."""
+        return int(self.model.config.codebook_size)
+
+    # --- encode / decode ----------------------------------------------------------------------
+
+    def encode(self, wav: torch.Tensor) -> torch.Tensor:
+        """Waveform [B, C, S] at `sample_rate`, C == `channels` -> codes LongTensor [B, n_q, T].
+
+        T = ceil(S / hop length). Runs on the module's device and dtype.
+        """
+        if not isinstance(wav, torch.Tensor) or wav.dim() != 3 or not wav.is_floating_point():
+            got = f"a {wav.dim()}-d {wav.dtype} tensor" if isinstance(wav, torch.Tensor) else type(wav).__name__
+            raise MagnetError(f"Codec.encode needs a float waveform [batch, channels, samples], got {got}. "
+                              f"Add the missing dimensions (e.g. wav[None]) or convert to float.")
+        if wav.shape[1] != self.channels or wav.shape[-1] == 0:
+            raise MagnetError(f"Codec.encode got a waveform of shape {tuple(wav.shape)}; this codec needs "
+                              f"{self.channels} channel(s) and at least one sample. Convert the audio with "
+                              f"magnet.audio.convert_audio(wav, sr, {self.sample_rate}, {self.channels}).")
+        if self.model.config.normalize:
+            raise MagnetError("This codec renormalizes its input (encodec.renormalize / normalize=True), so "
+                              "its codes need a per-item scale that MAGNeT/MusicGen cannot use. Use the "
+                              "codec released with the model.")
+        param = next(self.model.parameters())
+        with torch.inference_mode():
+            embeddings = self.model.encoder(wav.to(device=param.device, dtype=param.dtype))
+            codes = self.model.quantizer.encode(embeddings)  # [n_q, B, T], all n_q quantizers
+        return codes.transpose(0, 1).long()
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes [B, K, T] (K <= n_q, values in [0, card)) -> float32 waveform [B, C, T * hop length]."""
+        if not isinstance(codes, torch.Tensor) or codes.dim() != 3 or codes.is_floating_point():
+            got = f"a {codes.dim()}-d {codes.dtype} tensor" if isinstance(codes, torch.Tensor) else type(codes).__name__
+            raise MagnetError(f"Codec.decode needs integer codes [batch, codebooks, frames], got {got}.")
+        if not 1 <= codes.shape[1] <= self.n_q or codes.shape[-1] == 0:
+            raise MagnetError(f"Codec.decode got codes of shape {tuple(codes.shape)}; this codec has "
+                              f"{self.n_q} codebooks and needs at least one frame. Use codes made for this codec.")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.card):
+            raise MagnetError(f"Codec.decode got code values outside [0, {self.card}) (min {int(codes.min())}, "
+                              f"max {int(codes.max())}); a mask token left in the codes? Decode only "
+                              f"fully generated codes.")
+        device = next(self.model.parameters()).device
+        with torch.inference_mode():
+            embeddings = self.model.quantizer.decode(codes.to(device).long().transpose(0, 1))
+            wav = self.model.decoder(embeddings)
+        return wav.float()
+
+
+# --- audiocraft xp.cfg -> transformers EncodecConfig ------------------------------------------
+
+def _config_from_xp_cfg(text: str, path: Path) -> dict:
+    """The transformers EncodecConfig fields for the SEANet + RVQ codec described by `xp.cfg`."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise MagnetError(f"{WHAT} {path}: its 'xp.cfg' is not valid YAML ({_first_line(e)}). Download the "
+                          f"release file again.") from None
+    if not isinstance(cfg, dict):
+        raise MagnetError(f"{WHAT} {path}: its 'xp.cfg' is not a mapping. Download the release file again.")
+
+    def get(dotted: str, default: Any = ...):
+        node: Any = cfg
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                if default is not ...:
+                    return default
+                raise MagnetError(f"{WHAT} {path}: 'xp.cfg' lacks '{dotted}', so the codec cannot be "
+                                  f"built. Use the compression_state_dict.bin of an official release.")
+            node = node[part]
+        match = re.fullmatch(r"\$\{([\w.]+)\}", node) if isinstance(node, str) else None
+        return get(match.group(1), default) if match else node
+
+    def unsupported(what: str) -> MagnetError:
+        return MagnetError(f"{WHAT} {path}: {what} is not supported (only the EnCodec of MAGNeT/MusicGen "
+                           f"releases is). Use the codec file that came with an official release.")
+
+    if get("compression_model", "encodec") != "encodec" or get("encodec.autoencoder", "seanet") != "seanet" \
+            or get("encodec.quantizer", "rvq") != "rvq":
+        raise unsupported("a codec other than EnCodec with a SEANet autoencoder and RVQ")
+    seanet = get("seanet")
+    for side in ("encoder", "decoder"):  # per-side overrides of the shared seanet settings
+        for key, value in (get(f"seanet.{side}", {}) or {}).items():
+            if key == "trim_right_ratio" and side == "decoder" or key.startswith("final_activation") and value is None:
+                continue
+            if value != seanet.get(key):
+                raise unsupported(f"a different seanet.{side}.{key} for the {side}")
+    if get("seanet.activation", "ELU") != "ELU" or (get("seanet.activation_params", {}) or {}).get("alpha", 1.0) != 1.0:
+        raise unsupported("an activation other than ELU(alpha=1)")
+    if get("seanet.disable_norm_outer_blocks", 0) != 0 or get("seanet.norm_params", {}):
+        raise unsupported("seanet.disable_norm_outer_blocks / norm_params")
+    if int(get("seanet.lstm")) < 1:
+        raise unsupported("a SEANet without LSTM (seanet.lstm = 0)")
+
+    sample_rate = int(get("sample_rate"))
+    ratios = [int(r) for r in get("seanet.ratios")]
+    hop = math.prod(ratios)
+    frame_rate = sample_rate // hop  # audiocraft's own frame rate (integer division)
+    n_q, bins = int(get("rvq.n_q")), int(get("rvq.bins"))
+    causal = bool(get("seanet.causal", get("encodec.causal", False)))
+    channels = int(get("channels"))
+    if get("seanet.channels", channels) != channels:
+        raise unsupported("seanet.channels different from channels")
+    dimension = int(get("seanet.dimension"))
+    return {
+        "sampling_rate": sample_rate,
+        "audio_channels": channels,
+        "normalize": bool(get("encodec.renormalize", False)),
+        "chunk_length_s": None,
+        "overlap": None,
+        "hidden_size": dimension,
+        "codebook_dim": dimension,
+        "num_filters": int(get("seanet.n_filters")),
+        "num_residual_layers": int(get("seanet.n_residual_layers")),
+        "upsampling_ratios": ratios,
+        "norm_type": str(get("seanet.norm")),
+        "kernel_size": int(get("seanet.kernel_size")),
+        "last_kernel_size": int(get("seanet.last_kernel_size")),
+        "residual_kernel_size": int(get("seanet.residual_kernel_size")),
+        "dilation_growth_rate": int(get("seanet.dilation_base")),
+        "use_causal_conv": causal,
+        "pad_mode": str(get("seanet.pad_mode")),
+        "compress": int(get("seanet.compress")),
+        "num_lstm_layers": int(get("seanet.lstm")),
+        "trim_right_ratio": float(get("seanet.decoder.trim_right_ratio", get("seanet.trim_right_ratio", 1.0))),
+        "codebook_size": bins,
+        "use_conv_shortcut": not bool(get("seanet.true_skip")),
+        "target_bandwidths": [_bandwidth_for(n_q, bins, frame_rate)],
+    }
+
+
+def _bandwidth_for(n_q: int, bins: int, frame_rate: int) -> float:
+    """The kbps that transformers maps back to exactly `n_q` quantizers (it floors, so float error matters)."""
+    bits_per_q = frame_rate * math.ceil(math.log2(bins))
+    bandwidth = n_q * bits_per_q / 1000
+    while int(1000 * bandwidth // bits_per_q) < n_q:  # guard against 2199.9999... // 550 == 3
+        bandwidth = math.nextafter(bandwidth, math.inf)
+    return bandwidth
+
+
+_AUDIOCRAFT_RENAMES = [
+    (re.compile(r"^(encoder|decoder)\.model\."), r"\1.layers."),
+    (re.compile(r"\.conv\.conv\."), ".conv."),
+    (re.compile(r"\.convtr\.convtr\."), ".conv."),
+    (re.compile(r"\.(conv|convtr)\.norm\."), ".norm."),
+    (re.compile(r"^quantizer\.vq\.layers\.(\d+)\._codebook\."), r"quantizer.layers.\1.codebook."),
+]
+
+
+def _rename_audiocraft_key(key: str) -> str:
+    for pattern, repl in _AUDIOCRAFT_RENAMES:
+        key = pattern.sub(repl, key)
+    return key
+
+
+def _load_strict(model: nn.Module, state: dict, source: str) -> None:
+    """Load `state` into `model`; any missing, unexpected or misshaped key is a MagnetError."""
+    expected = model.state_dict()
+    uses_parametrizations = any(".parametrizations.weight.original0" in k for k in expected)
+    renamed = {}
+    for key, value in state.items():
+        if uses_parametrizations:  # weight-norm names of older files -> those of this torch/transformers
+            key = re.sub(r"\.weight_g$", ".parametrizations.weight.original0", key)
+            key = re.sub(r"\.weight_v$", ".parametrizations.weight.original1", key)
+        else:
+            key = key.replace(".parametrizations.weight.original0", ".weight_g")
+            key = key.replace(".parametrizations.weight.original1", ".weight_v")
+        renamed[key] = value
+    missing = sorted(set(expected) - set(renamed))
+    unexpected = sorted(set(renamed) - set(expected))
+    misshaped = [f"{k} {tuple(renamed[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
+                 if k in renamed and (not isinstance(renamed[k], torch.Tensor) or renamed[k].shape != v.shape)]
+    if missing or unexpected or misshaped:
+        parts = [f"{label} {len(keys)} key(s), e.g. {', '.join(keys[:3])}"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped))
+                 if keys]
+        raise MagnetError(f"The codec weights in {source} do not match its configuration ({'; '.join(parts)}). "
+                          f"The file is not an EnCodec of a MAGNeT/MusicGen release or is damaged: use the "
+                          f"file that came with the release.")
+    model.load_state_dict(renamed, strict=True)
+
+
+# --- pointer resolution -------------------------------------------------------------------------
+
+def _find_pointer_folder(pretrained: Any, release_file: Path, codec_dir: str | Path | None,
+                         search_dirs: Iterable[str | Path]) -> Path:
+    if not isinstance(pretrained, str) or not pretrained.strip("/"):
+        raise MagnetError(f"{WHAT} {release_file}: its 'pretrained' entry is not a model name "
+                          f"({pretrained!r}). Download the release file again.")
+    name = pretrained.rstrip("/").split("/")[-1]
+    download = f"huggingface-cli download {pretrained} --local-dir <folder>/{name}"
+
+    def explicit(folder: Path, origin: str) -> Path:
+        # the folder itself, or a folder named after the pointer inside it
+        for candidate in (folder, folder / name):
+            if (candidate / "config.json").is_file():
+                return candidate
+        raise MagnetError(f"{origin} is {folder}, but neither it nor {folder / name} is a transformers "
+                          f"EnCodec folder (config.json + model.safetensors). Fix the path, or get the "
+                          f"codec with `{download}`.")
+
+    if codec_dir is not None:
+        return explicit(Path(codec_dir), "The codec folder given")
+    if os.environ.get(CODEC_DIR_ENV):
+        return explicit(Path(os.environ[CODEC_DIR_ENV]), f"${CODEC_DIR_ENV}")
+    release_dir = release_file.resolve().parent
+    searched = [release_dir, release_dir.parent, *(Path(d) for d in search_dirs)]
+    for parent in searched:
+        if (parent / name).is_dir():
+            return parent / name
+    raise MagnetError(
+        f"{release_file} points to the separately released codec '{pretrained}', which was not found. "
+        f"Searched for a folder named '{name}' in: {', '.join(str(d) for d in searched)}. Get it with "
+        f"`huggingface-cli download {pretrained} --local-dir {release_dir.parent / name}` (next to the "
+        f"release folder), or set {CODEC_DIR_ENV} to the folder holding config.json and model.safetensors.")
+
+
+def _no_init_weights():
+    """Skip random initialisation while building a model whose weights are loaded next (5x faster)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # other transformers versions: just initialise
+        return contextlib.nullcontext()
+    return no_init_weights()
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0][:300] if s else type(e).__name__

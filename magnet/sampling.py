@@ -1,0 +1,308 @@
+"""MAGNeT decoding: the one sampling loop every entry point (API, CLI, nodes) runs.
+
+Codebooks are decoded one after another (stage 0..K-1). In stage s, codebooks < s are final and
+codebooks > s are all mask tokens. Each stage runs n_s steps; at step i (t = i / (n_s - 1)):
+
+1. masking rate m = cos(pi/2 * t); k = max(int(m * N), 1) spans (or tokens) to (re)mask, N = how many
+   are still to generate;
+2. the k least confident spans of the previous step are masked (`nonoverlap`: whole spans of
+   `span_len` frames; `stride1`: least probable overlapping spans whose union covers about k tokens);
+   given (prompt) frames are never masked;
+3. one forward of the conditional and null rows together; classifier-free guidance annealed with m;
+4. temperature annealed linearly to zero, sampling with top-p / top-k (or argmax);
+5. masked positions take the sampled tokens; spans are scored from the probabilities of what was
+   sampled; positions not re-masked this step get a score that never wins again.
+
+The schedule numbers are computed exactly as the reference does (float32 torch scalars), so greedy
+decoding is token-identical to it. Nothing in the step loop waits on the device.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field, replace
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import MagnetError
+from .text import TextCondition
+from .transformer import LM
+
+SPAN_ARRANGEMENTS = ("nonoverlap", "stride1")
+SPAN_SCORINGS = ("max", "prod")
+DONT_REMASK = -1e4
+DEFAULT_STEPS = (20, 10, 10, 10)
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class SamplingParams:
+    """Everything that steers MAGNeT decoding besides the prompts. `check()` validates it."""
+    use_sampling: bool = True
+    temperature: float = 3.0
+    top_k: int = 0
+    top_p: float = 0.9
+    max_cfg_coef: float = 10.0
+    min_cfg_coef: float = 1.0
+    decoding_steps: Sequence[int] = field(default=DEFAULT_STEPS)
+    span_arrangement: str = "nonoverlap"
+    span_scoring: str = "max"
+    anneal_temp: bool = True
+
+    def check(self, n_q: int) -> "SamplingParams":
+        steps = self.decoding_steps
+        if isinstance(steps, str):
+            steps = parse_steps(steps)
+        try:
+            steps = [int(s) for s in steps]
+        except (TypeError, ValueError):
+            raise MagnetError(f"decoding_steps {self.decoding_steps!r} must be {n_q} whole numbers, one per "
+                              f"codebook, e.g. 20,10,10,10.") from None
+        if len(steps) != n_q:
+            raise MagnetError(f"decoding_steps {steps} has {len(steps)} entries but the model has {n_q} "
+                              f"codebooks: give one step count per codebook, e.g. {list(DEFAULT_STEPS[:n_q])}.")
+        if any(s < 1 for s in steps):
+            raise MagnetError(f"decoding_steps {steps}: every step count must be at least 1.")
+        if self.span_arrangement not in SPAN_ARRANGEMENTS:
+            raise MagnetError(f"span_arrangement {self.span_arrangement!r} is unknown: use one of "
+                              f"{', '.join(SPAN_ARRANGEMENTS)}.")
+        if self.span_scoring not in SPAN_SCORINGS:
+            raise MagnetError(f"span_scoring {self.span_scoring!r} is unknown: use one of {', '.join(SPAN_SCORINGS)}.")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise MagnetError(f"temperature {self.temperature} must be a finite number >= 0.")
+        if not (0.0 <= self.top_p <= 1.0):
+            raise MagnetError(f"top_p {self.top_p} must be between 0 and 1 (0 turns it off).")
+        if self.top_k < 0:
+            raise MagnetError(f"top_k {self.top_k} must be >= 0 (0 turns it off).")
+        for name in ("max_cfg_coef", "min_cfg_coef"):
+            if not math.isfinite(getattr(self, name)):
+                raise MagnetError(f"{name} must be a finite number.")
+        return replace(self, decoding_steps=tuple(steps))
+
+
+def parse_steps(text: str) -> list[int]:
+    try:
+        return [int(s) for s in str(text).replace(" ", "").split(",") if s != ""]
+    except ValueError:
+        raise MagnetError(f"decoding steps {text!r} must be comma-separated whole numbers, e.g. 20,10,10,10.") from None
+
+
+def make_generator(seed: int | None, device) -> tuple[torch.Generator, int]:
+    """A generator on `device` seeded with `seed` (a fresh random seed when None); returns the seed."""
+    if seed is None:
+        seed = random.SystemRandom().randrange(2 ** 63)
+    seed = int(seed) % (2 ** 64)
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g, seed
+
+
+# -- schedules (computed as the reference computes them: float32 torch scalars) --------------------
+
+def stage_schedule(n_steps: int, n_to_generate: int) -> list[tuple[float, int]]:
+    """[(masking rate m, number to mask k)] for each step of a stage."""
+    out = []
+    for t in torch.linspace(0, 1, n_steps):
+        m = torch.cos(t * math.pi * 0.5)
+        out.append((float(m), max(int((m * n_to_generate).item()), 1)))
+    return out
+
+
+# -- sampling ---------------------------------------------------------------------------------------
+
+def sample_tokens(logits, probs, params: SamplingParams, generator):
+    """Returns (tokens [..., 1], the probabilities the spans are scored with)."""
+    if not params.use_sampling:
+        return torch.argmax(logits, dim=-1, keepdim=True), probs
+    flat = probs.reshape(-1, probs.shape[-1])
+    if params.top_p > 0.0:
+        p_sort, idx = torch.sort(flat, dim=-1, descending=True)
+        keep = (torch.cumsum(p_sort, dim=-1) - p_sort) <= params.top_p
+        p_sort = p_sort * keep
+        pick = torch.multinomial(p_sort / p_sort.sum(-1, keepdim=True), 1, generator=generator)
+        tok = torch.gather(idx, -1, pick)
+    elif params.top_k > 0:
+        k = min(params.top_k, flat.shape[-1])
+        kth = torch.topk(flat, k, dim=-1).values[:, -1:]
+        flat = flat * (flat >= kth)
+        flat = flat / flat.sum(-1, keepdim=True)
+        tok = torch.multinomial(flat, 1, generator=generator)
+        # the reference scores spans with these renormalised top-k probabilities
+        probs = flat.view_as(probs)
+    else:
+        tok = torch.multinomial(flat, 1, generator=generator)
+    return tok.view(*probs.shape[:-1], 1), probs
+
+
+def cfg_mix(logits: torch.Tensor, batch: int, coef: float) -> torch.Tensor:
+    """Classifier-free guidance: rows [0, B) conditional, [B, 2B) null."""
+    cond, uncond = logits.split(batch, dim=0)
+    return uncond + (cond - uncond) * coef
+
+
+# -- masking ----------------------------------------------------------------------------------------
+
+def least_probable_spans(scores: torch.Tensor, n_target: int, span_len: int) -> torch.Tensor:
+    """stride1 masking, vectorised over the batch: scores [B, T] (per-token -log p) -> bool mask [B, T]
+    covering the u least probable overlapping spans, u found by the reference's binary search so that
+    about `n_target` tokens are masked."""
+    B, T = scores.shape
+    span_scores = scores.unfold(1, span_len, 1).sum(dim=-1)               # [B, S]
+    S = span_scores.shape[1]
+    order = torch.argsort(span_scores, dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(S, device=scores.device).expand(B, S))
+    # a token is covered by the top-u spans iff the best rank among the spans covering it is < u
+    big = torch.full((B, span_len - 1), S, dtype=rank.dtype, device=rank.device)
+    padded = torch.cat([big, rank, big], dim=1)                            # [B, S + 2(L-1)] = [B, T + L - 1]
+    tok_rank = padded.unfold(1, span_len, 1).amin(dim=-1)                  # [B, T]
+    n_target = max(n_target, span_len)
+    lo, hi = n_target // span_len, n_target - span_len + 1
+    mid = round(0.5 * (lo + hi))
+    if mid == lo or mid == hi:
+        return tok_rank < mid
+    dev = scores.device
+    lo_t = torch.full((B,), lo, device=dev)
+    hi_t = torch.full((B,), hi, device=dev)
+    mid_t = torch.full((B,), mid, device=dev)
+    last = mid_t.clone()
+    active = torch.ones(B, dtype=torch.bool, device=dev)
+    for _ in range((hi - lo).bit_length() + 2):      # enough iterations for the search to settle
+        n = (tok_rank < mid_t[:, None]).sum(dim=-1)
+        last = torch.where(active, mid_t, last)
+        over = n > n_target
+        hi_t = torch.where(active & over, mid_t, hi_t)
+        lo_t = torch.where(active & ~over, mid_t, lo_t)
+        new_mid = torch.round((lo_t + hi_t).double() * 0.5).long()       # Python's round: half to even
+        mid_t = torch.where(active, new_mid, mid_t)
+        active = active & (mid_t > lo_t) & (mid_t < hi_t)
+    return tok_rank < last[:, None]
+
+
+# -- the decoding loop ------------------------------------------------------------------------------
+
+@dataclass
+class _Job:
+    """Bookkeeping for progress across stages (and across windows, for long generations)."""
+    total: int
+    done: int = 0
+    progress: Progress | None = None
+
+    def step(self):
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+
+def generate(lm: LM, cond: TextCondition, frames: int, params: SamplingParams, *,
+             prompt: torch.Tensor | None = None, generator: torch.Generator | None = None,
+             progress: Progress | None = None, job: _Job | None = None) -> torch.Tensor:
+    """Decode `frames` frames of codes [B, K, frames] for the prompts of `cond`.
+
+    `prompt` [B, K, P] (P < frames): leading codes kept unchanged (continuation). With the
+    `nonoverlap` arrangement the result is trimmed to a multiple of `span_len` frames, as the reference.
+    `progress(done, total)` is called after every decoding step.
+    """
+    cfg = lm.cfg
+    params = params.check(cfg.n_q)
+    dev = next(lm.parameters()).device
+    B = cond.batch
+    K = cfg.n_q
+    if prompt is not None and prompt.shape[-1] == 0:
+        prompt = None
+    P = 0 if prompt is None else prompt.shape[-1]
+    if prompt is not None:
+        if prompt.dim() != 3 or prompt.shape[0] != B or prompt.shape[1] != K:
+            raise MagnetError(f"prompt codes have shape {tuple(prompt.shape)}; expected [{B}, {K}, frames] "
+                              f"(one row per prompt text, {K} codebooks).")
+        if P >= frames:
+            raise MagnetError(f"the prompt audio ({P} frames) is as long as the requested generation "
+                              f"({frames} frames): ask for a longer duration or a shorter prompt.")
+        if int(prompt.min()) < 0 or int(prompt.max()) >= cfg.card:
+            raise MagnetError(f"prompt codes must lie in [0, {cfg.card}); they come from a different codec.")
+    if cond.text_dim != cfg.text_dim:
+        raise MagnetError(f"the conditioning comes from a text encoder of width {cond.text_dim} "
+                          f"({cond.encoder}), but the model expects {cfg.text_dim} ({cfg.text_encoder}). "
+                          f"Encode the prompts with {cfg.text_encoder}.")
+    if generator is None:
+        generator, _ = make_generator(None, dev)
+    job = job or _Job(total=sum(params.decoding_steps), progress=progress)
+
+    cond = cond.to(dev)
+    with torch.inference_mode():
+        if cond.unconditional:        # conditional and null rows are identical: one pass, no guidance
+            mem, guided = lm.memory(cond.hidden[:B], cond.mask[:B]), False
+        else:
+            mem, guided = lm.memory(cond.hidden, cond.mask, null_rows=B), True
+        codes = torch.full((B, K, frames), lm.mask_id, dtype=torch.long, device=dev)
+        if prompt is not None:
+            codes[..., :P] = prompt.to(dev)
+        for stage, n_steps in enumerate(params.decoding_steps):
+            codes = _decode_stage(lm, mem, guided, codes, stage, n_steps, P, prompt, params, generator, job)
+    return codes
+
+
+def _decode_stage(lm, mem, guided, codes, stage, n_steps, P, prompt, params, generator, job):
+    B, K, T = codes.shape
+    L = lm.cfg.span_len
+    mask_id = lm.mask_id
+    dev = codes.device
+    chunked = L > 1 and params.span_arrangement == "nonoverlap"
+    lps = L > 1 and params.span_arrangement == "stride1"
+    if chunked:
+        n_chunks = T // L
+        if T % L:
+            T = n_chunks * L
+            codes = codes[..., :T]
+        n_fixed = P // L
+        scores = torch.zeros((B, n_chunks), device=dev)
+        scores[:, :n_fixed] = DONT_REMASK
+        n_to_gen = n_chunks - n_fixed
+    else:
+        scores = torch.zeros((B, T), device=dev)
+        scores[:, :P] = DONT_REMASK
+        n_to_gen = T - P
+    seq = torch.full((B, T), mask_id, dtype=torch.long, device=dev)
+    prompt_stage = prompt[:, stage, :].to(dev) if prompt is not None else None
+
+    for i, (m, n_mask) in enumerate(stage_schedule(n_steps, n_to_gen)):
+        # 1-2. (re)mask the least confident spans
+        if lps:
+            seq = seq.masked_fill(least_probable_spans(scores, n_mask, L), mask_id)
+        else:
+            picked = scores.topk(n_mask, dim=-1).indices
+            if chunked:
+                chunk_mask = torch.zeros((B, n_chunks), dtype=torch.bool, device=dev).scatter(1, picked, True)
+                seq = seq.masked_fill(chunk_mask.repeat_interleave(L, dim=-1), mask_id)
+            else:
+                seq = seq.scatter(1, picked, mask_id)
+        if prompt_stage is not None:
+            seq[:, :P] = prompt_stage
+        codes[:, stage] = seq
+
+        # 3. one forward for the conditional and null rows, guidance annealed with the masking rate
+        logits = lm(codes, mem, stage=stage, heads=[stage])[:, 0].float()          # [rows, T, card]
+        if guided:
+            logits = cfg_mix(logits, B, m * params.max_cfg_coef + (1 - m) * params.min_cfg_coef)
+
+        # 4. temperature annealed linearly to zero
+        temp = params.temperature * ((n_steps - 1 - i) / n_steps) if params.anneal_temp else params.temperature
+        probs = torch.softmax(logits / max(temp, 1e-2), dim=-1)
+        tokens, probs = sample_tokens(logits, probs, params, generator)
+
+        # 5. fill the masked positions, score what was sampled
+        masked = seq == mask_id
+        seq = torch.where(masked, tokens[..., 0], seq)
+        codes[:, stage] = seq
+        p = torch.gather(probs, -1, tokens)[..., 0]                                    # [B, T]
+        if chunked:
+            if params.span_scoring == "max":
+                scores = 1 - p.view(B, n_chunks, L).max(dim=-1).values
+            else:
+                scores = (-torch.log(p)).view(B, n_chunks, L).sum(dim=-1)
+            scores = scores.masked_fill(~chunk_mask, DONT_REMASK)
+        else:
+            scores = (-torch.log(p)).masked_fill(~masked, DONT_REMASK)
+        job.step()
+    return codes
