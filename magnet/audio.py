@@ -6,7 +6,7 @@ Waveforms are float tensors `[C, S]` (one clip) or `[B, C, S]` (a batch), values
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 import warnings
 from pathlib import Path
 
@@ -92,15 +92,17 @@ def normalize_loudness(wav: torch.Tensor, sample_rate: int, target_lufs: float =
     for item in batch:
         data = item.detach().to("cpu", torch.float64).numpy().T  # [S, C] as pyloudnorm wants
         gain = 1.0
-        if data.shape[0] >= int(meter.block_size * sample_rate):
-            with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+        with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
                 loudness = meter.integrated_loudness(data)
-            if np.isfinite(loudness):
-                gain = 10.0 ** ((target_lufs - loudness) / 20.0)
-                item_peak = float(np.abs(data).max())
-                if item_peak * gain > peak:
-                    gain = peak / item_peak
+            except ValueError:  # shorter than one measuring block
+                loudness = float("nan")
+        if np.isfinite(loudness):
+            gain = 10.0 ** ((target_lufs - loudness) / 20.0)
+            item_peak = float(np.abs(data).max())
+            if item_peak * gain > peak:
+                gain = peak / item_peak
         out.append(item * gain if gain != 1.0 else item.clone())
     result = torch.stack(out)
     return result if wav.dim() == 3 else result[0]
@@ -125,15 +127,14 @@ def write_wav(path: str | Path, wav: torch.Tensor, sample_rate: int, subtype: st
     data = wav.detach().to("cpu", torch.float32).clamp(-1.0, 1.0).numpy().T  # [S, C]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
     except OSError as e:
         raise MagnetError(f"Cannot write {path} ({e}). Choose a folder you can write to.") from None
-    os.close(fd)
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")  # same extension: same format
     try:
         sf.write(tmp, data, sample_rate, subtype=subtype)
         os.replace(tmp, path)
     except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         if isinstance(e, (sf.LibsndfileError, TypeError, ValueError, RuntimeError)):
             raise MagnetError(f"Cannot write {path} as {subtype} ({e}). Use a .wav or .flac file name "
                               f"and a subtype such as PCM_16, PCM_24 or FLOAT.") from None
@@ -162,6 +163,10 @@ def read_audio(path: str | Path) -> tuple[torch.Tensor, int]:
 
 
 def _rate(value, name: str) -> int:
-    if isinstance(value, bool) or not float(value).is_integer() or value <= 0:
+    try:
+        ok = not isinstance(value, bool) and float(value).is_integer() and value > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
         raise MagnetError(f"{name} must be a positive whole number of Hz, got {value!r}.")
     return int(value)

@@ -28,11 +28,13 @@ def load_torch_file(path: str | Path, what: str = "checkpoint") -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except pickle.UnpicklingError as e:
+        if "global" not in str(e).lower():     # not a refused class: the bytes are simply not a pickle
+            raise MagnetError(f"{what} {path} is truncated or corrupt ({_first_line(e)}). Download the "
+                              f"file again.") from None
         raise MagnetError(
-            f"{what} {path} contains Python objects other than tensors and plain values, so it was "
-            f"not loaded (loading it could run code hidden in the file). Use the official release "
-            f"file, or convert a trusted one with `python -m magnet convert`. Detail: {_first_line(e)}"
-        ) from None
+            f"{what} {path} contains Python objects other than tensors and plain values, so it was not "
+            f"loaded (loading it could run code hidden in the file). Use the official release file from "
+            f"its publisher. Detail: {_unsupported_global(e)}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
         raise MagnetError(f"{what} {path} is truncated or corrupt ({_first_line(e)}). Download the "
                           f"file again.") from None
@@ -47,6 +49,13 @@ def _is_zip(path: Path) -> bool:
         return zipfile.is_zipfile(path)
     except OSError:
         return False
+
+
+def _unsupported_global(e: BaseException) -> str:
+    for line in str(e).splitlines():
+        if "global" in line.lower():
+            return line.strip()[:200]
+    return _first_line(e)
 
 
 def _first_line(e: BaseException) -> str:
@@ -174,7 +183,7 @@ def build_lm(cfg: LMConfig, state: dict, where: str, device=None, dtype=None) ->
             raise MagnetError(f"{where}: weight {k} has shape {tuple(state[k].shape)}, its xp.cfg implies "
                               f"{tuple(v.shape)}. The file is damaged or not an official release.")
     lm.load_state_dict({k: v.to(device=device or "cpu", dtype=dtype) for k, v in state.items()}, assign=True)
-    return lm.eval()
+    return lm.eval().requires_grad_(False)
 
 
 # -- releases ---------------------------------------------------------------------------------------

@@ -240,7 +240,7 @@ def _config_from_xp_cfg(text: str, path: Path) -> dict:
     seanet = get("seanet")
     for side in ("encoder", "decoder"):  # per-side overrides of the shared seanet settings
         for key, value in (get(f"seanet.{side}", {}) or {}).items():
-            if key == "trim_right_ratio" and side == "decoder" or key.startswith("final_activation") and value is None:
+            if (side, key) == ("decoder", "trim_right_ratio") or (key.startswith("final_activation") and value is None):
                 continue
             if value != seanet.get(key):
                 raise unsupported(f"a different seanet.{side}.{key} for the {side}")
@@ -327,7 +327,7 @@ def _load_strict(model: nn.Module, state: dict, source: str) -> None:
         renamed[key] = value
     missing = sorted(set(expected) - set(renamed))
     unexpected = sorted(set(renamed) - set(expected))
-    misshaped = [f"{k} {tuple(renamed[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
+    misshaped = [f"{k} {tuple(getattr(renamed[k], 'shape', ()))} (expected {tuple(v.shape)})" for k, v in expected.items()
                  if k in renamed and (not isinstance(renamed[k], torch.Tensor) or renamed[k].shape != v.shape)]
     if missing or unexpected or misshaped:
         parts = [f"{label} {len(keys)} key(s), e.g. {', '.join(keys[:3])}"
@@ -347,7 +347,6 @@ def _find_pointer_folder(pretrained: Any, release_file: Path, codec_dir: str | P
         raise MagnetError(f"{WHAT} {release_file}: its 'pretrained' entry is not a model name "
                           f"({pretrained!r}). Download the release file again.")
     name = pretrained.rstrip("/").split("/")[-1]
-    download = f"huggingface-cli download {pretrained} --local-dir <folder>/{name}"
 
     def explicit(folder: Path, origin: str) -> Path:
         # the folder itself, or a folder named after the pointer inside it
@@ -356,13 +355,13 @@ def _find_pointer_folder(pretrained: Any, release_file: Path, codec_dir: str | P
                 return candidate
         raise MagnetError(f"{origin} is {folder}, but neither it nor {folder / name} is a transformers "
                           f"EnCodec folder (config.json + model.safetensors). Fix the path, or get the "
-                          f"codec with `{download}`.")
+                          f"codec with `huggingface-cli download {pretrained} --local-dir {folder / name}`.")
 
     if codec_dir is not None:
         return explicit(Path(codec_dir), "The codec folder given")
     if os.environ.get(CODEC_DIR_ENV):
         return explicit(Path(os.environ[CODEC_DIR_ENV]), f"${CODEC_DIR_ENV}")
-    release_dir = release_file.resolve().parent
+    release_dir = Path(os.path.abspath(release_file)).parent  # not resolve(): keep the HF cache's snapshot folder
     searched = [release_dir, release_dir.parent, *(Path(d) for d in search_dirs)]
     for parent in searched:
         if (parent / name).is_dir():

@@ -1,0 +1,228 @@
+"""`MagnetModel`: a MAGNeT release (LM + codec) with its T5 text encoder, behind one small API.
+
+    model = MagnetModel.from_pretrained("models/magnet/magnet-small-10secs",
+                                        text_encoder="models/text_encoders/t5-base")
+    codes = model.generate(["80s thrash metal intro riff"], seed=0)   # [B, 4, T]
+    wav = model.decode(codes)                                          # [B, C, samples]
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from . import sampling
+from .audio import check_waveform, convert_audio
+from .checkpoints import Release, build_lm, load_release
+from .codec import Codec
+from .errors import MagnetError
+from .sampling import SamplingParams
+from .text import TextCondition, TextEncoder
+from .transformer import LM
+
+TEXT_ENCODER_ENV = "MAGNET_TEXT_ENCODER_DIR"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp16 weights on CUDA (bf16 where supported and fp16 is not wanted is a user choice), fp32 elsewhere."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def find_text_encoder(name: str, near: Path | None = None, search_dirs: Iterable = ()) -> Path | None:
+    """Where a T5 folder named `name` (e.g. 't5-base') is: $MAGNET_TEXT_ENCODER_DIR (the folder itself or
+    a folder holding it), then beside or inside the release, then `search_dirs`."""
+    base = name.rstrip("/").split("/")[-1]
+    places = []
+    if os.environ.get(TEXT_ENCODER_ENV):
+        env = Path(os.environ[TEXT_ENCODER_ENV])
+        places += [env, env / base]
+    if near is not None:
+        near = Path(near).resolve()
+        d = near if near.is_dir() else near.parent
+        places += [d / base, d.parent / base]
+    places += [Path(s) / base for s in search_dirs]
+    for p in places:
+        if (p / "config.json").is_file():
+            return p
+    return None
+
+
+class MagnetModel:
+    """A MAGNeT release ready to generate: `lm` (the transformer), `codec` (EnCodec) and
+    `text_encoder` (T5, may be None until given)."""
+
+    def __init__(self, lm: LM, codec: Codec, text_encoder: TextEncoder | None = None, *,
+                 device=None, dtype=None, source: str = "", generation: dict | None = None):
+        self.lm, self.codec, self.text_encoder = lm, codec, text_encoder
+        self.device = torch.device(device) if device is not None else next(lm.parameters()).device
+        self.dtype = dtype or next(lm.parameters()).dtype
+        self.source = source
+        self.generation_defaults = generation or {}
+        self.last_seed: int | None = None
+        if text_encoder is not None:
+            self._check_text_encoder(text_encoder)
+
+    # -- loading ------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, release: str | Path, text_encoder: str | Path | TextEncoder | None = None, *,
+                        device=None, dtype=None, codec: str | Path | None = None,
+                        search_dirs: Sequence = ()) -> "MagnetModel":
+        """Load an official release folder (`state_dict.bin` + `compression_state_dict.bin`) or a file
+        made by `python -m magnet convert`.
+
+        text_encoder: a transformers T5 folder (or a loaded TextEncoder). When None, a folder named after
+            the release's T5 (`t5-base`, `t5-large`) is looked for in $MAGNET_TEXT_ENCODER_DIR, beside the
+            release and in `search_dirs`; generation needs it, encode/decode do not.
+        codec: for releases whose codec file is a pointer (`{'pretrained': 'facebook/encodec_32khz'}`),
+            the transformers EnCodec folder; else it is looked for in $MAGNET_CODEC_DIR, in and beside
+            the release folder and in `search_dirs`.
+        device/dtype: default CUDA with fp16 weights when available, else CPU float32.
+        """
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or default_dtype(device)
+        r: Release = load_release(release, codec_dir=codec, search_dirs=search_dirs)
+        lm = build_lm(r.lm_config, r.lm_state, str(r.source), device=device, dtype=dtype)
+        del r.lm_state
+        codec_mod = r.codec.to(device)
+        te = text_encoder
+        if te is None:
+            found = find_text_encoder(r.lm_config.text_encoder, Path(release), search_dirs)
+            te = found
+        if te is not None and not isinstance(te, TextEncoder):
+            te = TextEncoder(te, device=device)
+        elif isinstance(te, TextEncoder):
+            te.to(device)
+        return cls(lm, codec_mod, te, device=device, dtype=dtype, source=str(r.source), generation=r.generation)
+
+    def _check_text_encoder(self, te: TextEncoder):
+        if te.dim != self.lm.cfg.text_dim:
+            raise MagnetError(f"text encoder {te.folder} has width {te.dim}, but this model expects "
+                              f"{self.lm.cfg.text_dim} ({self.lm.cfg.text_encoder}). Use the "
+                              f"{self.lm.cfg.text_encoder} folder.")
+
+    # -- properties ---------------------------------------------------------------------------------
+    @property
+    def cfg(self):
+        return self.lm.cfg
+
+    @property
+    def sample_rate(self) -> int:
+        return self.codec.sample_rate
+
+    @property
+    def channels(self) -> int:
+        return self.codec.channels
+
+    @property
+    def frame_rate(self) -> int:
+        return int(round(self.codec.frame_rate))
+
+    @property
+    def segment_duration(self) -> float:
+        """The window the release generates, in seconds (10 or 30 for the official ones)."""
+        return self.lm.cfg.segment_duration
+
+    @property
+    def max_frames(self) -> int:
+        return int(self.segment_duration * self.frame_rate)
+
+    # -- text ---------------------------------------------------------------------------------------
+    def encode_text(self, prompts: Sequence[str] | str) -> TextCondition:
+        if self.text_encoder is None:
+            raise MagnetError(f"no text encoder: pass text_encoder=<folder of {self.cfg.text_encoder}> to "
+                              f"MagnetModel.from_pretrained (or set ${TEXT_ENCODER_ENV}).")
+        return self.text_encoder.encode(prompts)
+
+    # -- generation ---------------------------------------------------------------------------------
+    def frames_for(self, duration: float | None) -> int:
+        """Frames for `duration` seconds (the release's window when None), checked against the window."""
+        if duration is None:
+            return self.max_frames
+        try:
+            duration = float(duration)
+        except (TypeError, ValueError):
+            raise MagnetError(f"duration {duration!r} must be a number of seconds.") from None
+        if not duration > 0:
+            raise MagnetError(f"duration {duration} must be more than 0 seconds.")
+        frames = int(duration * self.frame_rate)
+        if frames > self.max_frames:
+            raise MagnetError(f"duration {duration:g} s is beyond this release's {self.segment_duration:g} s "
+                              f"window: ask for at most {self.segment_duration:g} s.")
+        if frames < max(2, self.cfg.span_len):
+            raise MagnetError(f"duration {duration:g} s is too short: ask for at least "
+                              f"{max(2, self.cfg.span_len) / self.frame_rate:g} s.")
+        return frames
+
+    def generate(self, prompts: Sequence[str] | str, *, duration: float | None = None, seed: int | None = None,
+                 use_sampling: bool = True, temperature: float = 3.0, top_k: int = 0, top_p: float = 0.9,
+                 max_cfg_coef: float = 10.0, min_cfg_coef: float = 1.0,
+                 decoding_steps: Sequence[int] = sampling.DEFAULT_STEPS, span_arrangement: str = "nonoverlap",
+                 span_scoring: str = "max", prompt: torch.Tensor | None = None,
+                 progress: sampling.Progress | None = None) -> torch.Tensor:
+        """Generate codes [B, K, T] for B prompts (an empty prompt generates unconditionally).
+
+        duration: seconds (default: the release's window). prompt: codes [B or 1, K, P] kept unchanged
+        at the start (continuation; see `encode`). progress(done, total) is called after every step.
+        With span_arrangement='nonoverlap', T is trimmed to a multiple of the span length (3 frames),
+        exactly as the reference does.
+        """
+        params = SamplingParams(use_sampling=use_sampling, temperature=temperature, top_k=top_k, top_p=top_p,
+                                max_cfg_coef=max_cfg_coef, min_cfg_coef=min_cfg_coef,
+                                decoding_steps=decoding_steps, span_arrangement=span_arrangement,
+                                span_scoring=span_scoring).check(self.cfg.n_q)
+        frames = self.frames_for(duration)
+        cond = self.encode_text(prompts)
+        return self.generate_from_condition(cond, frames=frames, params=params, seed=seed, prompt=prompt,
+                                            progress=progress)
+
+    def generate_from_condition(self, cond: TextCondition, *, frames: int, params: SamplingParams,
+                                seed: int | None = None, prompt: torch.Tensor | None = None,
+                                progress: sampling.Progress | None = None) -> torch.Tensor:
+        """The sampling core on an already encoded text (what the ComfyUI sampler node calls)."""
+        generator, self.last_seed = sampling.make_generator(seed, self.device)
+        prompt = self._check_prompt_codes(prompt, cond.batch)
+        with self._autocast():
+            return sampling.generate(self.lm, cond, frames, params, prompt=prompt, generator=generator,
+                                     progress=progress)
+
+    def _check_prompt_codes(self, prompt, batch):
+        if prompt is None:
+            return None
+        if not isinstance(prompt, torch.Tensor) or prompt.is_floating_point():
+            raise MagnetError("prompt must be integer codes [batch, codebooks, frames] (from model.encode).")
+        if prompt.dim() == 2:
+            prompt = prompt[None]
+        if prompt.dim() != 3 or prompt.shape[1] != self.cfg.n_q:
+            raise MagnetError(f"prompt codes have shape {tuple(prompt.shape)}; expected [batch, "
+                              f"{self.cfg.n_q}, frames] from model.encode.")
+        if prompt.shape[0] == 1 and batch > 1:
+            prompt = prompt.expand(batch, -1, -1)
+        if prompt.shape[0] != batch:
+            raise MagnetError(f"{prompt.shape[0]} prompt audio clips for {batch} text prompts: give one clip, "
+                              f"or one per text prompt.")
+        return prompt
+
+    def _autocast(self):
+        if self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16):
+            return torch.autocast("cuda", dtype=self.dtype)
+        return torch.autocast(self.device.type, enabled=False)
+
+    # -- audio --------------------------------------------------------------------------------------
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes [B, K, T] -> float32 waveform [B, C, samples] on the CPU."""
+        return self.codec.decode(codes).float().cpu()
+
+    def encode(self, wav: torch.Tensor, sample_rate: int) -> torch.Tensor:
+        """Waveform [B, C, S] or [C, S] at any rate and channel count -> codes [B, K, T]
+        (resampled to the codec's rate and mixed to its channels first)."""
+        wav = check_waveform(wav, "audio to encode")
+        if wav.dim() == 2:
+            wav = wav[None]
+        wav = convert_audio(wav.float(), int(sample_rate), self.sample_rate, self.channels)
+        return self.codec.encode(wav.to(self.device))
