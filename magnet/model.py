@@ -164,13 +164,15 @@ class MagnetModel:
                  max_cfg_coef: float = 10.0, min_cfg_coef: float = 1.0,
                  decoding_steps: Sequence[int] = sampling.DEFAULT_STEPS, span_arrangement: str = "nonoverlap",
                  span_scoring: str = "max", prompt: torch.Tensor | None = None,
-                 progress: sampling.Progress | None = None) -> torch.Tensor:
+                 progress: sampling.Progress | None = None,
+                 rescorer: sampling.Rescorer | None = None) -> torch.Tensor:
         """Generate codes [B, K, T] for B prompts (an empty prompt generates unconditionally).
 
         duration: seconds (default: the release's window). prompt: codes [B or 1, K, P] kept unchanged
         at the start (continuation; see `encode`). progress(done, total) is called after every step.
         With span_arrangement='nonoverlap', T is trimmed to a multiple of the span length (3 frames),
-        exactly as the reference does.
+        exactly as the reference does. rescorer: an external model whose probabilities are mixed into the
+        span ranking (see `sampling.Rescorer`).
         """
         params = SamplingParams(use_sampling=use_sampling, temperature=temperature, top_k=top_k, top_p=top_p,
                                 max_cfg_coef=max_cfg_coef, min_cfg_coef=min_cfg_coef,
@@ -179,17 +181,18 @@ class MagnetModel:
         frames = self.frames_for(duration)
         cond = self.encode_text(prompts)
         return self.generate_from_condition(cond, frames=frames, params=params, seed=seed, prompt=prompt,
-                                            progress=progress)
+                                            progress=progress, rescorer=rescorer)
 
     def generate_from_condition(self, cond: TextCondition, *, frames: int, params: SamplingParams,
                                 seed: int | None = None, prompt: torch.Tensor | None = None,
-                                progress: sampling.Progress | None = None) -> torch.Tensor:
+                                progress: sampling.Progress | None = None,
+                                rescorer: sampling.Rescorer | None = None) -> torch.Tensor:
         """The sampling core on an already encoded text (what the ComfyUI sampler node calls)."""
         generator, self.last_seed = sampling.make_generator(seed, self.device)
         prompt = self._check_prompt_codes(prompt, cond.batch)
         with self._autocast():
             return sampling.generate(self.lm, cond, frames, params, prompt=prompt, generator=generator,
-                                     progress=progress)
+                                     progress=progress, rescorer=rescorer)
 
     def _check_prompt_codes(self, prompt, batch):
         if prompt is None:

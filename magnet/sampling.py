@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
@@ -195,32 +195,61 @@ class _Job:
             self.progress(self.done, self.total)
 
 
+class Rescorer(Protocol):
+    """An external model that rescores MAGNeT's samples (see DESIGN.md, "Rescoring").
+
+    `begin` is called once per generation with the text and the length; `probs` once per decoding step
+    with the codes after sampling, returning the external model's probability of `codes[:, stage]`
+    [B, T]. Spans are then ranked by `weight * p_ext + (1 - weight) * p_magnet`; weight 0 is never called.
+    """
+    weight: float
+
+    def begin(self, cond: TextCondition, frames: int) -> None: ...
+
+    def probs(self, codes: torch.Tensor, stage: int) -> torch.Tensor: ...
+
+
 def generate(lm: LM, cond: TextCondition, frames: int, params: SamplingParams, *,
-             prompt: torch.Tensor | None = None, generator: torch.Generator | None = None,
-             progress: Progress | None = None, job: _Job | None = None) -> torch.Tensor:
+             prompt: torch.Tensor | None = None, given: torch.Tensor | None = None,
+             keep: torch.Tensor | None = None, generator: torch.Generator | None = None,
+             progress: Progress | None = None, job: _Job | None = None,
+             rescorer: Rescorer | None = None) -> torch.Tensor:
     """Decode `frames` frames of codes [B, K, frames] for the prompts of `cond`.
 
-    `prompt` [B, K, P] (P < frames): leading codes kept unchanged (continuation). With the
-    `nonoverlap` arrangement the result is trimmed to a multiple of `span_len` frames, as the reference.
-    `progress(done, total)` is called after every decoding step.
+    prompt [B, K, P] (P < frames): leading codes kept unchanged (continuation). More generally,
+    `given` [B, K, frames] with `keep` (bool [frames]): the kept frames' codes are fixed in every
+    codebook and the others generated around them (the model is bidirectional). With the `nonoverlap`
+    arrangement the result is trimmed to a multiple of `span_len` frames, as the reference does.
+    progress(done, total) is called after every decoding step.
     """
     cfg = lm.cfg
     params = params.check(cfg.n_q)
     dev = next(lm.parameters()).device
-    B = cond.batch
-    K = cfg.n_q
-    if prompt is not None and prompt.shape[-1] == 0:
-        prompt = None
-    P = 0 if prompt is None else prompt.shape[-1]
-    if prompt is not None:
+    B, K = cond.batch, cfg.n_q
+    if prompt is not None and prompt.shape[-1] > 0:
+        if given is not None:
+            raise MagnetError("give either prompt codes or given codes with a keep mask, not both.")
+        P = prompt.shape[-1]
         if prompt.dim() != 3 or prompt.shape[0] != B or prompt.shape[1] != K:
             raise MagnetError(f"prompt codes have shape {tuple(prompt.shape)}; expected [{B}, {K}, frames] "
                               f"(one row per prompt text, {K} codebooks).")
         if P >= frames:
             raise MagnetError(f"the prompt audio ({P} frames) is as long as the requested generation "
                               f"({frames} frames): ask for a longer duration or a shorter prompt.")
-        if int(prompt.min()) < 0 or int(prompt.max()) >= cfg.card:
-            raise MagnetError(f"prompt codes must lie in [0, {cfg.card}); they come from a different codec.")
+        given = torch.full((B, K, frames), lm.mask_id, dtype=torch.long)
+        given[..., :P] = prompt.cpu()
+        keep = torch.zeros(frames, dtype=torch.bool)
+        keep[:P] = True
+    if given is not None:
+        keep = torch.as_tensor(keep, dtype=torch.bool).cpu()
+        if given.shape != (B, K, frames) or keep.shape != (frames,):
+            raise MagnetError(f"given codes {tuple(given.shape)} / keep mask {tuple(keep.shape)} must be "
+                              f"[{B}, {K}, {frames}] / [{frames}].")
+        kept = given[..., keep]
+        if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= cfg.card):
+            raise MagnetError(f"given codes must lie in [0, {cfg.card}); they come from a different codec.")
+        if bool(keep.all()):
+            raise MagnetError("every frame is kept: there is nothing to generate.")
     if cond.text_dim != cfg.text_dim:
         raise MagnetError(f"the conditioning comes from a text encoder of width {cond.text_dim} "
                           f"({cond.encoder}), but the model expects {cfg.text_dim} ({cfg.text_encoder}). "
@@ -228,6 +257,8 @@ def generate(lm: LM, cond: TextCondition, frames: int, params: SamplingParams, *
     if generator is None:
         generator, _ = make_generator(None, dev)
     job = job or _Job(total=sum(params.decoding_steps), progress=progress)
+    if rescorer is not None and rescorer.weight == 0:
+        rescorer = None
 
     cond = cond.to(dev)
     with torch.inference_mode():
@@ -235,36 +266,41 @@ def generate(lm: LM, cond: TextCondition, frames: int, params: SamplingParams, *
             mem, guided = lm.memory(cond.hidden[:B], cond.mask[:B]), False
         else:
             mem, guided = lm.memory(cond.hidden, cond.mask, null_rows=B), True
+        if rescorer is not None:
+            rescorer.begin(cond, frames)
         codes = torch.full((B, K, frames), lm.mask_id, dtype=torch.long, device=dev)
-        if prompt is not None:
-            codes[..., :P] = prompt.to(dev)
+        if given is not None:
+            given = given.to(dev)
+            codes = torch.where(keep.to(dev), given, codes)
         for stage, n_steps in enumerate(params.decoding_steps):
-            codes = _decode_stage(lm, mem, guided, codes, stage, n_steps, P, prompt, params, generator, job)
+            codes = _decode_stage(lm, mem, guided, codes, stage, n_steps, given, keep, params, generator, job,
+                                  rescorer)
     return codes
 
 
-def _decode_stage(lm, mem, guided, codes, stage, n_steps, P, prompt, params, generator, job):
+def _decode_stage(lm, mem, guided, codes, stage, n_steps, given, keep, params, generator, job, rescorer):
     B, K, T = codes.shape
     L = lm.cfg.span_len
     mask_id = lm.mask_id
     dev = codes.device
     chunked = L > 1 and params.span_arrangement == "nonoverlap"
     lps = L > 1 and params.span_arrangement == "stride1"
+    if chunked and T % L:
+        T = T // L * L
+        codes = codes[..., :T]
+    keep = torch.zeros(T, dtype=torch.bool) if keep is None else keep[:T]   # on the host: sizes known here
     if chunked:
         n_chunks = T // L
-        if T % L:
-            T = n_chunks * L
-            codes = codes[..., :T]
-        n_fixed = P // L
-        scores = torch.zeros((B, n_chunks), device=dev)
-        scores[:, :n_fixed] = DONT_REMASK
-        n_to_gen = n_chunks - n_fixed
+        fixed = keep.view(n_chunks, L).all(dim=-1)          # spans entirely given are never masked
+        scores = torch.zeros((B, n_chunks), device=dev).masked_fill(fixed.to(dev), DONT_REMASK)
     else:
-        scores = torch.zeros((B, T), device=dev)
-        scores[:, :P] = DONT_REMASK
-        n_to_gen = T - P
+        fixed = keep
+        scores = torch.zeros((B, T), device=dev).masked_fill(fixed.to(dev), DONT_REMASK)
+    n_to_gen = int((~fixed).sum())
     seq = torch.full((B, T), mask_id, dtype=torch.long, device=dev)
-    prompt_stage = prompt[:, stage, :].to(dev) if prompt is not None else None
+    restore = bool(keep.any())
+    if restore:
+        keep_dev, given_stage = keep.to(dev), given[:, stage, :T]
 
     for i, (m, n_mask) in enumerate(stage_schedule(n_steps, n_to_gen)):
         # 1-2. (re)mask the least confident spans
@@ -277,8 +313,8 @@ def _decode_stage(lm, mem, guided, codes, stage, n_steps, P, prompt, params, gen
                 seq = seq.masked_fill(chunk_mask.repeat_interleave(L, dim=-1), mask_id)
             else:
                 seq = seq.scatter(1, picked, mask_id)
-        if prompt_stage is not None:
-            seq[:, :P] = prompt_stage
+        if restore:
+            seq = torch.where(keep_dev, given_stage, seq)
         codes[:, stage] = seq
 
         # 3. one forward for the conditional and null rows, guidance annealed with the masking rate
@@ -296,6 +332,9 @@ def _decode_stage(lm, mem, guided, codes, stage, n_steps, P, prompt, params, gen
         seq = torch.where(masked, tokens[..., 0], seq)
         codes[:, stage] = seq
         p = torch.gather(probs, -1, tokens)[..., 0]                                    # [B, T]
+        if rescorer is not None:
+            w = float(rescorer.weight)
+            p = w * rescorer.probs(codes, stage).to(p) + (1 - w) * p
         if chunked:
             if params.span_scoring == "max":
                 scores = 1 - p.view(B, n_chunks, L).max(dim=-1).values
