@@ -60,8 +60,6 @@ class MagnetModel:
     def __init__(self, lm: LM, codec: Codec, text_encoder: TextEncoder | None = None, *,
                  device=None, dtype=None, source: str = "", generation: dict | None = None):
         self.lm, self.codec, self.text_encoder = lm, codec, text_encoder
-        self.device = torch.device(device) if device is not None else next(lm.parameters()).device
-        self.dtype = dtype or next(lm.parameters()).dtype
         self.source = source
         self.generation_defaults = generation or {}
         self.last_seed: int | None = None
@@ -107,6 +105,15 @@ class MagnetModel:
                               f"{self.lm.cfg.text_encoder} folder.")
 
     # -- properties ---------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """Where the LM is now (a memory manager such as ComfyUI's may move it between calls)."""
+        return next(self.lm.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.lm.parameters()).dtype
+
     @property
     def cfg(self):
         return self.lm.cfg
@@ -228,4 +235,4 @@ class MagnetModel:
         if wav.dim() == 2:
             wav = wav[None]
         wav = convert_audio(wav.float(), int(sample_rate), self.sample_rate, self.channels)
-        return self.codec.encode(wav.to(self.device))
+        return self.codec.encode(wav.to(next(self.codec.parameters()).device))
