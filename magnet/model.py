@@ -68,7 +68,7 @@ class MagnetModel:
 
     # -- loading ------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, release: str | Path, text_encoder: str | Path | TextEncoder | None = None, *,
+    def from_pretrained(cls, release: str | Path, text_encoder: str | Path | TextEncoder | bool | None = None, *,
                         device=None, dtype=None, codec: str | Path | None = None,
                         search_dirs: Sequence = ()) -> "MagnetModel":
         """Load an official release folder (`state_dict.bin` + `compression_state_dict.bin`) or a file
@@ -76,7 +76,7 @@ class MagnetModel:
 
         text_encoder: a transformers T5 folder (or a loaded TextEncoder). When None, a folder named after
             the release's T5 (`t5-base`, `t5-large`) is looked for in $MAGNET_TEXT_ENCODER_DIR, beside the
-            release and in `search_dirs`; generation needs it, encode/decode do not.
+            release and in `search_dirs`; False: none (generation needs one, encode/decode do not).
         codec: for releases whose codec file is a pointer (`{'pretrained': 'facebook/encodec_32khz'}`),
             the transformers EnCodec folder; else it is looked for in $MAGNET_CODEC_DIR, in and beside
             the release folder and in `search_dirs`.
@@ -85,11 +85,14 @@ class MagnetModel:
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
         r: Release = load_release(release, codec_dir=codec, search_dirs=search_dirs)
+        if r.lm_config.kind != "magnet":
+            raise MagnetError(f"{r.source} is a {r.lm_config.kind} release, not MAGNeT: load it with "
+                              f"MusicGenModel (or the MusicGen loader node).")
         lm = build_lm(r.lm_config, r.lm_state, str(r.source), device=device, dtype=dtype)
         del r.lm_state
         codec_mod = r.codec.to(device)
-        te = text_encoder
-        if te is None:
+        te = text_encoder if text_encoder is not False else None
+        if text_encoder is None:
             found = find_text_encoder(r.lm_config.text_encoder, Path(release), search_dirs)
             te = found
         if te is not None and not isinstance(te, TextEncoder):

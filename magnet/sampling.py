@@ -86,7 +86,7 @@ def parse_steps(text: str) -> list[int]:
     try:
         return [int(s) for s in str(text).replace(" ", "").split(",") if s != ""]
     except ValueError:
-        raise MagnetError(f"decoding steps {text!r} must be comma-separated whole numbers, e.g. 20,10,10,10.") from None
+        raise MagnetError(f"decoding_steps {text!r} must be comma-separated whole numbers, e.g. 20,10,10,10.") from None
 
 
 def make_generator(seed: int | None, device) -> tuple[torch.Generator, int]:

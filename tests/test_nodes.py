@@ -1,0 +1,231 @@
+"""The ComfyUI nodes, run as plain Python (no ComfyUI) on the reference models."""
+from collections.abc import Mapping
+
+import pytest
+import torch
+
+from pack import load_pack, widget_inputs
+
+STEPS = "3,2,2,2"
+
+
+@pytest.fixture(scope="module")
+def pack(ref):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MAGNET_MODELS_DIR", str(ref))
+    mp.setenv("MAGNET_TEXT_ENCODERS_DIR", str(ref))
+    yield load_pack()
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def N(pack):
+    return pack.NODE_CLASS_MAPPINGS
+
+
+@pytest.fixture(scope="module")
+def music(N):
+    model, codec = N["MagnetModelLoader"]().load("magnet-music", "auto", "auto")
+    te, = N["MagnetTextEncoderLoader"]().load("t5-base", "auto")
+    return model, codec, te
+
+
+def sample(N, model, cond, **kw):
+    args = dict(seed=1, duration=1.0, decoding_steps=STEPS, temperature=3.0, top_k=0, top_p=0.9, max_cfg_coef=10.0,
+                min_cfg_coef=1.0, span_arrangement="nonoverlap", span_scoring="max")
+    args.update(kw)
+    return N["MagnetSampler"]().sample(model, cond, **args)[0]
+
+
+def test_every_node_declares_a_valid_comfyui_interface(pack):
+    assert set(pack.NODE_CLASS_MAPPINGS) == set(pack.NODE_DISPLAY_NAME_MAPPINGS)
+    for name, cls in pack.NODE_CLASS_MAPPINGS.items():
+        spec = cls.INPUT_TYPES()
+        assert set(spec) <= {"required", "optional", "hidden"} and "required" in spec, name
+        for section in ("required", "optional"):
+            for inp, entry in spec.get(section, {}).items():
+                assert isinstance(entry, tuple) and 1 <= len(entry) <= 2, (name, inp)
+                typ = entry[0]
+                assert isinstance(typ, (str, list)), (name, inp)
+                opts = entry[1] if len(entry) > 1 else {}
+                assert isinstance(opts, dict)
+                if isinstance(typ, list) and typ and "default" in opts:
+                    assert opts["default"] in typ, (name, inp)
+                if typ in ("INT", "FLOAT") and "default" in opts:
+                    assert opts.get("min", -float("inf")) <= opts["default"] <= opts.get("max", float("inf")), (name, inp)
+                if isinstance(typ, str) and typ.isupper() and typ not in ("INT", "FLOAT", "STRING", "BOOLEAN"):
+                    assert typ.startswith("MAGNET_") or typ in ("AUDIO", "IMAGE", "VIDEO", "VHS_VIDEOINFO"), (name, typ)
+        assert isinstance(cls.RETURN_TYPES, tuple) and all(isinstance(t, str) for t in cls.RETURN_TYPES)
+        assert len(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)) == len(cls.RETURN_TYPES)
+        assert callable(getattr(cls, cls.FUNCTION)), name
+        assert cls.CATEGORY.startswith("audio/MAGNeT")
+        # the function accepts every declared input by name
+        import inspect
+        params = inspect.signature(getattr(cls, cls.FUNCTION)).parameters
+        for section in ("required", "optional"):
+            for inp in spec.get(section, {}):
+                assert inp in params, (name, inp)
+
+
+def test_seed_widget_has_control_after_generate(N):
+    seed = dict((n, o) for n, _, o in widget_inputs(N["MagnetSampler"]))["seed"]
+    assert seed["control_after_generate"] is True and seed["max"] == 0xFFFFFFFFFFFFFFFF
+
+
+def test_loaders_list_what_is_on_disk(N):
+    releases = N["MagnetModelLoader"].INPUT_TYPES()["required"]["release"][0]
+    assert {"magnet-music", "magnet-audio"} <= set(releases)
+    assert N["MagnetTextEncoderLoader"].INPUT_TYPES()["required"]["text_encoder"][0] == ["t5-base", "t5-large"]
+
+
+def test_same_file_in_two_loaders_is_one_object_and_switching_releases_it(pack, N):
+    from magnet_node_pack.magnet.cache import CACHE
+    a, b = N["MagnetModelLoader"](), N["MagnetModelLoader"]()
+    m1, c1 = a.load("magnet-audio", "auto", "auto")
+    m2, c2 = b.load("magnet-audio", "auto", "auto")
+    assert m1.obj is m2.obj and c1.obj is c2.obj
+    n = len(CACHE)
+    a.load("magnet-music", "auto", "auto")
+    assert len(CACHE) == n + 1                # b still holds the audio model
+    b.load("magnet-music", "auto", "auto")
+    assert len(CACHE) == n                    # nobody holds the audio model any more: released
+
+
+def test_text_to_music_chain_yields_core_audio(N, music):
+    model, codec, te = music
+    cond, = N["MagnetTextEncode"]().encode(te, "80s thrash metal intro riff\n\nlovely piano sonata", 2)
+    assert cond.prompts == ["80s thrash metal intro riff"] * 2 + ["lovely piano sonata"] * 2
+    tokens = sample(N, model, cond)
+    assert tokens["codes"].shape == (4, 4, 48) and tokens["codes"].device.type == "cpu"
+    audio, = N["MagnetDecodeAudio"]().decode(codec, tokens)
+    assert type(audio) is dict and set(audio) == {"waveform", "sample_rate"}
+    wav = audio["waveform"]
+    assert wav.dtype == torch.float32 and wav.device.type == "cpu" and wav.shape == (4, 1, 48 * 640)
+    assert audio["sample_rate"] == 32000
+    loud, = N["MagnetLoudness"]().normalize(audio, -14.0)
+    assert loud["waveform"].shape == wav.shape and loud["waveform"].abs().max() <= 1.0
+
+
+def test_same_seed_same_tokens_through_the_node(N, music):
+    model, _, te = music
+    cond, = N["MagnetTextEncode"]().encode(te, "x", 1)
+    assert torch.equal(sample(N, model, cond, seed=5)["codes"], sample(N, model, cond, seed=5)["codes"])
+    assert not torch.equal(sample(N, model, cond, seed=5)["codes"], sample(N, model, cond, seed=6)["codes"])
+
+
+class LazyAudio(Mapping):
+    """What VideoHelperSuite hands over: a Mapping that decodes on first access, not a dict."""
+
+    def __init__(self, wav, sr):
+        self._d = {"waveform": wav, "sample_rate": sr}
+
+    def __getitem__(self, k):
+        return self._d[k]
+
+    def __iter__(self):
+        return iter(self._d)
+
+    def __len__(self):
+        return 2
+
+
+@pytest.mark.parametrize("channels,sr", [(1, 32000), (2, 44100), (2, 16000)])
+def test_encode_takes_any_rate_and_channels_from_a_mapping(N, music, channels, sr):
+    _, codec, _ = music
+    wav = torch.randn(1, channels, sr) * 0.1
+    tokens, = N["MagnetEncodeAudio"]().encode(codec, LazyAudio(wav, sr), 0.0, 0.0)
+    assert tokens["codes"].shape == (1, 4, 50)
+    part, = N["MagnetEncodeAudio"]().encode(codec, LazyAudio(wav, sr), 0.2, 0.5)
+    assert part["codes"].shape == (1, 4, 25)
+
+
+def test_continuation_keeps_the_prompt_tokens(N, music):
+    model, codec, te = music
+    tokens, = N["MagnetEncodeAudio"]().encode(codec, {"waveform": torch.randn(1, 1, 16000) * 0.1,
+                                                      "sample_rate": 32000}, 0.0, 0.0)
+    cond, = N["MagnetTextEncode"]().encode(te, "a\nb", 1)
+    out = sample(N, model, cond, prompt_tokens=tokens)
+    assert torch.equal(out["codes"][..., :25], tokens["codes"].expand(2, -1, -1))
+
+
+def test_progress_every_step_and_cancel_leaves_the_model_usable(N, music, monkeypatch, pack):
+    model, _, te = music
+    cond, = N["MagnetTextEncode"]().encode(te, "x", 1)
+    calls = []
+
+    class Cancel(Exception):
+        pass
+
+    def check():
+        calls.append(1)
+        if len(calls) == 3:
+            raise Cancel()
+    monkeypatch.setattr(pack.nodes.comfy, "check_interrupt", check)
+    with pytest.raises(Cancel):
+        sample(N, model, cond)
+    assert len(calls) == 3                    # stopped at the step that saw the cancel
+    monkeypatch.setattr(pack.nodes.comfy, "check_interrupt", lambda: calls.append(1))
+    calls.clear()
+    sample(N, model, cond, decoding_steps="2,1,1,1")
+    assert len(calls) == 5                    # one call per decoding step
+
+
+def _error(pack):
+    return pack.magnet.errors.MagnetError
+
+
+def test_user_mistakes_name_the_node_input_and_the_fix(pack, N, music):
+    model, codec, te = music
+    E = _error(pack)
+    cond, = N["MagnetTextEncode"]().encode(te, "x", 1)
+    with pytest.raises(E, match="MAGNeT Sampler: decoding_steps .* one step count per codebook"):
+        sample(N, model, cond, decoding_steps="20,10")
+    with pytest.raises(E, match="MAGNeT Sampler: decoding_steps .*whole numbers"):
+        sample(N, model, cond, decoding_steps="twenty")
+    te_large, = N["MagnetTextEncoderLoader"]().load("t5-large", "auto")
+    cond_large, = N["MagnetTextEncode"]().encode(te_large, "x", 1)
+    with pytest.raises(E, match="MAGNeT Sampler: .*width 1024.*t5-base"):
+        sample(N, model, cond_large)
+    _, audio_codec = N["MagnetModelLoader"]().load("magnet-audio", "auto", "auto")
+    sfx_tokens, = N["MagnetEncodeAudio"]().encode(audio_codec, {"waveform": torch.zeros(1, 1, 8000),
+                                                                "sample_rate": 16000}, 0, 0)
+    with pytest.raises(E, match="MAGNeT Sampler: input `prompt_tokens` .*16000 Hz"):
+        sample(N, model, cond, prompt_tokens=sfx_tokens)
+    with pytest.raises(E, match="MAGNeT Decode Audio: input `tokens`"):
+        N["MagnetDecodeAudio"]().decode(codec, sfx_tokens)
+    with pytest.raises(E, match="MAGNeT Encode Audio: input `start`"):
+        N["MagnetEncodeAudio"]().encode(codec, {"waveform": torch.zeros(1, 1, 100), "sample_rate": 32000}, 5.0, 0)
+    with pytest.raises(E, match="MAGNeT Model Loader: `release` 'nope' was not found"):
+        N["MagnetModelLoader"]().load("nope", "auto", "auto")
+    with pytest.raises(E, match="MusicGen|musicgen"):
+        N["MagnetModelLoader"]().load("musicgen", "auto", "auto")
+
+
+def test_unreadable_lazy_audio_is_a_clear_error(pack, N, music):
+    _, codec, _ = music
+
+    class NoTrack(Mapping):
+        def __getitem__(self, k):
+            raise RuntimeError("VHS failed to extract audio from clip.mp4")
+
+        def __iter__(self):
+            raise RuntimeError("VHS failed to extract audio")
+
+        def __len__(self):
+            return 2
+    with pytest.raises(_error(pack), match="no audio track"):
+        N["MagnetEncodeAudio"]().encode(codec, NoTrack(), 0, 0)
+
+
+def test_video_duration_from_each_kind_of_input_and_exact_fit(N):
+    class Video:
+        def get_duration(self):
+            return 2.5
+    vd = N["MagnetVideoDuration"]()
+    assert vd.duration(video=Video()) == (2.5,)
+    assert vd.duration(images=torch.zeros(36, 8, 8, 3), fps=24.0) == (1.5,)
+    assert vd.duration(video_info={"loaded_duration": 3.25, "loaded_fps": 8, "loaded_frame_count": 26}) == (3.25,)
+    audio = {"waveform": torch.ones(1, 2, 1000), "sample_rate": 16000}
+    for seconds in (0.1, 1.2345, 3.0):
+        out, = N["MagnetFitAudioLength"]().fit(audio, seconds)
+        assert out["waveform"].shape == (1, 2, round(seconds * 16000))

@@ -1,0 +1,178 @@
+"""The example workflows: UI-format JSON that ComfyUI loads by drag and drop, checked against the node
+interfaces (ours from the classes, core/VideoHelperSuite ones from the table below), and text_to_music
+executed node by node without ComfyUI."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pack import ROOT, WIDGET_TYPES, load_pack, widget_inputs
+
+WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+REQUIRED = {"text_to_music", "text_to_sound_effect", "continue_an_audio_clip", "soundtrack_for_a_video"}
+
+# core ComfyUI and VideoHelperSuite nodes the workflows use: inputs in INPUT_TYPES order (name, type), outputs.
+# Widgets the frontend adds after the real ones (audio player, upload button) are listed as extra slots.
+EXTERNAL = {
+    "LoadAudio": dict(inputs=[("audio", "COMBO")], outputs=["AUDIO"], extra_widgets=2),
+    "SaveAudio": dict(inputs=[("audio", "AUDIO"), ("filename_prefix", "STRING")], outputs=[], extra_widgets=1),
+    "PreviewAudio": dict(inputs=[("audio", "AUDIO")], outputs=[], extra_widgets=1),
+    "LoadVideo": dict(inputs=[("file", "COMBO")], outputs=["VIDEO"], extra_widgets=1),
+    "GetVideoComponents": dict(inputs=[("video", "VIDEO")], outputs=["IMAGE", "AUDIO", "FLOAT"]),
+    "CreateVideo": dict(inputs=[("images", "IMAGE"), ("fps", "FLOAT"), ("audio", "AUDIO")], outputs=["VIDEO"]),
+    "SaveVideo": dict(inputs=[("video", "VIDEO"), ("filename_prefix", "STRING"), ("format", "COMBO"),
+                              ("codec", "COMBO")], outputs=[]),
+    "VHS_LoadVideo": dict(inputs=[("video", "COMBO"), ("force_rate", "FLOAT"), ("custom_width", "INT"),
+                                  ("custom_height", "INT"), ("frame_load_cap", "INT"), ("skip_first_frames", "INT"),
+                                  ("select_every_nth", "INT"), ("meta_batch", "VHS_BatchManager"), ("vae", "VAE"),
+                                  ("format", "COMBO")],
+                          outputs=["IMAGE", "INT", "AUDIO", "VHS_VIDEOINFO"]),
+    "VHS_VideoInfo": dict(inputs=[("video_info", "VHS_VIDEOINFO")],
+                          outputs=["FLOAT", "INT", "FLOAT", "INT", "INT", "FLOAT", "INT", "FLOAT", "INT", "INT"]),
+    "VHS_VideoCombine": dict(inputs=[("images", "IMAGE"), ("frame_rate", "FLOAT"), ("loop_count", "INT"),
+                                     ("filename_prefix", "STRING"), ("format", "COMBO"), ("pingpong", "BOOLEAN"),
+                                     ("save_output", "BOOLEAN"), ("audio", "AUDIO"), ("meta_batch", "VHS_BatchManager"),
+                                     ("vae", "VAE")], outputs=["VHS_FILENAMES"]),
+}
+WIDGETS = WIDGET_TYPES | {"COMBO"}
+
+
+@pytest.fixture(scope="module")
+def ours():
+    return load_pack().NODE_CLASS_MAPPINGS
+
+
+def interface(ours, node_type):
+    """(inputs [(name, type)], outputs [type]) of a node type."""
+    if node_type in ours:
+        cls = ours[node_type]
+        spec = cls.INPUT_TYPES()
+        ins = [(n, "COMBO" if isinstance(e[0], list) else e[0])
+               for s in ("required", "optional") for n, e in spec.get(s, {}).items()]
+        return ins, list(cls.RETURN_TYPES)
+    e = EXTERNAL[node_type]
+    return e["inputs"], e["outputs"]
+
+
+def load(path):
+    return json.loads(Path(path).read_text())
+
+
+def test_the_promised_workflows_exist():
+    assert REQUIRED <= {p.stem for p in WORKFLOWS}
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_is_valid_ui_format_with_known_nodes_and_matching_links(ours, path):
+    wf = load(path)
+    assert wf["version"] == 0.4 and isinstance(wf["nodes"], list) and isinstance(wf["links"], list)
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    assert len(nodes) == len(wf["nodes"]) and wf["last_node_id"] >= max(nodes)
+    assert not wf["links"] or wf["last_link_id"] >= max(link[0] for link in wf["links"])
+    for n in wf["nodes"]:
+        assert n["type"] in ours or n["type"] in EXTERNAL, f"unknown node type {n['type']}"
+        for key in ("pos", "size", "flags", "order", "mode", "properties"):
+            assert key in n, (n["type"], key)
+        ins, outs = interface(ours, n["type"])
+        names = dict(ins)
+        for i in n.get("inputs", []):
+            assert i["name"] in names, (n["type"], i["name"])
+        assert [o["type"] for o in n.get("outputs", [])] == outs, n["type"]
+    for link_id, a, a_slot, b, b_slot, typ in wf["links"]:
+        src, dst = nodes[a], nodes[b]
+        out = src["outputs"][a_slot]
+        inp = dst["inputs"][b_slot]
+        assert out["type"] == typ and link_id in out["links"], (src["type"], out)
+        assert inp["link"] == link_id
+        want = dict(interface(ours, dst["type"])[0])[inp["name"]]
+        assert want == typ, f"{src['type']}.{out['name']} ({typ}) -> {dst['type']}.{inp['name']} ({want})"
+    # every socket-only input of our nodes that is required is connected
+    for n in wf["nodes"]:
+        if n["type"] in ours:
+            required = ours[n["type"]].INPUT_TYPES()["required"]
+            linked = {i["name"] for i in n["inputs"] if i.get("link") is not None}
+            for name, entry in required.items():
+                if not isinstance(entry[0], list) and entry[0] not in WIDGETS:
+                    assert name in linked, f"{n['type']}.{name} is not connected"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_widget_values_fit_the_inputs(ours, path):
+    for n in load(path)["nodes"]:
+        values = n.get("widgets_values")
+        if n["type"] not in ours:
+            if isinstance(values, list):
+                e = EXTERNAL[n["type"]]
+                widgets = [x for x in e["inputs"] if x[1] in WIDGETS]
+                # the frontend may or may not save values for the widgets it adds (player, upload button)
+                assert len(widgets) <= len(values) <= len(widgets) + e.get("extra_widgets", 0), n["type"]
+            continue
+        cls = ours[n["type"]]
+        values = list(values)
+        for name, typ, opts in widget_inputs(cls):
+            assert values, f"{n['type']}: no value for {name}"
+            v = values.pop(0)
+            if isinstance(typ, list):
+                assert isinstance(v, str) and (v in typ or name in ("release", "text_encoder")), (n["type"], name, v)
+            elif typ == "INT":
+                assert isinstance(v, int) and opts.get("min", v) <= v <= opts.get("max", v), (n["type"], name, v)
+            elif typ == "FLOAT":
+                assert isinstance(v, (int, float)) and opts.get("min", v) <= v <= opts.get("max", v), (n["type"], name, v)
+            elif typ == "STRING":
+                assert isinstance(v, str)
+            elif typ == "BOOLEAN":
+                assert isinstance(v, bool)
+            if opts.get("control_after_generate"):
+                assert values.pop(0) in ("fixed", "increment", "decrement", "randomize")
+        assert not values, f"{n['type']}: extra widget values {values}"
+
+
+def run_graph(wf, ours, overrides):
+    """Execute a workflow's nodes in dependency order with plain Python; core output nodes just receive
+    their inputs. Returns {node id: outputs}."""
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    links = {link[0]: link for link in wf["links"]}
+    results, sinks = {}, {}
+
+    def run(nid):
+        if nid in results:
+            return results[nid]
+        n = nodes[nid]
+        kwargs = {}
+        if n["type"] in ours:
+            values = list(n["widgets_values"])
+            for name, typ, opts in widget_inputs(ours[n["type"]]):
+                kwargs[name] = values.pop(0)
+                if opts.get("control_after_generate"):
+                    values.pop(0)
+        for i in n.get("inputs", []):
+            if i.get("link") is not None:
+                _, a, a_slot, _, _, _ = links[i["link"]]
+                kwargs[i["name"]] = run(a)[a_slot]
+        kwargs.update(overrides.get(n["type"], {}))
+        if n["type"] in ours:
+            cls = ours[n["type"]]
+            results[nid] = getattr(cls(), cls.FUNCTION)(**kwargs)
+        else:
+            sinks[nid] = (n["type"], kwargs)
+            results[nid] = ()
+        return results[nid]
+    for nid in nodes:
+        run(nid)
+    return sinks
+
+
+def test_text_to_music_runs_node_by_node_and_gives_valid_audio(ref, ours, monkeypatch):
+    monkeypatch.setenv("MAGNET_MODELS_DIR", str(ref))
+    monkeypatch.setenv("MAGNET_TEXT_ENCODERS_DIR", str(ref))
+    wf = load(ROOT / "workflows" / "text_to_music.json")
+    sinks = run_graph(wf, ours, {"MagnetModelLoader": {"release": "magnet-music"},
+                                 "MagnetTextEncoderLoader": {"text_encoder": "t5-base"}})
+    (typ, kwargs), = sinks.values()
+    assert typ == "SaveAudio"
+    audio = kwargs["audio"]
+    assert type(audio) is dict and set(audio) == {"waveform", "sample_rate"}
+    wav = audio["waveform"]
+    assert wav.dtype == torch.float32 and wav.dim() == 3 and wav.shape[:2] == (1, 1) and wav.shape[-1] > 0
+    assert audio["sample_rate"] == 32000 and torch.isfinite(wav).all() and wav.abs().max() <= 1.0
