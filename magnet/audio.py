@@ -1,10 +1,11 @@
-"""Audio utilities: validation, resampling, channel conversion, loudness, file I/O.
+"""Audio utilities: validation, resampling, channel conversion, length fitting, loudness, file I/O.
 
 Waveforms are float tensors `[C, S]` (one clip) or `[B, C, S]` (a batch), values nominally in
 [-1, 1]. No torchaudio: resampling is julius' `resample_frac`, files go through soundfile.
 """
 from __future__ import annotations
 
+import math
 import os
 import uuid
 import warnings
@@ -70,6 +71,35 @@ def convert_audio(wav: torch.Tensor, from_sr: int, to_sr: int, to_channels: int)
     """Convert [C, S] or [B, C, S] audio to `to_channels` channels at `to_sr` (channels first, then rate)."""
     check_waveform(wav, "audio")
     return resample(convert_audio_channels(wav, to_channels), from_sr, to_sr)
+
+
+def seconds_to_samples(seconds, sample_rate: int) -> int:
+    """`round(seconds * sample_rate)`: how many samples a duration of `seconds` is at `sample_rate`
+    (e.g. a video's duration -> the exact audio length that fits it)."""
+    sample_rate = _rate(sample_rate, "sample_rate")
+    try:
+        ok = not isinstance(seconds, bool) and math.isfinite(float(seconds)) and float(seconds) >= 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise MagnetError(f"duration {seconds!r} must be a finite number of seconds >= 0.")
+    return int(round(float(seconds) * sample_rate))
+
+
+def fit_length(wav: torch.Tensor, samples: int) -> torch.Tensor:
+    """Make [C, S] or [B, C, S] audio exactly `samples` long: trim the end, or pad it with silence.
+
+    Returns a new tensor (never a view of `wav`). With `seconds_to_samples` this fits generated audio
+    to a video: `fit_length(wav, seconds_to_samples(video_seconds, sample_rate))`.
+    """
+    check_waveform(wav, "audio to fit")
+    if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
+        raise MagnetError(f"fit_length needs a whole number of samples >= 1, got {samples!r} "
+                          f"(use seconds_to_samples(seconds, sample_rate) for a duration).")
+    have = wav.shape[-1]
+    if have >= samples:
+        return wav[..., :samples].clone()
+    return torch.nn.functional.pad(wav, (0, int(samples) - have))
 
 
 def normalize_loudness(wav: torch.Tensor, sample_rate: int, target_lufs: float = -14.0,
