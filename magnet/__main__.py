@@ -1,4 +1,4 @@
-"""Command line: `python -m magnet generate|convert ...` (see `python -m magnet -h`)."""
+"""Command line: `python -m magnet generate|convert|evaluate ...` (see `python -m magnet -h`)."""
 from __future__ import annotations
 
 import argparse
@@ -36,6 +36,24 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("output", help="output .safetensors path")
     c.add_argument("--codec", help="transformers EnCodec folder, for releases whose codec file is a pointer")
     c.add_argument("--fp16", action="store_true", help="store LM weights in float16 (half the size)")
+
+    e = sub.add_parser("evaluate", help="CLAP score of audio files against their prompts (text consistency)",
+                       description="Print each file's CLAP score (cosine similarity of CLAP audio and text "
+                                   "embeddings) and the mean, the text-consistency number of the MAGNeT paper.")
+    e.add_argument("audio", nargs="+", metavar="AUDIO_FILE", help="audio files (WAV, FLAC, OGG, MP3, ...)")
+    e.add_argument("--clap", required=True, metavar="DIR",
+                   help="transformers CLAP folder, e.g. laion/larger_clap_music (music) or "
+                        "laion/larger_clap_general (general sound)")
+    p = e.add_mutually_exclusive_group(required=True)
+    p.add_argument("--prompts", metavar="FILE", help="text file, one prompt per line, paired with the files in "
+                                                     "order (blank lines skipped; one line = same prompt for all)")
+    p.add_argument("--prompt", metavar="TEXT", help="one prompt for all files (best of N)")
+    e.add_argument("--loudness", default="-14", metavar="LUFS",
+                   help="normalise each clip to this loudness before scoring, as audiocraft's evaluation does "
+                        "(default -14); 'off' scores the files as they are")
+    e.add_argument("--sort", action="store_true", help="list the files best first")
+    e.add_argument("--batch-size", type=int, default=16, help="CLAP windows per forward pass (default 16)")
+    e.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     return ap
 
 
@@ -83,10 +101,62 @@ def _convert(a) -> int:
     return 0
 
 
+def _read_prompts(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise MagnetError(f"prompts file not found: {p}. Give a text file with one prompt per line.")
+    try:
+        lines = p.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MagnetError(f"cannot read prompts file {p} ({e}). Save it as UTF-8 text, one prompt per line.") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise MagnetError(f"prompts file {p} has no prompts. Write one prompt per line.")
+    return prompts
+
+
+def _evaluate(a) -> int:
+    from . import audio
+    from .clap import ClapScorer
+
+    if a.loudness.strip().lower() in ("off", "none", "no"):
+        loudness = None
+    else:
+        try:
+            loudness = float(a.loudness)
+        except ValueError:
+            raise MagnetError(f"--loudness {a.loudness!r} must be a LUFS value such as -14, or 'off'.") from None
+    prompts = [a.prompt] if a.prompt is not None else _read_prompts(a.prompts)
+    if len(prompts) == 1:
+        prompts = prompts * len(a.audio)
+    if len(prompts) != len(a.audio):
+        raise MagnetError(f"{len(a.audio)} audio files but {len(prompts)} prompts in {a.prompts}: give one "
+                          f"prompt per file (in the same order), or a single prompt for all files.")
+    clips = [audio.read_audio(f) for f in a.audio]  # every file is checked before the model loads
+    print(f"loading {a.clap} ...", file=sys.stderr)
+    scorer = ClapScorer.from_pretrained(a.clap, device=a.device)
+    scores = scorer.score([w for w, _ in clips], [sr for _, sr in clips], prompts, loudness=loudness,
+                          batch_size=a.batch_size).tolist()
+    rows = list(range(len(a.audio)))
+    if a.sort:
+        rows.sort(key=lambda i: -scores[i])
+    width = max(len("file"), *(len(f) for f in a.audio))
+    shown = [p if len(p) <= 60 else p[:59] + "\u2026" for p in prompts]
+    pwidth = max(len("prompt"), *(len(p) for p in shown))
+    print(f"{'file':<{width}}  {'prompt':<{pwidth}}  CLAP")
+    for i in rows:
+        print(f"{a.audio[i]:<{width}}  {shown[i]:<{pwidth}}  {scores[i]:.4f}")
+    mean = sum(scores) / len(scores)
+    norm = "as is" if loudness is None else f"at {loudness:g} LUFS"
+    print(f"mean CLAP score: {mean:.4f} over {len(scores)} file{'s' * (len(scores) != 1)} "
+          f"({scorer.name}, audio {norm})")
+    return 0
+
+
 def main(argv=None) -> int:
     a = _parser().parse_args(argv)
     try:
-        return {"generate": _generate, "convert": _convert}[a.cmd](a)
+        return {"generate": _generate, "convert": _convert, "evaluate": _evaluate}[a.cmd](a)
     except MagnetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
