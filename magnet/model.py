@@ -4,17 +4,22 @@
                                         text_encoder="models/text_encoders/t5-base")
     codes = model.generate(["80s thrash metal intro riff"], seed=0)   # [B, 4, T]
     wav = model.decode(codes)                                          # [B, C, samples]
+
+    codes = model.generate(["ambient drone"], duration=95, seed=0)    # beyond the window: slides it
+    codes = model.regenerate(codes, 4.0, 6.0, ["ambient drone"])      # redo seconds 4 to 6 only
+    wav = model.decode(codes, duration=95)                            # exactly round(95 * sample_rate)
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 
-from . import sampling
-from .audio import check_waveform, convert_audio
+from . import longform, sampling
+from .audio import check_waveform, convert_audio, fit_length, seconds_to_samples
 from .checkpoints import Release, build_lm, load_release
 from .codec import Codec
 from .errors import MagnetError
@@ -151,7 +156,11 @@ class MagnetModel:
 
     # -- generation ---------------------------------------------------------------------------------
     def frames_for(self, duration: float | None) -> int:
-        """Frames for `duration` seconds (the release's window when None), checked against the window."""
+        """Frames for `duration` seconds: int(duration * frame_rate), the release's window when None.
+
+        Up to `max_frames` it is one window (the `nonoverlap` arrangement then trims the result to a
+        multiple of the span length); beyond, `generate` slides the window and returns exactly this many.
+        """
         if duration is None:
             return self.max_frames
         try:
@@ -160,16 +169,41 @@ class MagnetModel:
             raise MagnetError(f"duration {duration!r} must be a number of seconds.") from None
         if not duration > 0:
             raise MagnetError(f"duration {duration} must be more than 0 seconds.")
+        if not math.isfinite(duration):
+            raise MagnetError(f"duration {duration} must be a finite number of seconds.")
         frames = int(duration * self.frame_rate)
-        if frames > self.max_frames:
-            raise MagnetError(f"duration {duration:g} s is beyond this release's {self.segment_duration:g} s "
-                              f"window: ask for at most {self.segment_duration:g} s.")
         if frames < max(2, self.cfg.span_len):
             raise MagnetError(f"duration {duration:g} s is too short: ask for at least "
                               f"{max(2, self.cfg.span_len) / self.frame_rate:g} s.")
         return frames
 
-    def generate(self, prompts: Sequence[str] | str, *, duration: float | None = None, seed: int | None = None,
+    def overlap_frames(self, overlap: float | None, span_arrangement: str = "nonoverlap") -> int:
+        """Frames of context each window of a long generation continues from: `overlap` seconds
+        (rounded to frames), or half the window when None. It must leave each window at least one span
+        (3 frames) of new audio."""
+        window = longform.usable_window(self.max_frames, self.cfg.span_len, span_arrangement)
+        if overlap is None:
+            return longform.default_overlap(window)
+        try:
+            seconds = float(overlap)
+        except (TypeError, ValueError):
+            raise MagnetError(f"overlap {overlap!r} must be a number of seconds.") from None
+        most = (window - max(self.cfg.span_len, 1)) / self.frame_rate
+        if not (math.isfinite(seconds) and seconds >= 0):
+            raise MagnetError(f"overlap {overlap!r} must be a number of seconds >= 0 (default: half the "
+                              f"{self.segment_duration:g} s window).")
+        frames = int(round(seconds * self.frame_rate))
+        if frames > window - max(self.cfg.span_len, 1):
+            raise MagnetError(f"overlap {seconds:g} s leaves no new audio in this release's "
+                              f"{self.segment_duration:g} s window: use at most {most:g} s (default: half "
+                              f"the window, {self.segment_duration / 2:g} s).")
+        return frames
+
+    def _params(self, **kw) -> SamplingParams:
+        return SamplingParams(**kw).check(self.cfg.n_q)
+
+    def generate(self, prompts: Sequence[str] | str, *, duration: float | None = None,
+                 overlap: float | None = None, seed: int | None = None,
                  use_sampling: bool = True, temperature: float = 3.0, top_k: int = 0, top_p: float = 0.9,
                  max_cfg_coef: float = 10.0, min_cfg_coef: float = 1.0,
                  decoding_steps: Sequence[int] = sampling.DEFAULT_STEPS, span_arrangement: str = "nonoverlap",
@@ -178,31 +212,128 @@ class MagnetModel:
                  rescorer: sampling.Rescorer | None = None) -> torch.Tensor:
         """Generate codes [B, K, T] for B prompts (an empty prompt generates unconditionally).
 
-        duration: seconds (default: the release's window). prompt: codes [B or 1, K, P] kept unchanged
-        at the start (continuation; see `encode`). progress(done, total) is called after every step.
-        With span_arrangement='nonoverlap', T is trimmed to a multiple of the span length (3 frames),
-        exactly as the reference does. rescorer: an external model whose probabilities are mixed into the
-        span ranking (see `sampling.Rescorer`).
+        duration: seconds (default: the release's window). Within the window, one decoding; with
+        span_arrangement='nonoverlap', T is then trimmed to a multiple of the span length (3 frames),
+        exactly as the reference does. Beyond the window, the window slides: each next window continues
+        from the last `overlap` seconds (default: half the window) of what exists, as prompt tokens, and
+        T is exactly int(duration * frame_rate). See `magnet.longform`.
+        prompt: codes [B or 1, K, P] kept unchanged at the start (continuation; see `encode`).
+        progress(done, total) is called after every step, with one total over all windows; raising
+        from it cancels. rescorer: an external model whose probabilities are mixed into the span ranking
+        (see `sampling.Rescorer`).
         """
-        params = SamplingParams(use_sampling=use_sampling, temperature=temperature, top_k=top_k, top_p=top_p,
-                                max_cfg_coef=max_cfg_coef, min_cfg_coef=min_cfg_coef,
-                                decoding_steps=decoding_steps, span_arrangement=span_arrangement,
-                                span_scoring=span_scoring).check(self.cfg.n_q)
+        params = self._params(use_sampling=use_sampling, temperature=temperature, top_k=top_k, top_p=top_p,
+                              max_cfg_coef=max_cfg_coef, min_cfg_coef=min_cfg_coef,
+                              decoding_steps=decoding_steps, span_arrangement=span_arrangement,
+                              span_scoring=span_scoring)
         frames = self.frames_for(duration)
+        self.overlap_frames(overlap, params.span_arrangement)       # a bad overlap fails before any work
         cond = self.encode_text(prompts)
         return self.generate_from_condition(cond, frames=frames, params=params, seed=seed, prompt=prompt,
-                                            progress=progress, rescorer=rescorer)
+                                            progress=progress, rescorer=rescorer, overlap=overlap)
 
     def generate_from_condition(self, cond: TextCondition, *, frames: int, params: SamplingParams,
                                 seed: int | None = None, prompt: torch.Tensor | None = None,
                                 progress: sampling.Progress | None = None,
-                                rescorer: sampling.Rescorer | None = None) -> torch.Tensor:
-        """The sampling core on an already encoded text (what the ComfyUI sampler node calls)."""
+                                rescorer: sampling.Rescorer | None = None,
+                                overlap: float | None = None) -> torch.Tensor:
+        """The sampling core on an already encoded text (what the ComfyUI sampler node calls).
+
+        frames beyond the window (`max_frames`) slide it with `overlap` seconds of context (see `generate`);
+        one seeded generator serves every window.
+        """
+        params = params.check(self.cfg.n_q)
         generator, self.last_seed = sampling.make_generator(seed, self.device)
         prompt = self._check_prompt_codes(prompt, cond.batch)
         with self._autocast():
-            return sampling.generate(self.lm, cond, frames, params, prompt=prompt, generator=generator,
-                                     progress=progress, rescorer=rescorer)
+            if frames <= self.max_frames:
+                return sampling.generate(self.lm, cond, frames, params, prompt=prompt, generator=generator,
+                                         progress=progress, rescorer=rescorer)
+            return longform.generate_long(self.lm, cond, frames, params, window=self.max_frames,
+                                          overlap=self.overlap_frames(overlap, params.span_arrangement),
+                                          prompt=prompt, generator=generator, progress=progress,
+                                          rescorer=rescorer)
+
+    def regenerate(self, codes: torch.Tensor, start: float, end: float, prompts: Sequence[str] | str, *,
+                   seed: int | None = None, use_sampling: bool = True, temperature: float = 3.0,
+                   top_k: int = 0, top_p: float = 0.9, max_cfg_coef: float = 10.0, min_cfg_coef: float = 1.0,
+                   decoding_steps: Sequence[int] = sampling.DEFAULT_STEPS, span_arrangement: str = "nonoverlap",
+                   span_scoring: str = "max", progress: sampling.Progress | None = None,
+                   rescorer: sampling.Rescorer | None = None) -> torch.Tensor:
+        """Regenerate seconds [start, end) of `codes` [B, K, T] (from `generate` or `encode`) and return
+        new codes [B, K, T]: that range is masked in every codebook and decoded again conditioned on the
+        audio on both sides (the model is bidirectional); every code outside it is returned bit-identical.
+
+        start, end: seconds from the beginning of the clip, widened outwards to whole frames
+        (1 / frame_rate = 20 ms). The region must lie inside the clip and be shorter than the window by at
+        least one span (3 frames) of context; when the clip is longer than the window, the window is
+        centred on the region and uses the context around it that fits. prompts: the text, one per row of
+        `codes` (or one for all). Sampling arguments, `seed` and `progress` are as in `generate`.
+        """
+        codes = self._check_codes(codes)
+        B, T = codes.shape[0], codes.shape[-1]
+        params = self._params(use_sampling=use_sampling, temperature=temperature, top_k=top_k, top_p=top_p,
+                              max_cfg_coef=max_cfg_coef, min_cfg_coef=min_cfg_coef,
+                              decoding_steps=decoding_steps, span_arrangement=span_arrangement,
+                              span_scoring=span_scoring)
+        a, b = self._region_frames(start, end, T, params.span_arrangement)
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if len(prompts) == 1 and B > 1:
+            prompts = prompts * B
+        if len(prompts) != B:
+            raise MagnetError(f"{len(prompts)} text prompts for {B} rows of codes: give one prompt per row "
+                              f"(or one for all).")
+        cond = self.encode_text(prompts)
+        generator, self.last_seed = sampling.make_generator(seed, self.device)
+        with self._autocast():
+            return longform.regenerate_region(self.lm, cond, codes, a, b, params, window=self.max_frames,
+                                              generator=generator, progress=progress, rescorer=rescorer)
+
+    def _region_frames(self, start, end, total: int, span_arrangement: str) -> tuple[int, int]:
+        """Seconds [start, end) -> frames, widened outwards to whole frames, checked against the clip."""
+        fr = self.frame_rate
+        vals = []
+        for name, v in (("start", start), ("end", end)):
+            try:
+                v = float(v)
+            except (TypeError, ValueError):
+                raise MagnetError(f"region {name} {v!r} must be a number of seconds.") from None
+            if not math.isfinite(v):
+                raise MagnetError(f"region {name} {v} must be a finite number of seconds.")
+            vals.append(v)
+        start, end = vals
+        clip = total / fr
+        if not start < end:
+            raise MagnetError(f"region start {start:g} s must be before its end {end:g} s.")
+        if start < 0 or end > clip + 1e-9:
+            raise MagnetError(f"region {start:g}-{end:g} s is outside the clip (0-{clip:g} s): give a start "
+                              f">= 0 and an end <= {clip:g} s.")
+        a = int(math.floor(start * fr + 1e-6))
+        b = min(int(math.ceil(end * fr - 1e-6)), total)
+        window = longform.usable_window(min(self.max_frames, total), self.cfg.span_len, span_arrangement)
+        room = window - max(self.cfg.span_len, 1)
+        if b - a > room:
+            raise MagnetError(f"region {start:g}-{end:g} s ({(b - a) / fr:g} s) is longer than the window minus "
+                              f"context: with this {'clip' if total < self.max_frames else 'release'} at most "
+                              f"{max(room, 0) / fr:g} s can be regenerated at once; regenerate it in parts.")
+        return a, b
+
+    def _check_codes(self, codes) -> torch.Tensor:
+        if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.dim() not in (2, 3):
+            raise MagnetError("codes must be integer codes [batch, codebooks, frames] (from model.generate "
+                              "or model.encode).")
+        if codes.dim() == 2:
+            codes = codes[None]
+        if codes.shape[1] != self.cfg.n_q or codes.shape[-1] == 0:
+            raise MagnetError(f"codes have shape {tuple(codes.shape)}; expected [batch, {self.cfg.n_q}, "
+                              f"frames] from model.generate or model.encode.")
+        if int(codes.min()) < 0 or int(codes.max()) >= self.cfg.card:
+            raise MagnetError(f"codes must lie in [0, {self.cfg.card}) (min {int(codes.min())}, max "
+                              f"{int(codes.max())}): mask tokens or codes of another codec? Use fully "
+                              f"generated codes of this model.")
+        return codes.long()
 
     def _check_prompt_codes(self, prompt, batch):
         if prompt is None:
@@ -227,9 +358,15 @@ class MagnetModel:
         return torch.autocast(self.device.type, enabled=False)
 
     # -- audio --------------------------------------------------------------------------------------
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes [B, K, T] -> float32 waveform [B, C, samples] on the CPU."""
-        return self.codec.decode(codes).float().cpu()
+    def decode(self, codes: torch.Tensor, *, duration: float | None = None) -> torch.Tensor:
+        """Codes [B, K, T] -> float32 waveform [B, C, samples] on the CPU (T * hop length samples).
+
+        duration: seconds; the waveform is then made exactly round(duration * sample_rate) samples long
+        (trimmed, or padded with silence at the end), e.g. to fit a video.
+        """
+        samples = None if duration is None else seconds_to_samples(duration, self.sample_rate)
+        wav = self.codec.decode(codes).float().cpu()
+        return wav if samples is None else fit_length(wav, samples)
 
     def encode(self, wav: torch.Tensor, sample_rate: int) -> torch.Tensor:
         """Waveform [B, C, S] or [C, S] at any rate and channel count -> codes [B, K, T]

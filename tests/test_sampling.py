@@ -187,7 +187,7 @@ def test_nonoverlap_masks_whole_spans_and_keeps_the_prompt(music_model):
     ({"top_k": -1}, "top_k"),
     ({"temperature": -1.0}, "temperature"),
     ({"duration": 0}, "more than 0"),
-    ({"duration": 1000.0}, "window"),
+    ({"duration": 1000.0, "overlap": 5.0}, "window"),
 ])
 def test_bad_generation_parameters_are_clear_errors(music_model, kw, needle):
     with pytest.raises(MagnetError, match=needle):
