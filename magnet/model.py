@@ -276,7 +276,7 @@ class MagnetModel:
                               max_cfg_coef=max_cfg_coef, min_cfg_coef=min_cfg_coef,
                               decoding_steps=decoding_steps, span_arrangement=span_arrangement,
                               span_scoring=span_scoring)
-        a, b = self._region_frames(start, end, T, params.span_arrangement)
+        self._region_frames(start, end, T, params.span_arrangement)     # bad ranges fail before T5 runs
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = list(prompts)
@@ -285,7 +285,23 @@ class MagnetModel:
         if len(prompts) != B:
             raise MagnetError(f"{len(prompts)} text prompts for {B} rows of codes: give one prompt per row "
                               f"(or one for all).")
-        cond = self.encode_text(prompts)
+        return self.regenerate_from_condition(self.encode_text(prompts), codes, start, end, params=params, seed=seed,
+                                              progress=progress, rescorer=rescorer)
+
+    def regenerate_from_condition(self, cond: TextCondition, codes: torch.Tensor, start: float, end: float, *,
+                                  params: SamplingParams, seed: int | None = None,
+                                  progress: sampling.Progress | None = None,
+                                  rescorer: sampling.Rescorer | None = None) -> torch.Tensor:
+        """`regenerate` on an already encoded text (one prompt for all rows, or one per row)."""
+        codes = self._check_codes(codes)
+        B, T = codes.shape[0], codes.shape[-1]
+        params = params.check(self.cfg.n_q)
+        if cond.batch == 1 and B > 1:
+            cond = cond.select([0] * B)
+        if cond.batch != B:
+            raise MagnetError(f"{cond.batch} text prompts for {B} rows of codes: give one prompt per row "
+                              f"(or one for all).")
+        a, b = self._region_frames(start, end, T, params.span_arrangement)
         generator, self.last_seed = sampling.make_generator(seed, self.device)
         with self._autocast():
             return longform.regenerate_region(self.lm, cond, codes, a, b, params, window=self.max_frames,

@@ -1,7 +1,7 @@
 """The ComfyUI layer: thin node classes over the `magnet` engine (category audio/MAGNeT)."""
 from . import comfy
 from .audio import MagnetDecodeAudio, MagnetEncodeAudio, MagnetLoudness
-from .generate import MagnetSampler, MagnetTextEncode
+from .generate import MagnetRegenerateRegion, MagnetSampler, MagnetTextEncode
 from .loaders import MagnetModelLoader, MagnetTextEncoderLoader
 from .video import MagnetFitAudioLength, MagnetVideoDuration
 
@@ -12,6 +12,7 @@ NODES = {
     "MagnetTextEncoderLoader": (MagnetTextEncoderLoader, "MAGNeT Text Encoder Loader"),
     "MagnetTextEncode": (MagnetTextEncode, "MAGNeT Text Encode"),
     "MagnetSampler": (MagnetSampler, "MAGNeT Sampler"),
+    "MagnetRegenerateRegion": (MagnetRegenerateRegion, "MAGNeT Regenerate Region"),
     "MagnetEncodeAudio": (MagnetEncodeAudio, "MAGNeT Encode Audio (EnCodec)"),
     "MagnetDecodeAudio": (MagnetDecodeAudio, "MAGNeT Decode Audio (EnCodec)"),
     "MagnetLoudness": (MagnetLoudness, "MAGNeT Loudness Normalize"),

@@ -50,7 +50,11 @@ class MagnetSampler:
                 "conditioning": (CONDITIONING,),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
                 "duration": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 3600.0, "step": 0.1,
-                                       "tooltip": "seconds of audio; 0 = the model's window (10 or 30 s)"}),
+                                       "tooltip": "seconds of audio; 0 = the model's window (10 or 30 s). Longer "
+                                                  "durations slide the window, each part continuing the last"}),
+                "overlap": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 60.0, "step": 0.1,
+                                      "tooltip": "beyond the window: seconds each new part continues from; "
+                                                 "0 = half the window"}),
                 "decoding_steps": ("STRING", {"default": "20,10,10,10",
                                               "tooltip": "decoding steps per codebook (the 30 s releases: 60,10,10,10)"}),
                 "temperature": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 20.0, "step": 0.05,
@@ -75,20 +79,68 @@ class MagnetSampler:
     FUNCTION = "sample"
     CATEGORY = CATEGORY
 
-    def sample(self, model, conditioning, seed, duration, decoding_steps, temperature, top_k, top_p, max_cfg_coef,
-               min_cfg_coef, span_arrangement, span_scoring, prompt_tokens=None, rescorer=None):
+    def sample(self, model, conditioning, seed, duration, overlap, decoding_steps, temperature, top_k, top_p,
+               max_cfg_coef, min_cfg_coef, span_arrangement, span_scoring, prompt_tokens=None, rescorer=None):
         node = "MAGNeT Sampler"
         with user_errors(node):
             m = model.ready()
-            params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_cfg_coef=max_cfg_coef,
-                                    min_cfg_coef=min_cfg_coef, decoding_steps=parse_steps(decoding_steps),
-                                    span_arrangement=span_arrangement, span_scoring=span_scoring).check(m.cfg.n_q)
+            params = sampling_params(m, decoding_steps, temperature, top_k, top_p, max_cfg_coef, min_cfg_coef,
+                                     span_arrangement, span_scoring)
             frames = m.frames_for(duration if duration > 0 else None)
             prompt = None if prompt_tokens is None else check_tokens(prompt_tokens, m.codec, node, "prompt_tokens")
-            resc = None
-            if rescorer is not None:
-                resc = rescorer.ready()
-            progress = comfy.Progress(sum(params.decoding_steps))
+            resc = rescorer.ready() if rescorer is not None else None
+            progress = comfy.Progress()
             codes = m.generate_from_condition(conditioning, frames=frames, params=params, seed=seed, prompt=prompt,
-                                              progress=progress, rescorer=resc)
+                                              progress=progress, rescorer=resc, overlap=overlap or None)
             return (tokens_payload(codes, m.codec),)
+
+
+def sampling_params(m, decoding_steps, temperature, top_k, top_p, max_cfg_coef, min_cfg_coef, span_arrangement,
+                    span_scoring) -> SamplingParams:
+    return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_cfg_coef=max_cfg_coef,
+                          min_cfg_coef=min_cfg_coef, decoding_steps=parse_steps(decoding_steps),
+                          span_arrangement=span_arrangement, span_scoring=span_scoring).check(m.cfg.n_q)
+
+
+SAMPLING_INPUTS = {k: v for k, v in MagnetSampler.INPUT_TYPES()["required"].items()
+                   if k in ("decoding_steps", "temperature", "top_k", "top_p", "max_cfg_coef", "min_cfg_coef",
+                            "span_arrangement", "span_scoring")}
+
+
+class MagnetRegenerateRegion:
+    """Redo seconds [start, end) of MAGNET_TOKENS, conditioned on the audio on both sides; everything
+    outside the range stays bit-identical."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (MODEL,),
+                "conditioning": (CONDITIONING, {"tooltip": "one prompt for all rows, or one per row"}),
+                "tokens": (TOKENS,),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
+                "start": ("FLOAT", {"default": 4.0, "min": 0.0, "max": 36000.0, "step": 0.05,
+                                    "tooltip": "seconds; widened outwards to whole 20 ms frames"}),
+                "end": ("FLOAT", {"default": 6.0, "min": 0.0, "max": 36000.0, "step": 0.05}),
+                **SAMPLING_INPUTS,
+            },
+            "optional": {"rescorer": (RESCORER,)},
+        }
+
+    RETURN_TYPES = (TOKENS,)
+    RETURN_NAMES = ("tokens",)
+    FUNCTION = "regenerate"
+    CATEGORY = CATEGORY
+
+    def regenerate(self, model, conditioning, tokens, seed, start, end, decoding_steps, temperature, top_k, top_p,
+                   max_cfg_coef, min_cfg_coef, span_arrangement, span_scoring, rescorer=None):
+        node = "MAGNeT Regenerate Region"
+        with user_errors(node):
+            m = model.ready()
+            params = sampling_params(m, decoding_steps, temperature, top_k, top_p, max_cfg_coef, min_cfg_coef,
+                                     span_arrangement, span_scoring)
+            codes = check_tokens(tokens, m.codec, node)
+            resc = rescorer.ready() if rescorer is not None else None
+            out = m.regenerate_from_condition(conditioning, codes, start, end, params=params, seed=seed,
+                                              progress=comfy.Progress(), rescorer=resc)
+            return (tokens_payload(out, m.codec),)

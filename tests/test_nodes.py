@@ -31,7 +31,7 @@ def music(N):
 
 
 def sample(N, model, cond, **kw):
-    args = dict(seed=1, duration=1.0, decoding_steps=STEPS, temperature=3.0, top_k=0, top_p=0.9, max_cfg_coef=10.0,
+    args = dict(seed=1, duration=1.0, overlap=0.0, decoding_steps=STEPS, temperature=3.0, top_k=0, top_p=0.9, max_cfg_coef=10.0,
                 min_cfg_coef=1.0, span_arrangement="nonoverlap", span_scoring="max")
     args.update(kw)
     return N["MagnetSampler"]().sample(model, cond, **args)[0]
@@ -229,3 +229,18 @@ def test_video_duration_from_each_kind_of_input_and_exact_fit(N):
     for seconds in (0.1, 1.2345, 3.0):
         out, = N["MagnetFitAudioLength"]().fit(audio, seconds)
         assert out["waveform"].shape == (1, 2, round(seconds * 16000))
+
+
+def test_sampler_goes_beyond_the_window_and_regenerate_keeps_the_rest(N, music):
+    model, codec, te = music
+    cond, = N["MagnetTextEncode"]().encode(te, "x", 1)
+    window = model.obj.segment_duration
+    long = sample(N, model, cond, duration=window * 2.5, overlap=0.5)
+    assert long["codes"].shape[-1] == int(window * 2.5 * 50)
+    regen = dict(seed=3, start=1.0, end=1.5, decoding_steps=STEPS, temperature=3.0, top_k=0, top_p=0.9,
+                 max_cfg_coef=10.0, min_cfg_coef=1.0, span_arrangement="nonoverlap", span_scoring="max")
+    out, = N["MagnetRegenerateRegion"]().regenerate(model, cond, long, **regen)
+    a, b = 50, 75
+    assert torch.equal(out["codes"][..., :a], long["codes"][..., :a])
+    assert torch.equal(out["codes"][..., b:], long["codes"][..., b:])
+    assert not torch.equal(out["codes"][..., a:b], long["codes"][..., a:b])
