@@ -1,6 +1,7 @@
 """The ComfyUI layer: thin node classes over the `magnet` engine (category audio/MAGNeT)."""
 from . import comfy
 from .audio import MagnetDecodeAudio, MagnetEncodeAudio, MagnetLoudness
+from .clap import MagnetClapLoader, MagnetClapRank
 from .generate import MagnetRegenerateRegion, MagnetSampler, MagnetTextEncode
 from .loaders import MagnetModelLoader, MagnetTextEncoderLoader
 from .video import MagnetFitAudioLength, MagnetVideoDuration
@@ -18,6 +19,8 @@ NODES = {
     "MagnetLoudness": (MagnetLoudness, "MAGNeT Loudness Normalize"),
     "MagnetVideoDuration": (MagnetVideoDuration, "MAGNeT Video Duration"),
     "MagnetFitAudioLength": (MagnetFitAudioLength, "MAGNeT Fit Audio Length"),
+    "MagnetClapLoader": (MagnetClapLoader, "MAGNeT CLAP Loader"),
+    "MagnetClapRank": (MagnetClapRank, "MAGNeT CLAP Rank (best of N)"),
 }
 
 NODE_CLASS_MAPPINGS = {k: cls for k, (cls, _) in NODES.items()}

@@ -244,3 +244,20 @@ def test_sampler_goes_beyond_the_window_and_regenerate_keeps_the_rest(N, music):
     assert torch.equal(out["codes"][..., :a], long["codes"][..., :a])
     assert torch.equal(out["codes"][..., b:], long["codes"][..., b:])
     assert not torch.equal(out["codes"][..., a:b], long["codes"][..., a:b])
+
+
+def test_clap_rank_keeps_the_best_clips_in_order_and_reports_scores(pack, N, tmp_path, monkeypatch):
+    from tiny_clap import SR, tiny_clap
+    tiny_clap(tmp_path / "larger_clap_music")
+    monkeypatch.setenv("MAGNET_CLAP_DIR", str(tmp_path))
+    assert N["MagnetClapLoader"].INPUT_TYPES()["required"]["clap"][0] == ["larger_clap_music"]
+    clap, = N["MagnetClapLoader"]().load("larger_clap_music", "auto")
+    g = torch.Generator().manual_seed(0)
+    wav = torch.randn(4, 1, SR // 2, generator=g) * torch.tensor([0.05, 0.2, 0.1, 0.3]).view(4, 1, 1)
+    out = N["MagnetClapRank"]().rank(clap, {"waveform": wav, "sample_rate": SR}, "a calm piano", 2)
+    best, report = out["result"]
+    ranking = clap.obj.rank(wav, SR, "a calm piano")
+    assert torch.equal(best["waveform"], wav[ranking.order[:2]])
+    assert report.count("CLAP") == 4 and report.count("(kept)") == 2 and out["ui"]["text"] == [report]
+    with pytest.raises(_error(pack), match="MAGNeT CLAP Rank: input `text` is empty"):
+        N["MagnetClapRank"]().rank(clap, {"waveform": wav, "sample_rate": SR}, "  ", 1)

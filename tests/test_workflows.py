@@ -15,6 +15,7 @@ REQUIRED = {"text_to_music", "text_to_sound_effect", "continue_an_audio_clip", "
 # core ComfyUI and VideoHelperSuite nodes the workflows use: inputs in INPUT_TYPES order (name, type), outputs.
 # Widgets the frontend adds after the real ones (audio player, upload button) are listed as extra slots.
 EXTERNAL = {
+    "PrimitiveStringMultiline": dict(inputs=[("value", "STRING")], outputs=["STRING"], run=lambda value: (value,)),
     "LoadAudio": dict(inputs=[("audio", "COMBO")], outputs=["AUDIO"], extra_widgets=2),
     "SaveAudio": dict(inputs=[("audio", "AUDIO"), ("filename_prefix", "STRING")], outputs=[], extra_widgets=1),
     "PreviewAudio": dict(inputs=[("audio", "AUDIO")], outputs=[], extra_widgets=1),
@@ -114,7 +115,7 @@ def test_widget_values_fit_the_inputs(ours, path):
             assert values, f"{n['type']}: no value for {name}"
             v = values.pop(0)
             if isinstance(typ, list):
-                assert isinstance(v, str) and (v in typ or name in ("release", "text_encoder")), (n["type"], name, v)
+                assert isinstance(v, str) and (v in typ or name in ("release", "text_encoder", "clap")), (n["type"], name, v)
             elif typ == "INT":
                 assert isinstance(v, int) and opts.get("min", v) <= v <= opts.get("max", v), (n["type"], name, v)
             elif typ == "FLOAT":
@@ -140,9 +141,11 @@ def run_graph(wf, ours, overrides):
             return results[nid]
         n = nodes[nid]
         kwargs = {}
-        if n["type"] in ours:
+        if n["type"] in ours or "run" in EXTERNAL.get(n["type"], {}):
             values = list(n["widgets_values"])
-            for name, typ, opts in widget_inputs(ours[n["type"]]):
+            specs = widget_inputs(ours[n["type"]]) if n["type"] in ours else \
+                [(name, t, {}) for name, t in EXTERNAL[n["type"]]["inputs"]]
+            for name, typ, opts in specs:
                 kwargs[name] = values.pop(0)
                 if opts.get("control_after_generate"):
                     values.pop(0)
@@ -153,7 +156,10 @@ def run_graph(wf, ours, overrides):
         kwargs.update(overrides.get(n["type"], {}))
         if n["type"] in ours:
             cls = ours[n["type"]]
-            results[nid] = getattr(cls(), cls.FUNCTION)(**kwargs)
+            out = getattr(cls(), cls.FUNCTION)(**kwargs)
+            results[nid] = out["result"] if isinstance(out, dict) else out
+        elif "run" in EXTERNAL[n["type"]]:
+            results[nid] = EXTERNAL[n["type"]]["run"](**kwargs)
         else:
             sinks[nid] = (n["type"], kwargs)
             results[nid] = ()
@@ -176,3 +182,16 @@ def test_text_to_music_runs_node_by_node_and_gives_valid_audio(ref, ours, monkey
     wav = audio["waveform"]
     assert wav.dtype == torch.float32 and wav.dim() == 3 and wav.shape[:2] == (1, 1) and wav.shape[-1] > 0
     assert audio["sample_rate"] == 32000 and torch.isfinite(wav).all() and wav.abs().max() <= 1.0
+
+
+def test_best_of_four_runs_node_by_node_and_keeps_the_best_clip(ref, ours, monkeypatch, tmp_path):
+    from tiny_clap import tiny_clap
+    tiny_clap(tmp_path / "clap" / "larger_clap_music")
+    monkeypatch.setenv("MAGNET_MODELS_DIR", str(ref))
+    monkeypatch.setenv("MAGNET_TEXT_ENCODERS_DIR", str(ref))
+    monkeypatch.setenv("MAGNET_CLAP_DIR", str(tmp_path / "clap"))
+    wf = load(ROOT / "workflows" / "best_of_four.json")
+    sinks = run_graph(wf, ours, {"MagnetModelLoader": {"release": "magnet-music"},
+                                 "MagnetSampler": {"decoding_steps": "3,2,2,2"}})
+    (typ, kwargs), = sinks.values()
+    assert typ == "SaveAudio" and kwargs["audio"]["waveform"].shape[:2] == (1, 1)
