@@ -31,6 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--loudness", type=float, default=None, help="normalise to this LUFS target, e.g. -14")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 
+    d = sub.add_parser("download", help="download an official release, T5 or codec from the Hugging Face hub")
+    d.add_argument("name", help="e.g. magnet-small-10secs, audio-magnet-small, t5-base, t5-large, encodec_32khz")
+    d.add_argument("--dir", default=None, help="target folder (default: models/magnet/NAME or models/text_encoders/NAME)")
+    d.add_argument("--models-dir", default="models", help="models folder, e.g. ComfyUI/models (default: models)")
+
     c = sub.add_parser("convert", help="write a release as one .safetensors file (faster to load, never code)")
     c.add_argument("release", help="official release folder (state_dict.bin + compression_state_dict.bin)")
     c.add_argument("output", help="output .safetensors path")
@@ -153,10 +158,16 @@ def _evaluate(a) -> int:
     return 0
 
 
+def _download(a) -> int:
+    from .hub import download
+    print(f"downloaded into {download(a.name, a.dir, a.models_dir)}")
+    return 0
+
+
 def main(argv=None) -> int:
     a = _parser().parse_args(argv)
     try:
-        return {"generate": _generate, "convert": _convert, "evaluate": _evaluate}[a.cmd](a)
+        return {"generate": _generate, "download": _download, "convert": _convert, "evaluate": _evaluate}[a.cmd](a)
     except MagnetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -71,8 +71,8 @@ class Codec(nn.Module):
         if missing:
             raise MagnetError(
                 f"The EnCodec folder {folder} lacks {' and '.join(missing)}. It must be a transformers "
-                f"EnCodec folder with config.json and model.safetensors, e.g. from `huggingface-cli "
-                f"download facebook/encodec_32khz --local-dir {folder}`.")
+                f"EnCodec folder with config.json and model.safetensors, e.g. from `python -m magnet "
+                f"download encodec_32khz --dir {folder}`.")
         try:
             config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -355,7 +355,7 @@ def _find_pointer_folder(pretrained: Any, release_file: Path, codec_dir: str | P
                 return candidate
         raise MagnetError(f"{origin} is {folder}, but neither it nor {folder / name} is a transformers "
                           f"EnCodec folder (config.json + model.safetensors). Fix the path, or get the "
-                          f"codec with `huggingface-cli download {pretrained} --local-dir {folder / name}`.")
+                          f"codec with `python -m magnet download {name} --dir {folder / name}`.")
 
     if codec_dir is not None:
         return explicit(Path(codec_dir), "The codec folder given")
@@ -369,7 +369,7 @@ def _find_pointer_folder(pretrained: Any, release_file: Path, codec_dir: str | P
     raise MagnetError(
         f"{release_file} points to the separately released codec '{pretrained}', which was not found. "
         f"Searched for a folder named '{name}' in: {', '.join(str(d) for d in searched)}. Get it with "
-        f"`huggingface-cli download {pretrained} --local-dir {release_dir.parent / name}` (next to the "
+        f"`python -m magnet download {name} --dir {release_dir.parent / name}` (next to the "
         f"release folder), or set {CODEC_DIR_ENV} to the folder holding config.json and model.safetensors.")
 
 

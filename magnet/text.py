@@ -115,7 +115,8 @@ def _check_folder(folder: Path):
     if not folder.is_dir():
         raise MagnetError(f"text encoder folder not found: {folder}. Download the T5 named by the release "
                           f"(t5-base for music, t5-large for audio-magnet) as a transformers folder, e.g. "
-                          f"`huggingface-cli download t5-base --local-dir {folder}`.")
+                          f"`python -m magnet download {folder.name if folder.name in ('t5-base', 't5-large') else 't5-base'} "
+                          f"--dir {folder}`.")
     if not (folder / "config.json").exists():
         raise MagnetError(f"{folder} has no config.json: it is not a transformers T5 folder. Point to the "
                           f"folder holding config.json, model.safetensors and the tokenizer files.")

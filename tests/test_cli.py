@@ -37,3 +37,14 @@ def test_user_errors_print_the_message_and_exit_2(ref, tmp_path):
     r = subprocess.run([sys.executable, "-m", "magnet", "generate", "x", "--model", str(ref / "magnet-music"),
                         "--steps", "20,10", "--device", "cpu"], capture_output=True, text=True)
     assert r.returncode == 2 and "one step count per codebook" in r.stderr
+
+
+def test_download_offline_names_the_folder_to_fill(tmp_path):
+    import os
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-m", "magnet", "download", "t5-base", "--models-dir", str(tmp_path)],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 2
+    assert str(tmp_path / "text_encoders" / "t5-base") in r.stderr and "spiece.model" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "magnet", "download", "magnet-huge"], capture_output=True, text=True)
+    assert r.returncode == 2 and "magnet-small-10secs" in r.stderr

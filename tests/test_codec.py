@@ -107,7 +107,7 @@ def test_pointer_codec_missing_names_folders_searched(ref, tmp_path, no_codec_en
     message = str(err.value)
     for folder in (release.parent, release.parent.parent, elsewhere):
         assert str(folder) in message
-    assert "encodec_32khz" in message and "huggingface-cli download facebook/encodec_32khz" in message
+    assert "encodec_32khz" in message and "python -m magnet download encodec_32khz" in message
 
 
 def test_pointer_codec_wrong_codec_dir_is_a_clear_error(ref, tmp_path, no_codec_env):
