@@ -6,14 +6,17 @@
 
 The parts on their own: `TextEncoder` (prompts -> TextCondition), `Codec` (EnCodec), `LM`
 (the transformer) and `sampling.generate` (the decoding loop on a TextCondition).
+`MusicGenModel` (autoregressive, same codec and T5) gives the AR prompt of hybrid generation
+(`musicgen.generate_hybrid`) and the rescorer (`musicgen.MusicGenRescorer`).
 """
 from .codec import Codec
 from .errors import MagnetError
 from .model import MagnetModel
+from .musicgen import MusicGenModel
 from .sampling import SamplingParams
 from .text import TextCondition, TextEncoder
 from .transformer import LM, LMConfig
 
-__all__ = ["MagnetModel", "MagnetError", "Codec", "TextEncoder", "TextCondition", "LM", "LMConfig",
+__all__ = ["MagnetModel", "MusicGenModel", "MagnetError", "Codec", "TextEncoder", "TextCondition", "LM", "LMConfig",
            "SamplingParams"]
 __version__ = "0.1.0"
