@@ -58,6 +58,28 @@ def find_text_encoder(name: str, near: Path | None = None, search_dirs: Iterable
     return None
 
 
+def load_parts(release, kind: str, kind_error: str, *, text_encoder=None, device=None, dtype=None, codec=None,
+               search_dirs: Sequence = ()):
+    """(lm, codec, text encoder or None, Release) of a release of `kind` ('magnet' or 'musicgen'), on
+    `device`. `kind_error` (with {source} and {kind}) is raised for a release of the other kind.
+    text_encoder: a folder or TextEncoder; None = look for it; False = none."""
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    r: Release = load_release(release, codec_dir=codec, search_dirs=search_dirs)
+    if r.lm_config.kind != kind:
+        raise MagnetError(kind_error.format(source=r.source, kind=r.lm_config.kind))
+    lm = build_lm(r.lm_config, r.lm_state, str(r.source), device=device, dtype=dtype)
+    del r.lm_state
+    te = None if text_encoder is False else text_encoder
+    if text_encoder is None:
+        te = find_text_encoder(r.lm_config.text_encoder, Path(release), search_dirs)
+    if te is not None and not isinstance(te, TextEncoder):
+        te = TextEncoder(te, device=device)
+    elif isinstance(te, TextEncoder):
+        te.to(device)
+    return lm, r.codec.to(device), te, r
+
+
 class MagnetModel:
     """A MAGNeT release ready to generate: `lm` (the transformer), `codec` (EnCodec) and
     `text_encoder` (T5, may be None until given)."""
@@ -87,24 +109,10 @@ class MagnetModel:
             the release folder and in `search_dirs`.
         device/dtype: default CUDA with fp16 weights when available, else CPU float32.
         """
-        device = torch.device(device) if device is not None else default_device()
-        dtype = dtype or default_dtype(device)
-        r: Release = load_release(release, codec_dir=codec, search_dirs=search_dirs)
-        if r.lm_config.kind != "magnet":
-            raise MagnetError(f"{r.source} is a {r.lm_config.kind} release, not MAGNeT: load it with "
-                              f"MusicGenModel (or the MusicGen loader node).")
-        lm = build_lm(r.lm_config, r.lm_state, str(r.source), device=device, dtype=dtype)
-        del r.lm_state
-        codec_mod = r.codec.to(device)
-        te = text_encoder if text_encoder is not False else None
-        if text_encoder is None:
-            found = find_text_encoder(r.lm_config.text_encoder, Path(release), search_dirs)
-            te = found
-        if te is not None and not isinstance(te, TextEncoder):
-            te = TextEncoder(te, device=device)
-        elif isinstance(te, TextEncoder):
-            te.to(device)
-        return cls(lm, codec_mod, te, device=device, dtype=dtype, source=str(r.source), generation=r.generation)
+        kind_error = "{source} is a {kind} release, not MAGNeT: load it with MusicGenModel (or the MusicGen loader node)."
+        lm, codec_mod, te, r = load_parts(release, "magnet", kind_error, text_encoder=text_encoder, device=device,
+                                          dtype=dtype, codec=codec, search_dirs=search_dirs)
+        return cls(lm, codec_mod, te, source=str(r.source), generation=r.generation)
 
     def _check_text_encoder(self, te: TextEncoder):
         if te.dim != self.lm.cfg.text_dim:

@@ -59,10 +59,9 @@ import torch
 
 from . import sampling
 from .audio import check_waveform, convert_audio
-from .checkpoints import Release, build_lm, load_release
 from .codec import Codec
 from .errors import MagnetError
-from .model import MagnetModel, default_device, default_dtype, find_text_encoder
+from .model import MagnetModel, load_parts
 from .text import TextCondition, TextEncoder
 from .transformer import LM, KVCache, Memory
 
@@ -151,8 +150,6 @@ class MusicGenModel:
             raise MagnetError(f"{source or 'this model'} is a MAGNeT release, not MusicGen: load it with "
                               f"MagnetModel.from_pretrained.")
         self.lm, self.codec, self.text_encoder = lm, codec, text_encoder
-        self.device = torch.device(device) if device is not None else next(lm.parameters()).device
-        self.dtype = dtype or next(lm.parameters()).dtype
         self.source = source
         self.generation_defaults = generation or {}
         self.last_seed: int | None = None
@@ -162,32 +159,29 @@ class MusicGenModel:
                               f"{lm.cfg.text_encoder} folder.")
 
     @classmethod
-    def from_pretrained(cls, release: str | Path, text_encoder: str | Path | TextEncoder | None = None, *,
+    def from_pretrained(cls, release: str | Path, text_encoder: str | Path | TextEncoder | bool | None = None, *,
                         device=None, dtype=None, codec: str | Path | None = None,
                         search_dirs: Sequence = ()) -> "MusicGenModel":
         """Load an official MusicGen release folder (`state_dict.bin` + `compression_state_dict.bin`, e.g.
         facebook/musicgen-small) or a file made by `python -m magnet convert`. Arguments as for
         `MagnetModel.from_pretrained`; MAGNeT releases are refused (load those with MagnetModel)."""
-        device = torch.device(device) if device is not None else default_device()
-        dtype = dtype or default_dtype(device)
-        r: Release = load_release(release, codec_dir=codec, search_dirs=search_dirs)
-        if r.lm_config.kind != "musicgen":
-            raise MagnetError(f"{r.source} is a MAGNeT release (lm_model transformer_lm_magnet), not MusicGen: "
-                              f"load it with MagnetModel.from_pretrained, and give MusicGenModel a MusicGen "
-                              f"release such as facebook/musicgen-small.")
-        lm = build_lm(r.lm_config, r.lm_state, str(r.source), device=device, dtype=dtype)
-        del r.lm_state
-        te = text_encoder
-        if te is None:
-            te = find_text_encoder(r.lm_config.text_encoder, Path(release), search_dirs)
-        if te is not None and not isinstance(te, TextEncoder):
-            te = TextEncoder(te, device=device)
-        elif isinstance(te, TextEncoder):
-            te.to(device)
-        return cls(lm, r.codec.to(device), te, device=device, dtype=dtype, source=str(r.source),
-                   generation=r.generation)
+        kind_error = ("{source} is a MAGNeT release (lm_model transformer_lm_magnet), not MusicGen: load it with "
+                      "MagnetModel.from_pretrained, and give MusicGenModel a MusicGen release such as "
+                      "facebook/musicgen-small.")
+        lm, codec_mod, te, r = load_parts(release, "musicgen", kind_error, text_encoder=text_encoder, device=device,
+                                          dtype=dtype, codec=codec, search_dirs=search_dirs)
+        return cls(lm, codec_mod, te, source=str(r.source), generation=r.generation)
 
     # -- properties ---------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """Where the LM is now (a memory manager such as ComfyUI's may move it between calls)."""
+        return next(self.lm.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.lm.parameters()).dtype
+
     @property
     def cfg(self):
         return self.lm.cfg
@@ -572,15 +566,42 @@ def hybrid_from_condition(magnet: MagnetModel, musicgen: MusicGenModel, cond: Te
                           prompt: torch.Tensor | None = None, progress: sampling.Progress | None = None,
                           rescorer: sampling.Rescorer | None = None) -> torch.Tensor:
     """`generate_hybrid` on an already encoded text (what a ComfyUI node calls)."""
-    check_compatible(magnet, musicgen)
     params = (params or sampling.SamplingParams()).check(magnet.cfg.n_q)
-    ar_params = (ar_params or ARParams()).check()
     if not 1 <= ar_frames < frames:
         raise MagnetError(f"the AR prompt ({ar_frames} frames) must be at least one frame and shorter than the "
                           f"generation ({frames} frames).")
-    # run MusicGen max(delays) frames past the hand-over, so the handed-over frames of every codebook were
-    # predicted with real context rather than end-of-sequence tokens; the extra frames are dropped
+    nar_steps = sum(params.decoding_steps)
+    ar_steps = ar_prompt_steps(musicgen, ar_frames, 0 if prompt is None else prompt.shape[-1])
+    ar_progress = nar_progress = None
+    if progress is not None:
+        ar_progress = lambda d, t: progress(d, t + nar_steps)  # noqa: E731
+        nar_progress = lambda d, t: progress(ar_steps + d, ar_steps + t)  # noqa: E731
+    ar_codes = ar_prompt_from_condition(magnet, musicgen, cond, ar_frames=ar_frames, ar_params=ar_params, seed=seed,
+                                        prompt=prompt, progress=ar_progress)
+    codes = magnet.generate_from_condition(cond, frames=frames, params=params, seed=musicgen.last_seed,
+                                           prompt=ar_codes.to(magnet.device),
+                                           progress=nar_progress, rescorer=rescorer)
+    return codes
+
+
+def ar_prompt_steps(musicgen: MusicGenModel, ar_frames: int, prompt_frames: int = 0) -> int:
+    """AR decoding steps `ar_prompt_from_condition` runs (for progress totals)."""
     ar_total = min(ar_frames + max(musicgen.delays), musicgen.max_frames)
+    return ar_total + max(musicgen.delays) - prompt_frames - min(musicgen.delays)
+
+
+def ar_prompt_from_condition(magnet: MagnetModel, musicgen: MusicGenModel, cond: TextCondition, *, ar_frames: int,
+                             ar_params: ARParams | None = None, seed: int | None = None,
+                             prompt: torch.Tensor | None = None,
+                             progress: sampling.Progress | None = None) -> torch.Tensor:
+    """The first `ar_frames` frames written by MusicGen, to hand to MAGNeT as fixed prompt codes.
+
+    MusicGen runs max(delays) frames past the hand-over, so the handed-over frames of every codebook were
+    predicted with real context rather than end-of-sequence tokens; the extra frames are dropped."""
+    check_compatible(magnet, musicgen)
+    ar_params = (ar_params or ARParams()).check()
+    if ar_frames < 1:
+        raise MagnetError("the AR prompt must be at least one frame long: give more AR seconds.")
     if ar_frames > musicgen.max_frames:
         raise MagnetError(f"ar_seconds {ar_frames / magnet.frame_rate:g} s is beyond the MusicGen window "
                           f"({musicgen.segment_duration:g} s): ask for fewer AR seconds.")
@@ -588,15 +609,7 @@ def hybrid_from_condition(magnet: MagnetModel, musicgen: MusicGenModel, cond: Te
     if P >= ar_frames:
         raise MagnetError(f"the audio prompt ({P} frames) is already as long as the AR part ({ar_frames} frames): "
                           f"give more AR seconds, or continue the audio with MAGNeT alone.")
-    ar_steps = ar_total + max(musicgen.delays) - P - min(musicgen.delays)
-    nar_steps = sum(params.decoding_steps)
-    ar_progress = nar_progress = None
-    if progress is not None:
-        ar_progress = lambda d, t: progress(d, t + nar_steps)  # noqa: E731
-        nar_progress = lambda d, t: progress(ar_steps + d, ar_steps + t)  # noqa: E731
-    ar_codes = musicgen.generate_from_condition(cond, frames=ar_total, params=ar_params, seed=seed, prompt=prompt,
-                                                progress=ar_progress)
-    codes = magnet.generate_from_condition(cond, frames=frames, params=params, seed=musicgen.last_seed,
-                                           prompt=ar_codes[..., :ar_frames].to(magnet.device),
-                                           progress=nar_progress, rescorer=rescorer)
-    return codes
+    ar_total = min(ar_frames + max(musicgen.delays), musicgen.max_frames)
+    codes = musicgen.generate_from_condition(cond, frames=ar_total, params=ar_params, seed=seed, prompt=prompt,
+                                             progress=progress)
+    return codes[..., :ar_frames]

@@ -1,5 +1,6 @@
 """The ComfyUI layer: thin node classes over the `magnet` engine (category audio/MAGNeT)."""
 from . import comfy
+from .ar import MagnetARPrompt, MagnetMusicGenLoader, MagnetRescorer
 from .audio import MagnetDecodeAudio, MagnetEncodeAudio, MagnetLoudness
 from .clap import MagnetClapLoader, MagnetClapRank
 from .generate import MagnetRegenerateRegion, MagnetSampler, MagnetTextEncode
@@ -19,6 +20,9 @@ NODES = {
     "MagnetLoudness": (MagnetLoudness, "MAGNeT Loudness Normalize"),
     "MagnetVideoDuration": (MagnetVideoDuration, "MAGNeT Video Duration"),
     "MagnetFitAudioLength": (MagnetFitAudioLength, "MAGNeT Fit Audio Length"),
+    "MagnetMusicGenLoader": (MagnetMusicGenLoader, "MAGNeT MusicGen Loader"),
+    "MagnetARPrompt": (MagnetARPrompt, "MAGNeT AR Prompt (MusicGen)"),
+    "MagnetRescorer": (MagnetRescorer, "MAGNeT Rescorer (MusicGen)"),
     "MagnetClapLoader": (MagnetClapLoader, "MAGNeT CLAP Loader"),
     "MagnetClapRank": (MagnetClapRank, "MAGNeT CLAP Rank (best of N)"),
 }

@@ -88,11 +88,21 @@ class MagnetSampler:
                                      span_arrangement, span_scoring)
             frames = m.frames_for(duration if duration > 0 else None)
             prompt = None if prompt_tokens is None else check_tokens(prompt_tokens, m.codec, node, "prompt_tokens")
-            resc = rescorer.ready() if rescorer is not None else None
+            resc = ready_rescorer(rescorer, m)
             progress = comfy.Progress()
             codes = m.generate_from_condition(conditioning, frames=frames, params=params, seed=seed, prompt=prompt,
                                               progress=progress, rescorer=resc, overlap=overlap or None)
             return (tokens_payload(codes, m.codec),)
+
+
+def ready_rescorer(rescorer, m):
+    """The rescorer's model on its device, checked against the MAGNeT model (same codec and T5)."""
+    if rescorer is None:
+        return None
+    r = rescorer.ready()
+    if hasattr(r, "check_compatible"):
+        r.check_compatible(m)
+    return r
 
 
 def sampling_params(m, decoding_steps, temperature, top_k, top_p, max_cfg_coef, min_cfg_coef, span_arrangement,
@@ -140,7 +150,7 @@ class MagnetRegenerateRegion:
             params = sampling_params(m, decoding_steps, temperature, top_k, top_p, max_cfg_coef, min_cfg_coef,
                                      span_arrangement, span_scoring)
             codes = check_tokens(tokens, m.codec, node)
-            resc = rescorer.ready() if rescorer is not None else None
+            resc = ready_rescorer(rescorer, m)
             out = m.regenerate_from_condition(conditioning, codes, start, end, params=params, seed=seed,
                                               progress=comfy.Progress(), rescorer=resc)
             return (tokens_payload(out, m.codec),)

@@ -261,3 +261,38 @@ def test_clap_rank_keeps_the_best_clips_in_order_and_reports_scores(pack, N, tmp
     assert report.count("CLAP") == 4 and report.count("(kept)") == 2 and out["ui"]["text"] == [report]
     with pytest.raises(_error(pack), match="MAGNeT CLAP Rank: input `text` is empty"):
         N["MagnetClapRank"]().rank(clap, {"waveform": wav, "sample_rate": SR}, "  ", 1)
+
+
+def test_ar_prompt_then_sampler_keeps_musicgens_seconds(N, music):
+    model, _, te = music
+    ar, = N["MagnetMusicGenLoader"]().load("musicgen", "auto", "auto")
+    cond, = N["MagnetTextEncode"]().encode(te, "80s pop", 1)
+    prompt, = N["MagnetARPrompt"]().generate(ar, model, cond, 4, 0.5, 1.0, 250, 0.0, 3.0)
+    assert prompt["codes"].shape == (1, 4, 25)
+    out = sample(N, model, cond, prompt_tokens=prompt)
+    assert torch.equal(out["codes"][..., :25], prompt["codes"])
+
+
+def test_rescorer_weight_zero_is_exactly_unrescored(N, music):
+    model, _, te = music
+    ar, = N["MagnetMusicGenLoader"]().load("musicgen", "auto", "auto")
+    cond, = N["MagnetTextEncode"]().encode(te, "x", 1)
+    plain = sample(N, model, cond, seed=9)
+    r0, = N["MagnetRescorer"]().build(ar, 0.0, 3.0)
+    assert torch.equal(sample(N, model, cond, seed=9, rescorer=r0)["codes"], plain["codes"])
+    r1, = N["MagnetRescorer"]().build(ar, 1.0, 3.0)
+    assert sample(N, model, cond, seed=9, rescorer=r1)["codes"].shape == plain["codes"].shape
+
+
+def test_musicgen_with_a_mismatched_magnet_names_both(pack, N):
+    ar, = N["MagnetMusicGenLoader"]().load("musicgen", "auto", "auto")
+    sfx, _ = N["MagnetModelLoader"]().load("magnet-audio", "auto", "auto")
+    te, = N["MagnetTextEncoderLoader"]().load("t5-large", "auto")
+    cond, = N["MagnetTextEncode"]().encode(te, "x", 1)
+    with pytest.raises(_error(pack), match="MAGNeT AR Prompt.*magnet-audio.*musicgen|MAGNeT AR Prompt.*musicgen.*magnet-audio"):
+        N["MagnetARPrompt"]().generate(ar, sfx, cond, 0, 0.5, 1.0, 250, 0.0, 3.0)
+    r, = N["MagnetRescorer"]().build(ar, 0.5, 3.0)
+    with pytest.raises(_error(pack), match="MAGNeT Sampler.*magnet-audio"):
+        sample(N, sfx, cond, rescorer=r)
+    with pytest.raises(_error(pack), match="MAGNeT MusicGen Loader.*MAGNeT release"):
+        N["MagnetMusicGenLoader"]().load("magnet-music", "auto", "auto")
