@@ -80,9 +80,9 @@ def load_parts(release, kind: str, kind_error: str, *, text_encoder=None, device
     return lm, r.codec.to(device), te, r
 
 
-class MagnetModel:
-    """A MAGNeT release ready to generate: `lm` (the transformer), `codec` (EnCodec) and
-    `text_encoder` (T5, may be None until given)."""
+class CodecLM:
+    """What a MAGNeT and a MusicGen release share: `lm`, `codec`, `text_encoder` (may be None until given),
+    their rates and window, text encoding, codec encode/decode and the autocast policy."""
 
     def __init__(self, lm: LM, codec: Codec, text_encoder: TextEncoder | None = None, *,
                  device=None, dtype=None, source: str = "", generation: dict | None = None):
@@ -90,37 +90,11 @@ class MagnetModel:
         self.source = source
         self.generation_defaults = generation or {}
         self.last_seed: int | None = None
-        if text_encoder is not None:
-            self._check_text_encoder(text_encoder)
+        if text_encoder is not None and text_encoder.dim != lm.cfg.text_dim:
+            raise MagnetError(f"text encoder {text_encoder.folder} has width {text_encoder.dim}, but this model "
+                              f"expects {lm.cfg.text_dim} ({lm.cfg.text_encoder}). Use the "
+                              f"{lm.cfg.text_encoder} folder.")
 
-    # -- loading ------------------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, release: str | Path, text_encoder: str | Path | TextEncoder | bool | None = None, *,
-                        device=None, dtype=None, codec: str | Path | None = None,
-                        search_dirs: Sequence = ()) -> "MagnetModel":
-        """Load an official release folder (`state_dict.bin` + `compression_state_dict.bin`) or a file
-        made by `python -m magnet convert`.
-
-        text_encoder: a transformers T5 folder (or a loaded TextEncoder). When None, a folder named after
-            the release's T5 (`t5-base`, `t5-large`) is looked for in $MAGNET_TEXT_ENCODER_DIR, beside the
-            release and in `search_dirs`; False: none (generation needs one, encode/decode do not).
-        codec: for releases whose codec file is a pointer (`{'pretrained': 'facebook/encodec_32khz'}`),
-            the transformers EnCodec folder; else it is looked for in $MAGNET_CODEC_DIR, in and beside
-            the release folder and in `search_dirs`.
-        device/dtype: default CUDA with fp16 weights when available, else CPU float32.
-        """
-        kind_error = "{source} is a {kind} release, not MAGNeT: load it with MusicGenModel (or the MusicGen loader node)."
-        lm, codec_mod, te, r = load_parts(release, "magnet", kind_error, text_encoder=text_encoder, device=device,
-                                          dtype=dtype, codec=codec, search_dirs=search_dirs)
-        return cls(lm, codec_mod, te, source=str(r.source), generation=r.generation)
-
-    def _check_text_encoder(self, te: TextEncoder):
-        if te.dim != self.lm.cfg.text_dim:
-            raise MagnetError(f"text encoder {te.folder} has width {te.dim}, but this model expects "
-                              f"{self.lm.cfg.text_dim} ({self.lm.cfg.text_encoder}). Use the "
-                              f"{self.lm.cfg.text_encoder} folder.")
-
-    # -- properties ---------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
         """Where the LM is now (a memory manager such as ComfyUI's may move it between calls)."""
@@ -148,19 +122,68 @@ class MagnetModel:
 
     @property
     def segment_duration(self) -> float:
-        """The window the release generates, in seconds (10 or 30 for the official ones)."""
+        """The window the release was trained on, in seconds (10 or 30 for the official MAGNeT ones)."""
         return self.lm.cfg.segment_duration
 
     @property
     def max_frames(self) -> int:
         return int(self.segment_duration * self.frame_rate)
 
-    # -- text ---------------------------------------------------------------------------------------
     def encode_text(self, prompts: Sequence[str] | str) -> TextCondition:
         if self.text_encoder is None:
             raise MagnetError(f"no text encoder: pass text_encoder=<folder of {self.cfg.text_encoder}> to "
-                              f"MagnetModel.from_pretrained (or set ${TEXT_ENCODER_ENV}).")
+                              f"{type(self).__name__}.from_pretrained (or set ${TEXT_ENCODER_ENV}).")
         return self.text_encoder.encode(prompts)
+
+    def _autocast(self):
+        if self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16):
+            return torch.autocast("cuda", dtype=self.dtype)
+        return torch.autocast(self.device.type, enabled=False)
+
+    def decode(self, codes: torch.Tensor, *, duration: float | None = None) -> torch.Tensor:
+        """Codes [B, K, T] -> float32 waveform [B, C, samples] on the CPU (T * hop length samples).
+
+        duration: seconds; the waveform is then made exactly round(duration * sample_rate) samples long
+        (trimmed, or padded with silence at the end), e.g. to fit a video.
+        """
+        samples = None if duration is None else seconds_to_samples(duration, self.sample_rate)
+        wav = self.codec.decode(codes).float().cpu()
+        return wav if samples is None else fit_length(wav, samples)
+
+    def encode(self, wav: torch.Tensor, sample_rate: int) -> torch.Tensor:
+        """Waveform [B, C, S] or [C, S] at any rate and channel count -> codes [B, K, T]
+        (resampled to the codec's rate and mixed to its channels first)."""
+        wav = check_waveform(wav, "audio to encode")
+        if wav.dim() == 2:
+            wav = wav[None]
+        wav = convert_audio(wav.float(), int(sample_rate), self.sample_rate, self.channels)
+        return self.codec.encode(wav.to(next(self.codec.parameters()).device))
+
+
+class MagnetModel(CodecLM):
+    """A MAGNeT release ready to generate: `lm` (the transformer), `codec` (EnCodec) and
+    `text_encoder` (T5, may be None until given)."""
+
+    # -- loading ------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, release: str | Path, text_encoder: str | Path | TextEncoder | bool | None = None, *,
+                        device=None, dtype=None, codec: str | Path | None = None,
+                        search_dirs: Sequence = ()) -> "MagnetModel":
+        """Load an official release folder (`state_dict.bin` + `compression_state_dict.bin`) or a file
+        made by `python -m magnet convert`.
+
+        text_encoder: a transformers T5 folder (or a loaded TextEncoder). When None, a folder named after
+            the release's T5 (`t5-base`, `t5-large`) is looked for in $MAGNET_TEXT_ENCODER_DIR, beside the
+            release and in `search_dirs`; False: none (generation needs one, encode/decode do not).
+        codec: for releases whose codec file is a pointer (`{'pretrained': 'facebook/encodec_32khz'}`),
+            the transformers EnCodec folder; else it is looked for in $MAGNET_CODEC_DIR, in and beside
+            the release folder and in `search_dirs`.
+        device/dtype: default CUDA with fp16 weights when available, else CPU float32.
+        """
+        kind_error = "{source} is a {kind} release, not MAGNeT: load it with MusicGenModel (or the MusicGen loader node)."
+        lm, codec_mod, te, r = load_parts(release, "magnet", kind_error, text_encoder=text_encoder, device=device,
+                                          dtype=dtype, codec=codec, search_dirs=search_dirs)
+        return cls(lm, codec_mod, te, source=str(r.source), generation=r.generation)
 
     # -- generation ---------------------------------------------------------------------------------
     def frames_for(self, duration: float | None) -> int:
@@ -375,28 +398,3 @@ class MagnetModel:
             raise MagnetError(f"{prompt.shape[0]} prompt audio clips for {batch} text prompts: give one clip, "
                               f"or one per text prompt.")
         return prompt
-
-    def _autocast(self):
-        if self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16):
-            return torch.autocast("cuda", dtype=self.dtype)
-        return torch.autocast(self.device.type, enabled=False)
-
-    # -- audio --------------------------------------------------------------------------------------
-    def decode(self, codes: torch.Tensor, *, duration: float | None = None) -> torch.Tensor:
-        """Codes [B, K, T] -> float32 waveform [B, C, samples] on the CPU (T * hop length samples).
-
-        duration: seconds; the waveform is then made exactly round(duration * sample_rate) samples long
-        (trimmed, or padded with silence at the end), e.g. to fit a video.
-        """
-        samples = None if duration is None else seconds_to_samples(duration, self.sample_rate)
-        wav = self.codec.decode(codes).float().cpu()
-        return wav if samples is None else fit_length(wav, samples)
-
-    def encode(self, wav: torch.Tensor, sample_rate: int) -> torch.Tensor:
-        """Waveform [B, C, S] or [C, S] at any rate and channel count -> codes [B, K, T]
-        (resampled to the codec's rate and mixed to its channels first)."""
-        wav = check_waveform(wav, "audio to encode")
-        if wav.dim() == 2:
-            wav = wav[None]
-        wav = convert_audio(wav.float(), int(sample_rate), self.sample_rate, self.channels)
-        return self.codec.encode(wav.to(next(self.codec.parameters()).device))

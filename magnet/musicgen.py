@@ -58,10 +58,9 @@ from typing import Sequence
 import torch
 
 from . import sampling
-from .audio import check_waveform, convert_audio
 from .codec import Codec
 from .errors import MagnetError
-from .model import MagnetModel, load_parts
+from .model import CodecLM, MagnetModel, load_parts
 from .text import TextCondition, TextEncoder
 from .transformer import LM, KVCache, Memory
 
@@ -140,23 +139,15 @@ def _text_memory(lm: LM, cond: TextCondition, cfg_coef: float) -> tuple[Memory, 
 
 # -- the model --------------------------------------------------------------------------------------
 
-class MusicGenModel:
+class MusicGenModel(CodecLM):
     """An official MusicGen release (`lm_model: transformer_lm`, delay pattern) ready to generate:
     `lm` (the causal transformer), `codec` (EnCodec) and `text_encoder` (T5, may be None until given)."""
 
-    def __init__(self, lm: LM, codec: Codec, text_encoder: TextEncoder | None = None, *,
-                 device=None, dtype=None, source: str = "", generation: dict | None = None):
+    def __init__(self, lm: LM, codec: Codec, text_encoder: TextEncoder | None = None, **kw):
         if lm.cfg.kind != "musicgen":
-            raise MagnetError(f"{source or 'this model'} is a MAGNeT release, not MusicGen: load it with "
+            raise MagnetError(f"{kw.get('source') or 'this model'} is a MAGNeT release, not MusicGen: load it with "
                               f"MagnetModel.from_pretrained.")
-        self.lm, self.codec, self.text_encoder = lm, codec, text_encoder
-        self.source = source
-        self.generation_defaults = generation or {}
-        self.last_seed: int | None = None
-        if text_encoder is not None and text_encoder.dim != lm.cfg.text_dim:
-            raise MagnetError(f"text encoder {text_encoder.folder} has width {text_encoder.dim}, but {source} "
-                              f"expects {lm.cfg.text_dim} ({lm.cfg.text_encoder}). Use the "
-                              f"{lm.cfg.text_encoder} folder.")
+        super().__init__(lm, codec, text_encoder, **kw)
 
     @classmethod
     def from_pretrained(cls, release: str | Path, text_encoder: str | Path | TextEncoder | bool | None = None, *,
@@ -174,52 +165,12 @@ class MusicGenModel:
 
     # -- properties ---------------------------------------------------------------------------------
     @property
-    def device(self) -> torch.device:
-        """Where the LM is now (a memory manager such as ComfyUI's may move it between calls)."""
-        return next(self.lm.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.lm.parameters()).dtype
-
-    @property
-    def cfg(self):
-        return self.lm.cfg
-
-    @property
     def delays(self) -> list[int]:
         return list(self.lm.cfg.delays)
 
     @property
     def special_id(self) -> int:
         return self.lm.mask_id
-
-    @property
-    def sample_rate(self) -> int:
-        return self.codec.sample_rate
-
-    @property
-    def channels(self) -> int:
-        return self.codec.channels
-
-    @property
-    def frame_rate(self) -> int:
-        return int(round(self.codec.frame_rate))
-
-    @property
-    def segment_duration(self) -> float:
-        """The window the release was trained on, in seconds (30 for the official ones)."""
-        return self.lm.cfg.segment_duration
-
-    @property
-    def max_frames(self) -> int:
-        return int(self.segment_duration * self.frame_rate)
-
-    def encode_text(self, prompts: Sequence[str] | str) -> TextCondition:
-        if self.text_encoder is None:
-            raise MagnetError(f"no text encoder: pass text_encoder=<folder of {self.cfg.text_encoder}> to "
-                              f"MusicGenModel.from_pretrained.")
-        return self.text_encoder.encode(prompts)
 
     def frames_for(self, duration: float | None = None, max_frames: int | None = None) -> int:
         """Frames to generate from `duration` seconds or `max_frames` (default: the release's window)."""
@@ -276,7 +227,7 @@ class MusicGenModel:
                               f"window ({self.max_frames} frames).")
         prompt = _check_prompt_codes(prompt, cond.batch, self.cfg.n_q, self.cfg.card, frames)
         generator, self.last_seed = sampling.make_generator(seed, self.device)
-        with _autocast(self.device, self.dtype), torch.inference_mode():
+        with self._autocast(), torch.inference_mode():
             return ar_decode(self.lm, cond.to(self.device), frames, params, prompt=prompt, generator=generator,
                              progress=progress)
 
@@ -292,7 +243,7 @@ class MusicGenModel:
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > self.cfg.card):
             raise MagnetError(f"codes to score must lie in [0, {self.cfg.card}] ({self.cfg.card} = no token); they "
                               f"come from a different codec.")
-        with _autocast(self.device, self.dtype), torch.inference_mode():
+        with self._autocast(), torch.inference_mode():
             mem = self.lm.memory(*(x.to(self.device) for x in (cond.hidden, cond.mask)), null_rows=cond.batch)
             out = teacher_forced_logits(self.lm, codes.to(self.device), mem, heads=heads)
         return out.float(), valid_mask(self.delays, codes.shape[-1], out.device)
@@ -302,25 +253,6 @@ class MusicGenModel:
             raise MagnetError(f"the conditioning comes from a text encoder of width {cond.text_dim} "
                               f"({cond.encoder}), but MusicGen {self.source} expects {self.cfg.text_dim} "
                               f"({self.cfg.text_encoder}). Encode the prompts with {self.cfg.text_encoder}.")
-
-    # -- audio --------------------------------------------------------------------------------------
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes [B, K, T] -> float32 waveform [B, C, samples] on the CPU."""
-        return self.codec.decode(codes).float().cpu()
-
-    def encode(self, wav: torch.Tensor, sample_rate: int) -> torch.Tensor:
-        """Waveform [B, C, S] or [C, S] at any rate -> codes [B, K, T] (for `prompt`)."""
-        wav = check_waveform(wav, "audio to encode")
-        if wav.dim() == 2:
-            wav = wav[None]
-        wav = convert_audio(wav.float(), int(sample_rate), self.sample_rate, self.channels)
-        return self.codec.encode(wav.to(self.device))
-
-
-def _autocast(device: torch.device, dtype):
-    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
-        return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast(device.type, enabled=False)
 
 
 def _check_prompt_codes(prompt, batch: int, n_q: int, card: int, frames: int):
@@ -450,7 +382,7 @@ class MusicGenRescorer:
             raise MagnetError(f"the rescorer's MusicGen ({mg.source}) covers {mg.segment_duration:g} s, shorter "
                               f"than the {frames / mg.frame_rate:g} s being generated: generate at most "
                               f"{mg.segment_duration:g} s with rescoring, or use a MusicGen with a longer window.")
-        with _autocast(mg.device, mg.dtype), torch.inference_mode():
+        with mg._autocast(), torch.inference_mode():
             c = cond.to(mg.device)
             self._mem, self._guided = _text_memory(mg.lm, c, self.cfg_coef)
         self._batch = cond.batch
@@ -461,7 +393,7 @@ class MusicGenRescorer:
             raise MagnetError("MusicGenRescorer.probs was called before begin(): pass the rescorer to "
                               "MagnetModel.generate(..., rescorer=) rather than calling it directly.")
         mg = self.musicgen
-        with _autocast(mg.device, mg.dtype), torch.inference_mode():
+        with mg._autocast(), torch.inference_mode():
             logits = teacher_forced_logits(mg.lm, codes.to(mg.device), self._mem, heads=[stage])[:, 0].float()
             if self._guided:
                 logits = sampling.cfg_mix(logits, self._batch, self.cfg_coef)
