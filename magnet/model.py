@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -233,6 +234,11 @@ class MagnetModel(CodecLM):
     def _params(self, **kw) -> SamplingParams:
         return SamplingParams(**kw).check(self.cfg.n_q)
 
+    def _with_fast(self, params: SamplingParams, fast) -> SamplingParams:
+        if fast is not None:
+            params = replace(params, fast=fast)
+        return params.check(self.cfg.n_q)
+
     def generate(self, prompts: Sequence[str] | str, *, duration: float | None = None,
                  overlap: float | None = None, seed: int | None = None,
                  use_sampling: bool = True, temperature: float = 3.0, top_k: int = 0, top_p: float = 0.9,
@@ -240,7 +246,8 @@ class MagnetModel(CodecLM):
                  decoding_steps: Sequence[int] = sampling.DEFAULT_STEPS, span_arrangement: str = "nonoverlap",
                  span_scoring: str = "max", prompt: torch.Tensor | None = None,
                  progress: sampling.Progress | None = None,
-                 rescorer: sampling.Rescorer | None = None) -> torch.Tensor:
+                 rescorer: sampling.Rescorer | None = None,
+                 fast: bool | sampling.FastMode = False) -> torch.Tensor:
         """Generate codes [B, K, T] for B prompts (an empty prompt generates unconditionally).
 
         duration: seconds (default: the release's window). Within the window, one decoding; with
@@ -251,12 +258,14 @@ class MagnetModel(CodecLM):
         prompt: codes [B or 1, K, P] kept unchanged at the start (continuation; see `encode`).
         progress(done, total) is called after every step, with one total over all windows; raising
         from it cancels. rescorer: an external model whose probabilities are mixed into the span ranking
-        (see `sampling.Rescorer`).
+        (see `sampling.Rescorer`). fast: True (or a `sampling.FastMode`) for fast mode: fewer steps for
+        codebooks >= 1, int8 linear layers on the CPU, no null pass where the guidance coefficient is 1;
+        the default (False) is the exact mode, token-identical to the reference in greedy decoding.
         """
         params = self._params(use_sampling=use_sampling, temperature=temperature, top_k=top_k, top_p=top_p,
                               max_cfg_coef=max_cfg_coef, min_cfg_coef=min_cfg_coef,
                               decoding_steps=decoding_steps, span_arrangement=span_arrangement,
-                              span_scoring=span_scoring)
+                              span_scoring=span_scoring, fast=fast)
         frames = self.frames_for(duration)
         self.overlap_frames(overlap, params.span_arrangement)       # a bad overlap fails before any work
         cond = self.encode_text(prompts)
@@ -267,13 +276,14 @@ class MagnetModel(CodecLM):
                                 seed: int | None = None, prompt: torch.Tensor | None = None,
                                 progress: sampling.Progress | None = None,
                                 rescorer: sampling.Rescorer | None = None,
-                                overlap: float | None = None) -> torch.Tensor:
+                                overlap: float | None = None,
+                                fast: bool | sampling.FastMode | None = None) -> torch.Tensor:
         """The sampling core on an already encoded text (what the ComfyUI sampler node calls).
 
         frames beyond the window (`max_frames`) slide it with `overlap` seconds of context (see `generate`);
-        one seeded generator serves every window.
+        one seeded generator serves every window. fast: overrides `params.fast` when given (see `generate`).
         """
-        params = params.check(self.cfg.n_q)
+        params = self._with_fast(params, fast)
         generator, self.last_seed = sampling.make_generator(seed, self.device)
         prompt = self._check_prompt_codes(prompt, cond.batch)
         with self._autocast():
@@ -290,7 +300,8 @@ class MagnetModel(CodecLM):
                    top_k: int = 0, top_p: float = 0.9, max_cfg_coef: float = 10.0, min_cfg_coef: float = 1.0,
                    decoding_steps: Sequence[int] = sampling.DEFAULT_STEPS, span_arrangement: str = "nonoverlap",
                    span_scoring: str = "max", progress: sampling.Progress | None = None,
-                   rescorer: sampling.Rescorer | None = None) -> torch.Tensor:
+                   rescorer: sampling.Rescorer | None = None,
+                   fast: bool | sampling.FastMode = False) -> torch.Tensor:
         """Regenerate seconds [start, end) of `codes` [B, K, T] (from `generate` or `encode`) and return
         new codes [B, K, T]: that range is masked in every codebook and decoded again conditioned on the
         audio on both sides (the model is bidirectional); every code outside it is returned bit-identical.
@@ -299,14 +310,14 @@ class MagnetModel(CodecLM):
         (1 / frame_rate = 20 ms). The region must lie inside the clip and be shorter than the window by at
         least one span (3 frames) of context; when the clip is longer than the window, the window is
         centred on the region and uses the context around it that fits. prompts: the text, one per row of
-        `codes` (or one for all). Sampling arguments, `seed` and `progress` are as in `generate`.
+        `codes` (or one for all). Sampling arguments, `seed`, `progress` and `fast` are as in `generate`.
         """
         codes = self._check_codes(codes)
         B, T = codes.shape[0], codes.shape[-1]
         params = self._params(use_sampling=use_sampling, temperature=temperature, top_k=top_k, top_p=top_p,
                               max_cfg_coef=max_cfg_coef, min_cfg_coef=min_cfg_coef,
                               decoding_steps=decoding_steps, span_arrangement=span_arrangement,
-                              span_scoring=span_scoring)
+                              span_scoring=span_scoring, fast=fast)
         self._region_frames(start, end, T, params.span_arrangement)     # bad ranges fail before T5 runs
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -322,11 +333,13 @@ class MagnetModel(CodecLM):
     def regenerate_from_condition(self, cond: TextCondition, codes: torch.Tensor, start: float, end: float, *,
                                   params: SamplingParams, seed: int | None = None,
                                   progress: sampling.Progress | None = None,
-                                  rescorer: sampling.Rescorer | None = None) -> torch.Tensor:
-        """`regenerate` on an already encoded text (one prompt for all rows, or one per row)."""
+                                  rescorer: sampling.Rescorer | None = None,
+                                  fast: bool | sampling.FastMode | None = None) -> torch.Tensor:
+        """`regenerate` on an already encoded text (one prompt for all rows, or one per row).
+        fast: overrides `params.fast` when given."""
         codes = self._check_codes(codes)
         B, T = codes.shape[0], codes.shape[-1]
-        params = params.check(self.cfg.n_q)
+        params = self._with_fast(params, fast)
         if cond.batch == 1 and B > 1:
             cond = cond.select([0] * B)
         if cond.batch != B:

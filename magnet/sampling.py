@@ -15,6 +15,14 @@ codebooks > s are all mask tokens. Each stage runs n_s steps; at step i (t = i /
 
 The schedule numbers are computed exactly as the reference does (float32 torch scalars), so greedy
 decoding is token-identical to it. Nothing in the step loop waits on the device.
+
+On the CPU each step asks the LM for the logits of the positions it will use only (those being
+(re)sampled); the others are filled with zeros, which never reach the result but keep the random
+stream of sampling the same as computing every position (`PRUNE_ON_CPU`).
+
+Fast mode (`SamplingParams(fast=True)` or a `FastMode`) trades exactness for speed, each change
+switchable on its own: fewer steps for codebooks >= 1, int8 linear layers on the CPU, and no null pass
+on steps whose guidance coefficient is 1. See `FastMode`.
 """
 from __future__ import annotations
 
@@ -27,7 +35,7 @@ import torch
 
 from .errors import MagnetError
 from .text import TextCondition
-from .transformer import LM
+from .transformer import LM, int8_available
 
 SPAN_ARRANGEMENTS = ("nonoverlap", "stride1")
 SPAN_SCORINGS = ("max", "prod")
@@ -35,6 +43,34 @@ DONT_REMASK = -1e4
 DEFAULT_STEPS = (20, 10, 10, 10)
 
 Progress = Callable[[int, int], None]
+
+PRUNE_ON_CPU = True     # compute only the positions whose logits a step uses (CPU; shapes vary per step)
+UNIT_CFG_TOLERANCE = 1e-5
+CUDA_GRAPHS = True      # on CUDA, replay each stage's fixed-shape forward from a CUDA graph
+STATIC_STEPS_ON_CPU = False   # tests: run the CUDA-graph bookkeeping (static buffers) eagerly on the CPU
+
+
+@dataclass(frozen=True)
+class FastMode:
+    """What fast mode changes; the exact mode (the default) changes none of it.
+
+    later_steps: at most this many decoding steps for each codebook >= 1 (codebook 0 keeps its
+        steps). None leaves the steps as given.
+    int8: the transformer's linear layers run with int8 weights and dynamically quantized int8
+        activations (CPU only; ignored on other devices or where the int8 kernels are missing). The
+        int8 copy is made on first use and kept beside the fp32 weights (`LM.int8_linears`).
+    skip_unit_cfg: on steps whose guidance coefficient is 1 to within 1e-5 (the last step of each
+        stage with min_cfg_coef = 1: the schedule gives 0.9999996 there), only the conditional rows run
+        and their logits are used as they are, instead of mixing in the null-condition pass.
+    """
+    later_steps: int | None = 5
+    int8: bool = True
+    skip_unit_cfg: bool = True
+
+    def steps(self, steps: Sequence[int]) -> tuple[int, ...]:
+        if self.later_steps is None:
+            return tuple(steps)
+        return tuple(steps[:1]) + tuple(min(int(s), int(self.later_steps)) for s in steps[1:])
 
 
 @dataclass
@@ -50,6 +86,7 @@ class SamplingParams:
     span_arrangement: str = "nonoverlap"
     span_scoring: str = "max"
     anneal_temp: bool = True
+    fast: bool | FastMode = False    # True = FastMode(); `check` applies its step cap to decoding_steps
 
     def check(self, n_q: int) -> "SamplingParams":
         steps = self.decoding_steps
@@ -79,7 +116,18 @@ class SamplingParams:
         for name in ("max_cfg_coef", "min_cfg_coef"):
             if not math.isfinite(getattr(self, name)):
                 raise MagnetError(f"{name} must be a finite number.")
-        return replace(self, decoding_steps=tuple(steps))
+        fast = self.fast
+        if fast is True:
+            fast = FastMode()
+        elif fast is None or fast is False:
+            fast = False
+        elif not isinstance(fast, FastMode):
+            raise MagnetError(f"fast {fast!r} must be True, False or a FastMode.")
+        if fast:
+            if fast.later_steps is not None and int(fast.later_steps) < 1:
+                raise MagnetError(f"FastMode.later_steps {fast.later_steps} must be at least 1 (or None).")
+            steps = list(fast.steps(steps))
+        return replace(self, decoding_steps=tuple(steps), fast=fast)
 
 
 def parse_steps(text: str) -> list[int]:
@@ -278,11 +326,80 @@ def generate(lm: LM, cond: TextCondition, frames: int, params: SamplingParams, *
     return codes
 
 
+class StaticStep:
+    """One stage's forward on static buffers: `step(codes)` copies the codes into its input buffer, runs
+    the forward and returns its output buffer (valid until the next call).
+
+    On CUDA (`graph=True`) the forward is captured once in a CUDA graph and replayed: within a stage every
+    step has the same shapes and the same text memory, so only the codes change, and one replay replaces
+    hundreds of kernel launches. `first` is the first step's codes: that step runs eagerly and doubles as
+    the warm-up capture needs. With `graph=False` the forward is re-run eagerly into the same output
+    buffer, which exercises the same bookkeeping on any device (the tests run it on the CPU)."""
+
+    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], first: torch.Tensor, graph: bool):
+        self.forward, self.graph = forward, None
+        self.codes = first.clone()
+        if graph:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.first = forward(self.codes)            # warm-up = the first step's result
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with _no_autocast_cache(), torch.cuda.graph(self.graph):
+                self.out = forward(self.codes)
+        else:
+            self.first = forward(self.codes)
+            self.out = torch.empty_like(self.first)
+
+    def __call__(self, codes: torch.Tensor) -> torch.Tensor:
+        self.codes.copy_(codes)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.out.copy_(self.forward(self.codes))
+        return self.out
+
+
+def _no_autocast_cache():
+    """Autocast must not cache weight casts inside a graph capture (the cache dies with the context)."""
+    try:
+        enabled, dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    except (TypeError, AttributeError):          # torch < 2.4
+        enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+    return torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False)
+
+
+_INT8_OK: bool | None = None
+
+
+def _use_int8(params: SamplingParams, dev: torch.device) -> bool:
+    global _INT8_OK
+    if not (params.fast and params.fast.int8 and dev.type == "cpu"):
+        return False
+    if _INT8_OK is None:
+        _INT8_OK = int8_available()
+    return _INT8_OK
+
+
 def _decode_stage(lm, mem, guided, codes, stage, n_steps, given, keep, params, generator, job, rescorer):
     B, K, T = codes.shape
     L = lm.cfg.span_len
     mask_id = lm.mask_id
     dev = codes.device
+    fast = params.fast or None
+    parallel = lm.cfg.norm_first and not lm.cfg.causal         # the forward that can prune and run int8
+    int8 = parallel and _use_int8(params, dev)
+    prune = parallel and PRUNE_ON_CPU and dev.type == "cpu"
+    mem_cond = mem.cond_only(B) if guided and fast is not None and fast.skip_unit_cfg else None
+    static = parallel and n_steps > 1 and (
+        (dev.type == "cuda" and CUDA_GRAPHS) or (dev.type == "cpu" and STATIC_STEPS_ON_CPU))
+    step_fn = None
+    if static:
+        prune = False                      # fixed shapes
+
+        def forward(c, mem=mem):
+            return lm(c, mem, stage=stage, heads=[stage], int8=int8)
     chunked = L > 1 and params.span_arrangement == "nonoverlap"
     lps = L > 1 and params.span_arrangement == "stride1"
     if chunked and T % L:
@@ -316,11 +433,35 @@ def _decode_stage(lm, mem, guided, codes, stage, n_steps, given, keep, params, g
         if restore:
             seq = torch.where(keep_dev, given_stage, seq)
         codes[:, stage] = seq
+        masked = seq == mask_id
 
-        # 3. one forward for the conditional and null rows, guidance annealed with the masking rate
-        logits = lm(codes, mem, stage=stage, heads=[stage])[:, 0].float()          # [rows, T, card]
-        if guided:
-            logits = cfg_mix(logits, B, m * params.max_cfg_coef + (1 - m) * params.min_cfg_coef)
+        # 3. one forward for the conditional and null rows, guidance annealed with the masking rate;
+        # logits only where they are used: the masked spans (whole chunks for `nonoverlap`, which scores
+        # a chunk from all its positions), on the CPU
+        need = None
+        if prune:
+            need = (chunk_mask.repeat_interleave(L, dim=-1) if chunked else masked).any(dim=0)
+            if bool(need.all()):
+                need = None
+        coef = m * params.max_cfg_coef + (1 - m) * params.min_cfg_coef
+        step_mem, step_guided = mem, guided
+        if mem_cond is not None and abs(coef - 1.0) <= UNIT_CFG_TOLERANCE:      # fast mode: no null pass
+            step_mem, step_guided = mem_cond, False
+        if static and step_mem is mem:
+            if step_fn is None:
+                step_fn = StaticStep(forward, codes, graph=dev.type == "cuda")
+                out = step_fn.first
+            else:
+                out = step_fn(codes)
+            logits = out[:, 0].float()
+        else:
+            logits = lm(codes, step_mem, stage=stage, heads=[stage], need=need, int8=int8)[:, 0].float()
+        if need is not None:                                                        # [rows, n, card] -> [rows, T, card]
+            full = logits.new_zeros((logits.shape[0], T, logits.shape[-1]))
+            full[:, need] = logits
+            logits = full
+        if step_guided:
+            logits = cfg_mix(logits, B, coef)
 
         # 4. temperature annealed linearly to zero
         temp = params.temperature * ((n_steps - 1 - i) / n_steps) if params.anneal_temp else params.temperature
@@ -328,7 +469,6 @@ def _decode_stage(lm, mem, guided, codes, stage, n_steps, given, keep, params, g
         tokens, probs = sample_tokens(logits, probs, params, generator)
 
         # 5. fill the masked positions, score what was sampled
-        masked = seq == mask_id
         seq = torch.where(masked, tokens[..., 0], seq)
         codes[:, stage] = seq
         p = torch.gather(probs, -1, tokens)[..., 0]                                    # [B, T]

@@ -1,0 +1,115 @@
+"""How far fast mode's changes move MAGNeT's outputs, change by change (the evidence behind the README's
+"Speed" section). No download: the fixtures of ../shared/reference and real-size random-weight models.
+
+    python scripts/fast_quality.py [--scale small] [--frames 500] [--fixtures]
+
+1. int8 linear layers: one forward per stage on the same codes (half of them masked), fp32 vs int8:
+   relative logit error, KL(p_fp32 || p_int8) of the guided distribution at temperature 1 with the
+   guidance coefficients of the first and last steps (10 and 1), and how often the argmax agrees.
+2. the null pass dropped where the guidance coefficient is 1: the coefficient of the last step of a
+   stage is 1 - 3.9e-7 (cos(pi/2) in float32 is -4.4e-8), so the guided logits move by 3.9e-7 x
+   (cond - uncond): the same numbers, and the same argmax, on these models.
+3. fewer steps for codebooks >= 1: codebook 0 is decoded exactly as in exact mode (see
+   tests/test_speed.py); for the later codebooks this script only reports how many tokens differ from
+   the 10-step decoding, which with random weights says nothing about quality (see the README).
+4. end to end on the fixtures (--fixtures): greedy decodings, exact vs each change alone vs all.
+
+Random weights give activations without the outlier channels trained transformers develop, which are
+what makes int8 activation quantization lose accuracy, so (1) is a lower bound on the error a trained
+release sees; the fixtures' weights are random too.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parent))
+
+
+def logit_report(lm, stage: int, codes, mem, B: int) -> dict:
+    from magnet.sampling import cfg_mix
+    with torch.inference_mode():
+        a = lm(codes, mem, stage=stage, heads=[stage])[:, 0].float()
+        b = lm(codes, mem, stage=stage, heads=[stage], int8=True)[:, 0].float()
+    out = {"rel_err": ((a - b).norm() / a.norm()).item()}
+    for coef in (10.0, 1.0):
+        pa = torch.log_softmax(cfg_mix(a, B, coef), -1)
+        pb = torch.log_softmax(cfg_mix(b, B, coef), -1)
+        out[f"kl@{coef:g}"] = (pa.exp() * (pa - pb)).sum(-1).mean().item()
+        out[f"top1@{coef:g}"] = (pa.argmax(-1) == pb.argmax(-1)).float().mean().item()
+    return out
+
+
+def random_model_report(scale: str, frames: int):
+    from benchmark import build
+    lm = build(scale, "cpu", torch.float32, frames / 50)
+    g = torch.Generator().manual_seed(0)
+    B, L = 1, 12
+    hidden = torch.randn(2 * B, L, 768, generator=g)
+    mask = torch.ones(2 * B, L, dtype=torch.long)
+    mask[B:] = 0
+    with torch.inference_mode():
+        mem = lm.memory(hidden, mask, null_rows=B)
+    print(f"int8 vs fp32, real-size {scale} LM with random weights, {frames} frames, half the positions masked:")
+    for stage in range(4):
+        codes = torch.randint(0, 2048, (B, 4, frames), generator=g)
+        codes[:, stage + 1:] = 2048
+        codes[:, stage, torch.rand(frames, generator=g) < 0.5] = 2048
+        r = logit_report(lm, stage, codes, mem, B)
+        print(f"  stage {stage}: logits rel. error {r['rel_err']:.4f}; KL {r['kl@10']:.2e} nats (cfg 10), "
+              f"{r['kl@1']:.2e} (cfg 1); argmax agrees {100 * r['top1@10']:.1f}% (cfg 10), "
+              f"{100 * r['top1@1']:.1f}% (cfg 1)")
+    m = float(torch.cos(torch.tensor(1.0) * math.pi * 0.5))        # the masking rate of a stage's last step
+    coef = m * 10 + (1 - m) * 1
+    with torch.inference_mode():
+        codes = torch.randint(0, 2048, (B, 4, frames), generator=g)
+        a = lm(codes, mem, stage=1, heads=[1])[:, 0].float()
+    from magnet.sampling import cfg_mix
+    mixed, cond = cfg_mix(a, B, coef), a[:B]
+    same = (mixed.argmax(-1) == cond.argmax(-1)).float().mean().item()
+    print(f"null pass at the last step (coefficient {coef!r}): max |logit change| "
+          f"{(mixed - cond).abs().max().item():.2e}, argmax agrees {100 * same:.2f}%")
+
+
+def fixture_report():
+    from conftest import REFERENCE, golden_prompts  # noqa: F401
+    from safetensors.torch import load_file
+
+    from magnet import MagnetModel
+    from magnet.sampling import FastMode, SamplingParams
+    golden = load_file(str(REFERENCE / "golden.safetensors"))
+    for name, t5 in (("music", "t5-base"), ("audio", "t5-large")):
+        model = MagnetModel.from_pretrained(REFERENCE / f"magnet-{name}", text_encoder=REFERENCE / t5, device="cpu")
+        cond = model.encode_text(golden_prompts(model, golden, name))
+        base = SamplingParams(use_sampling=False, decoding_steps=(20, 10, 10, 10))
+        exact = model.generate_from_condition(cond, frames=100, params=base)
+        print(f"fixture {name} (greedy, 100 frames, steps 20,10,10,10): tokens equal to exact mode, per codebook")
+        for label, fast in (("int8 only", FastMode(later_steps=None, skip_unit_cfg=False)),
+                            ("null-pass skip only", FastMode(later_steps=None, int8=False)),
+                            ("steps 20,5,5,5 only", FastMode(int8=False, skip_unit_cfg=False)),
+                            ("all (fast=True)", FastMode())):
+            codes = model.generate_from_condition(cond, frames=100, params=base, fast=fast)
+            agree = (codes == exact).float().mean(dim=(0, 2))
+            print(f"  {label:22} " + "  ".join(f"cb{k} {100 * v:5.1f}%" for k, v in enumerate(agree.tolist())))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", default="small", choices=["small", "medium"])
+    ap.add_argument("--frames", type=int, default=500)
+    ap.add_argument("--fixtures", action="store_true", help="also decode the fixtures end to end")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    random_model_report(a.scale, a.frames)
+    if a.fixtures:
+        sys.path.insert(0, str(HERE.parents[1] / "tests"))
+        fixture_report()
+
+
+if __name__ == "__main__":
+    main()
