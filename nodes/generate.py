@@ -69,6 +69,9 @@ class MagnetSampler:
                 "span_scoring": (list(SPAN_SCORINGS), {"default": "max"}),
             },
             "optional": {
+                "fast": ("BOOLEAN", {"default": False, "label_on": "fast", "label_off": "exact",
+                                     "tooltip": "fast mode: at most 5 steps for codebooks 1-3, int8 layers on "
+                                                "the CPU, no null pass where guidance is 1 (see README)"}),
                 "prompt_tokens": (TOKENS, {"tooltip": "audio to continue: kept unchanged at the start"}),
                 "rescorer": (RESCORER, {"tooltip": "an autoregressive model that rescores the spans"}),
             },
@@ -80,7 +83,8 @@ class MagnetSampler:
     CATEGORY = CATEGORY
 
     def sample(self, model, conditioning, seed, duration, overlap, decoding_steps, temperature, top_k, top_p,
-               max_cfg_coef, min_cfg_coef, span_arrangement, span_scoring, prompt_tokens=None, rescorer=None):
+               max_cfg_coef, min_cfg_coef, span_arrangement, span_scoring, fast=False, prompt_tokens=None,
+               rescorer=None):
         node = "MAGNeT Sampler"
         with user_errors(node):
             m = model.ready()
@@ -91,7 +95,8 @@ class MagnetSampler:
             resc = ready_rescorer(rescorer, m)
             progress = comfy.Progress()
             codes = m.generate_from_condition(conditioning, frames=frames, params=params, seed=seed, prompt=prompt,
-                                              progress=progress, rescorer=resc, overlap=overlap or None)
+                                              progress=progress, rescorer=resc, overlap=overlap or None,
+                                              fast=bool(fast))
             return (tokens_payload(codes, m.codec),)
 
 

@@ -296,3 +296,16 @@ def test_musicgen_with_a_mismatched_magnet_names_both(pack, N):
         sample(N, sfx, cond, rescorer=r)
     with pytest.raises(_error(pack), match="MAGNeT MusicGen Loader.*MAGNeT release"):
         N["MagnetMusicGenLoader"]().load("magnet-music", "auto", "auto")
+
+
+def test_fast_switch_caps_the_later_codebooks_steps(N, music, monkeypatch, pack):
+    model, _, te = music
+    cond, = N["MagnetTextEncode"]().encode(te, "x", 1)
+    calls = []
+    monkeypatch.setattr(pack.nodes.comfy, "check_interrupt", lambda: calls.append(1))
+    exact = sample(N, model, cond, seed=2, decoding_steps="4,8,8,8")
+    assert len(calls) == 28
+    calls.clear()
+    fast = sample(N, model, cond, seed=2, decoding_steps="4,8,8,8", fast=True)
+    assert len(calls) == 4 + 5 + 5 + 5            # fast mode: at most 5 steps for codebooks >= 1
+    assert fast["codes"].shape == exact["codes"].shape
