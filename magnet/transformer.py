@@ -579,7 +579,8 @@ class Int8Linears:
     @staticmethod
     def _fingerprint(lm: LM):
         w = lm.transformer.layers[0].linear1.weight
-        return (w.device, w.dtype, w.data_ptr(), w._version)
+        # weights made under inference_mode (ComfyUI runs nodes in it) have no version counter
+        return (w.device, w.dtype, w.data_ptr(), None if w.is_inference() else w._version)
 
     def matches(self, lm: LM) -> bool:
         return self._key == self._fingerprint(lm)

@@ -367,3 +367,12 @@ def test_converted_fp16_release_is_converted_tensor_by_tensor(ref, tmp_path, mus
     assert all(p.dtype == torch.float32 for p in lm.parameters())
     for (k, a), (_, b) in zip(lm.state_dict().items(), music_model.lm.state_dict().items()):
         assert torch.equal(a, b.half().float()), k
+
+
+def test_fast_mode_runs_on_weights_made_under_inference_mode(ref):
+    """ComfyUI executes nodes under torch.inference_mode, so a model loaded there has inference tensors."""
+    from magnet import MagnetModel
+    with torch.inference_mode():
+        model = MagnetModel.from_pretrained(ref / "magnet-music", text_encoder=ref / "t5-base", device="cpu")
+        codes = model.generate(["x"], seed=0, decoding_steps=(2, 2, 2, 2), fast=True)
+    assert codes.shape[0] == 1
