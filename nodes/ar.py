@@ -1,13 +1,12 @@
 """The autoregressive side: a MusicGen release as an AR prompt writer (hybrid MAGNeT) and as a rescorer."""
 from __future__ import annotations
 
-from ..magnet.cache import CACHE, file_key
 from ..magnet.errors import MagnetError
 from ..magnet.musicgen import ARParams, MusicGenModel, MusicGenRescorer, ar_prompt_from_condition
 from . import comfy
 from .common import (AR_MODEL, CATEGORY, CONDITIONING, MODEL, RESCORER, TOKENS, Handle, check_tokens,
                      tokens_payload, user_errors)
-from .loaders import DEVICES, DTYPES, list_releases, pick_device, pick_dtype, resolve
+from .loaders import DEVICES, DTYPES, list_releases, load_cached
 
 
 class MagnetMusicGenLoader:
@@ -29,17 +28,13 @@ class MagnetMusicGenLoader:
 
     def load(self, release, device="auto", dtype="auto"):
         node = "MAGNeT MusicGen Loader"
-        with user_errors(node):
-            path = resolve("magnet", release, node, "release")
-            dev = pick_device(device)
-            dt = pick_dtype(dtype, dev)
-            home = comfy.offload_device() if comfy.IN_COMFY and device == "auto" else dev
 
-            def build():
-                m = MusicGenModel.from_pretrained(path, text_encoder=False, device=home, dtype=dt,
-                                                  search_dirs=comfy.model_dirs("magnet"))
-                return Handle(m, path.name, [comfy.manage(m.lm, dev)])
-            return (CACHE.get(("musicgen", file_key(path), str(dev), str(dt)), build, owner=("musicgen", id(self))),)
+        def build(path, home, dev, dt):
+            m = MusicGenModel.from_pretrained(path, text_encoder=False, device=home, dtype=dt,
+                                              search_dirs=comfy.model_dirs("magnet"))
+            return Handle(m, path.name, [comfy.manage(m.lm, dev)])
+        with user_errors(node):
+            return (load_cached(self, "musicgen", "magnet", release, node, "release", device, build, dtype),)
 
 
 class MagnetARPrompt:

@@ -4,12 +4,11 @@ from __future__ import annotations
 import json
 import logging
 
-from ..magnet.cache import CACHE, file_key
 from ..magnet.clap import ClapScorer
 from ..magnet.errors import MagnetError
 from . import comfy
 from .common import CATEGORY, CLAP, Handle, audio_in, audio_out, user_errors
-from .loaders import DEVICES, pick_device, resolve
+from .loaders import DEVICES, load_cached
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +44,12 @@ class MagnetClapLoader:
 
     def load(self, clap, device="auto"):
         node = "MAGNeT CLAP Loader"
-        with user_errors(node):
-            path = resolve("clap", clap, node, "clap")
-            dev = pick_device(device)
-            home = comfy.offload_device() if comfy.IN_COMFY and device == "auto" else dev
 
-            def build():
-                scorer = ClapScorer.from_pretrained(path, device=home)
-                return Handle(scorer, path.name, [comfy.manage(scorer.model, dev)])
-            return (CACHE.get(("clap", file_key(path), str(dev)), build, owner=("clap", id(self))),)
+        def build(path, home, dev, _):
+            scorer = ClapScorer.from_pretrained(path, device=home)
+            return Handle(scorer, path.name, [comfy.manage(scorer.model, dev)])
+        with user_errors(node):
+            return (load_cached(self, "clap", "clap", clap, node, "clap", device, build),)
 
 
 class MagnetClapRank:

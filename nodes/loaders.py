@@ -66,6 +66,18 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def load_cached(owner, kind: str, folder: str, name: str, node: str, what: str, device: str, build, dtype=None):
+    """Resolve `name` under models/<folder>, pick devices, and return the shared cache's object for it.
+    build(path, home, dev, dtype) makes it on a miss; in ComfyUI the weights wait on the offload device
+    ("home") and the memory manager moves them to `dev` when they are used."""
+    path = resolve(folder, name, node, what)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev) if dtype is not None else None
+    home = comfy.offload_device() if comfy.IN_COMFY and device == "auto" else dev
+    key = (kind, file_key(path), str(dev), str(dt))
+    return CACHE.get(key, lambda: build(path, home, dev, dt), owner=(kind, id(owner)))
+
+
 class MagnetModelLoader:
     """Loads a MAGNeT release from models/magnet: the LM (MAGNET_MODEL) and its EnCodec (MAGNET_CODEC)."""
 
@@ -88,21 +100,14 @@ class MagnetModelLoader:
 
     def load(self, release, device="auto", dtype="auto"):
         node = "MAGNeT Model Loader"
-        with user_errors(node):
-            path = resolve("magnet", release, node, "release")
-            dev = pick_device(device)
-            dt = pick_dtype(dtype, dev)
-            # in ComfyUI the weights wait on the offload device; the memory manager moves them when sampling
-            home = comfy.offload_device() if comfy.IN_COMFY and device == "auto" else dev
-            key = ("magnet", file_key(path), str(dev), str(dt))
 
-            def build():
-                m = MagnetModel.from_pretrained(path, text_encoder=False, device=home, dtype=dt,
-                                                search_dirs=comfy.model_dirs("magnet"))
-                return (Handle(m, path.name, [comfy.manage(m.lm, dev)]),
-                        Handle(m.codec, path.name, [comfy.manage(m.codec, dev)]))
-            model, codec = CACHE.get(key, build, owner=("magnet", id(self)))
-        return (model, codec)
+        def build(path, home, dev, dt):
+            m = MagnetModel.from_pretrained(path, text_encoder=False, device=home, dtype=dt,
+                                            search_dirs=comfy.model_dirs("magnet"))
+            return (Handle(m, path.name, [comfy.manage(m.lm, dev)]),
+                    Handle(m.codec, path.name, [comfy.manage(m.codec, dev)]))
+        with user_errors(node):
+            return load_cached(self, "magnet", "magnet", release, node, "release", device, build, dtype)
 
 
 class MagnetTextEncoderLoader:
@@ -124,13 +129,9 @@ class MagnetTextEncoderLoader:
 
     def load(self, text_encoder, device="auto"):
         node = "MAGNeT Text Encoder Loader"
-        with user_errors(node):
-            path = resolve("text_encoders", text_encoder, node, "text_encoder")
-            dev = pick_device(device)
-            home = comfy.offload_device() if comfy.IN_COMFY and device == "auto" else dev
-            key = ("t5", file_key(path), str(dev))
 
-            def build():
-                te = TextEncoder(path, device=home)       # always float32: fp16 T5 overflows
-                return Handle(te, path.name, [comfy.manage(te.model, dev)])
-            return (CACHE.get(key, build, owner=("t5", id(self))),)
+        def build(path, home, dev, _):
+            te = TextEncoder(path, device=home)       # always float32: fp16 T5 overflows
+            return Handle(te, path.name, [comfy.manage(te.model, dev)])
+        with user_errors(node):
+            return (load_cached(self, "t5", "text_encoders", text_encoder, node, "text_encoder", device, build),)
