@@ -81,6 +81,19 @@ def load_parts(release, kind: str, kind_error: str, *, text_encoder=None, device
     return lm, r.codec.to(device), te, r
 
 
+def seconds_arg(duration) -> float:
+    """A user's duration in seconds: a finite number > 0, or a MagnetError saying so."""
+    try:
+        duration = float(duration)
+    except (TypeError, ValueError):
+        raise MagnetError(f"duration {duration!r} must be a number of seconds.") from None
+    if not duration > 0:
+        raise MagnetError(f"duration {duration} must be more than 0 seconds.")
+    if not math.isfinite(duration):
+        raise MagnetError(f"duration {duration} must be a finite number of seconds.")
+    return duration
+
+
 class CodecLM:
     """What a MAGNeT and a MusicGen release share: `lm`, `codec`, `text_encoder` (may be None until given),
     their rates and window, text encoding, codec encode/decode and the autocast policy."""
@@ -195,14 +208,7 @@ class MagnetModel(CodecLM):
         """
         if duration is None:
             return self.max_frames
-        try:
-            duration = float(duration)
-        except (TypeError, ValueError):
-            raise MagnetError(f"duration {duration!r} must be a number of seconds.") from None
-        if not duration > 0:
-            raise MagnetError(f"duration {duration} must be more than 0 seconds.")
-        if not math.isfinite(duration):
-            raise MagnetError(f"duration {duration} must be a finite number of seconds.")
+        duration = seconds_arg(duration)
         frames = int(duration * self.frame_rate)
         if frames < max(2, self.cfg.span_len):
             raise MagnetError(f"duration {duration:g} s is too short: ask for at least "

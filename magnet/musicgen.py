@@ -60,7 +60,7 @@ import torch
 from . import sampling
 from .codec import Codec
 from .errors import MagnetError
-from .model import CodecLM, MagnetModel, load_parts
+from .model import CodecLM, MagnetModel, load_parts, seconds_arg
 from .text import TextCondition, TextEncoder
 from .transformer import LM, KVCache, Memory
 
@@ -181,13 +181,7 @@ class MusicGenModel(CodecLM):
                 raise MagnetError(f"max_frames {max_frames!r} must be a whole number >= 1.")
             frames = int(max_frames)
         elif duration is not None:
-            try:
-                duration = float(duration)
-            except (TypeError, ValueError):
-                raise MagnetError(f"duration {duration!r} must be a number of seconds.") from None
-            if not duration > 0:
-                raise MagnetError(f"duration {duration} must be more than 0 seconds.")
-            frames = int(duration * self.frame_rate)
+            frames = int(seconds_arg(duration) * self.frame_rate)
             if frames < 1:
                 raise MagnetError(f"duration {duration:g} s is shorter than one frame (1/{self.frame_rate} s).")
         else:
