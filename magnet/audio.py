@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .deps import require
 from .errors import MagnetError
 
 
@@ -45,7 +46,7 @@ def resample(wav: torch.Tensor, from_sr: int, to_sr: int) -> torch.Tensor:
     from_sr, to_sr = _rate(from_sr, "from_sr"), _rate(to_sr, "to_sr")
     if from_sr == to_sr:
         return wav
-    import julius
+    julius = require("julius")
 
     return julius.resample_frac(wav, from_sr, to_sr)
 
@@ -112,7 +113,7 @@ def normalize_loudness(wav: torch.Tensor, sample_rate: int, target_lufs: float =
     be measured (silent, below the -70 LUFS gate, or shorter than the 400 ms measuring block) are
     returned unchanged.
     """
-    import pyloudnorm
+    pyloudnorm = require("pyloudnorm")
 
     check_waveform(wav, "audio to normalize")
     sample_rate = _rate(sample_rate, "sample_rate")
@@ -144,7 +145,7 @@ def write_wav(path: str | Path, wav: torch.Tensor, sample_rate: int, subtype: st
     Samples are clipped to [-1, 1]. The file is written under a temporary name in the same folder
     and renamed into place, so a failed write leaves no partial file.
     """
-    import soundfile as sf
+    sf = require("soundfile")
 
     path = Path(path)
     check_waveform(wav, "audio to write")
@@ -176,7 +177,7 @@ def write_wav(path: str | Path, wav: torch.Tensor, sample_rate: int, subtype: st
 
 def read_audio(path: str | Path) -> tuple[torch.Tensor, int]:
     """Read an audio file (WAV, FLAC, OGG, MP3, ...) -> (float32 [C, S], sample_rate)."""
-    import soundfile as sf
+    sf = require("soundfile")
 
     path = Path(path)
     if not path.is_file():

@@ -343,3 +343,52 @@ def _load_converted(path: Path) -> Release:
     codec = Codec.from_config_and_state(json.loads(meta["codec_config"]), codec_state)
     check_codec_matches(cfg, codec, str(path), str(path))
     return Release(cfg, lm_state, codec, path, json.loads(meta.get("generation", "{}")))
+
+
+# -- what a file or folder is, cheaply (for listing) --------------------------------------------------
+
+_KIND_CACHE: dict = {}
+
+
+def release_kind(path: str | Path) -> str | None:
+    """'magnet' or 'musicgen' for a release folder or converted `.safetensors`, None for anything else.
+
+    Reads only the config: the `.bin` is memory-mapped (its tensors are never read) and a `.safetensors`
+    only its header. Cached by (path, size, mtime), so listing a models folder stays cheap."""
+    p = Path(path)
+    target = p / LM_FILE if p.is_dir() else p
+    try:
+        st = target.stat()
+    except OSError:
+        return None
+    key = (str(target.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _KIND_CACHE:
+        _KIND_CACHE[key] = _read_kind(target)
+    return _KIND_CACHE[key]
+
+
+def _read_kind(target: Path) -> str | None:
+    try:
+        if target.suffix == ".safetensors":
+            meta = _safetensors_metadata(target)
+            if meta.get("format") != FORMAT:
+                return None
+            return LMConfig.from_dict(json.loads(meta["lm_config"])).kind
+        if target.name != LM_FILE or not _is_zip(target):
+            return None
+        pkg = torch.load(target, map_location="cpu", weights_only=True, mmap=True)
+        xp = yaml.safe_load(pkg["xp.cfg"]) if isinstance(pkg, dict) else None
+        model = (xp or {}).get("lm_model")
+        return {"transformer_lm_magnet": "magnet", "transformer_lm": "musicgen"}.get(model)
+    except Exception:   # anything unreadable is simply not listed; loading it by name gives the real error
+        return None
+
+
+def _safetensors_metadata(path: Path) -> dict:
+    """The `__metadata__` of a safetensors file from its header alone (8-byte length + JSON)."""
+    import struct
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        if n > 100_000_000:
+            return {}
+        return json.loads(f.read(n)).get("__metadata__") or {}

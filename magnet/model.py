@@ -23,21 +23,13 @@ from . import longform, sampling
 from .audio import check_waveform, convert_audio, fit_length, seconds_to_samples
 from .checkpoints import Release, build_lm, load_release
 from .codec import Codec
+from .devices import default_device, default_dtype, parse_device, parse_dtype
 from .errors import MagnetError
 from .sampling import SamplingParams
 from .text import TextCondition, TextEncoder
 from .transformer import LM
 
 TEXT_ENCODER_ENV = "MAGNET_TEXT_ENCODER_DIR"
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """fp16 weights on CUDA (bf16 where supported and fp16 is not wanted is a user choice), fp32 elsewhere."""
-    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
 def find_text_encoder(name: str, near: Path | None = None, search_dirs: Iterable = ()) -> Path | None:
@@ -64,8 +56,8 @@ def load_parts(release, kind: str, kind_error: str, *, text_encoder=None, device
     """(lm, codec, text encoder or None, Release) of a release of `kind` ('magnet' or 'musicgen'), on
     `device`. `kind_error` (with {source} and {kind}) is raised for a release of the other kind.
     text_encoder: a folder or TextEncoder; None = look for it; False = none."""
-    device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or default_dtype(device)
+    device = parse_device(device)
+    dtype = parse_dtype(dtype, device)
     r: Release = load_release(release, codec_dir=codec, search_dirs=search_dirs)
     if r.lm_config.kind != kind:
         raise MagnetError(kind_error.format(source=r.source, kind=r.lm_config.kind))
