@@ -230,18 +230,18 @@ class MagnetModel(CodecLM):
         return frames
 
     def _params(self, **kw) -> SamplingParams:
-        return SamplingParams(**kw).check(self.cfg.n_q)
+        return SamplingParams(**kw).check(self.cfg.n_q, self.generation_defaults)
 
     def _with_fast(self, params: SamplingParams, fast) -> SamplingParams:
         if fast is not None:
             params = replace(params, fast=fast)
-        return params.check(self.cfg.n_q)
+        return params.check(self.cfg.n_q, self.generation_defaults)
 
     def generate(self, prompts: Sequence[str] | str, *, duration: float | None = None,
                  overlap: float | None = None, seed: int | None = None,
                  use_sampling: bool = True, temperature: float = 3.0, top_k: int = 0, top_p: float = 0.9,
                  max_cfg_coef: float = 10.0, min_cfg_coef: float = 1.0,
-                 decoding_steps: Sequence[int] = sampling.DEFAULT_STEPS, span_arrangement: str = "nonoverlap",
+                 decoding_steps: Sequence[int] | str | None = "auto", span_arrangement: str = "nonoverlap",
                  span_scoring: str = "max", prompt: torch.Tensor | None = None,
                  progress: sampling.Progress | None = None,
                  rescorer: sampling.Rescorer | None = None,
@@ -296,7 +296,7 @@ class MagnetModel(CodecLM):
     def regenerate(self, codes: torch.Tensor, start: float, end: float, prompts: Sequence[str] | str, *,
                    seed: int | None = None, use_sampling: bool = True, temperature: float = 3.0,
                    top_k: int = 0, top_p: float = 0.9, max_cfg_coef: float = 10.0, min_cfg_coef: float = 1.0,
-                   decoding_steps: Sequence[int] = sampling.DEFAULT_STEPS, span_arrangement: str = "nonoverlap",
+                   decoding_steps: Sequence[int] | str | None = "auto", span_arrangement: str = "nonoverlap",
                    span_scoring: str = "max", progress: sampling.Progress | None = None,
                    rescorer: sampling.Rescorer | None = None,
                    fast: bool | sampling.FastMode = False) -> torch.Tensor:

@@ -492,7 +492,7 @@ def hybrid_from_condition(magnet: MagnetModel, musicgen: MusicGenModel, cond: Te
                           prompt: torch.Tensor | None = None, progress: sampling.Progress | None = None,
                           rescorer: sampling.Rescorer | None = None) -> torch.Tensor:
     """`generate_hybrid` on an already encoded text (what a ComfyUI node calls)."""
-    params = (params or sampling.SamplingParams()).check(magnet.cfg.n_q)
+    params = (params or sampling.SamplingParams(decoding_steps=None)).check(magnet.cfg.n_q, magnet.generation_defaults)
     if not 1 <= ar_frames < frames:
         raise MagnetError(f"the AR prompt ({ar_frames} frames) must be at least one frame and shorter than the "
                           f"generation ({frames} frames).")

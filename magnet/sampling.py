@@ -88,10 +88,14 @@ class SamplingParams:
     anneal_temp: bool = True
     fast: bool | FastMode = False    # True = FastMode(); `check` applies its step cap to decoding_steps
 
-    def check(self, n_q: int) -> "SamplingParams":
+    def check(self, n_q: int, defaults: dict | None = None) -> "SamplingParams":
+        """Validated copy. decoding_steps None or 'auto': the release's own (`defaults`, read from its
+        xp.cfg `generate.lm`), else `default_steps(n_q)`."""
         steps = self.decoding_steps
         if isinstance(steps, str):
             steps = parse_steps(steps)
+        if steps is None:
+            steps = release_steps(defaults, n_q)
         try:
             steps = [int(s) for s in steps]
         except (TypeError, ValueError):
@@ -130,7 +134,28 @@ class SamplingParams:
         return replace(self, decoding_steps=tuple(steps), fast=fast)
 
 
-def parse_steps(text: str) -> list[int]:
+def default_steps(n_q: int) -> tuple[int, ...]:
+    """20 steps for the first codebook, 10 for each other (the paper's and the 10 s releases' setting)."""
+    return tuple(DEFAULT_STEPS[:1]) + (DEFAULT_STEPS[1],) * (n_q - 1)
+
+
+def release_steps(defaults: dict | None, n_q: int) -> tuple[int, ...]:
+    """The decoding steps a release stores (xp.cfg `generate.lm.decoding_steps`: 60,10,10,10 in the 30 s
+    music releases), when they are n_q whole numbers >= 1; else `default_steps(n_q)`."""
+    stored = (defaults or {}).get("decoding_steps")
+    try:
+        steps = tuple(int(s) for s in stored)
+        if len(steps) == n_q and all(s >= 1 and s == f for s, f in zip(steps, stored)):
+            return steps
+    except (TypeError, ValueError):
+        pass
+    return default_steps(n_q)
+
+
+def parse_steps(text) -> list[int] | None:
+    """'20,10,10,10' -> [20, 10, 10, 10]; 'auto' (or empty) -> None: the release's own steps."""
+    if text is None or str(text).strip().lower() in ("auto", ""):
+        return None
     try:
         return [int(s) for s in str(text).replace(" ", "").split(",") if s != ""]
     except ValueError:
