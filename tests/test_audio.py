@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from magnet.audio import (check_waveform, convert_audio, normalize_loudness, read_audio, resample,
-                          write_wav)
+from magnet.audio import (check_waveform, convert_audio, fit_length, normalize_loudness, read_audio, resample,
+                          seconds_to_samples, write_wav)
 from magnet.errors import MagnetError
 
 
@@ -172,3 +172,74 @@ def test_check_waveform_names_the_input_and_the_problem(bad, problem):
 def test_check_waveform_accepts_clip_and_batch():
     for wav in (torch.zeros(1, 10), torch.zeros(2, 2, 10)):
         assert check_waveform(wav, "audio") is wav
+
+
+# --- every bad argument is a MagnetError naming it, never a raw exception -----------------------
+
+@pytest.mark.parametrize("call, problem", [
+    (lambda: normalize_loudness(torch.zeros(1, 16000), 16000, float("nan")), "target_lufs nan"),
+    (lambda: normalize_loudness(torch.zeros(1, 16000), 16000, float("inf")), "target_lufs inf"),
+    (lambda: normalize_loudness(torch.zeros(1, 16000), 16000, 5.0), "between -70 and 0"),
+    (lambda: normalize_loudness(torch.zeros(1, 16000), 16000, "-14"), "target_lufs"),
+    (lambda: normalize_loudness(torch.zeros(1, 16000), 16000, -14, peak=float("nan")), "peak"),
+    (lambda: resample(torch.zeros(1, 100), 0, 16000), "from_sr"),
+    (lambda: resample(torch.zeros(1, 100), 16000, -8000), "to_sr"),
+    (lambda: resample(torch.zeros(1, 100), float("nan"), 16000), "from_sr"),
+    (lambda: resample([0.0, 0.1], 16000, 8000), "float tensor"),
+    (lambda: resample(torch.zeros(1, 0), 16000, 8000), "non-empty"),
+    (lambda: resample(torch.zeros(1, 100), 10 ** 12, 1), "Not enough memory"),
+    (lambda: convert_audio(torch.zeros(1, 100), 16000, 16000, "2"), "channels"),
+    (lambda: fit_length(torch.zeros(1, 10), -5), ">= 1"),
+    (lambda: fit_length(torch.zeros(1, 10), 10 ** 30), "too long"),
+    (lambda: seconds_to_samples(float("inf"), 32000), "finite"),
+    (lambda: seconds_to_samples(1e300, 32000), "too long"),
+    (lambda: seconds_to_samples(10 ** 400, 32000), "finite"),
+    (lambda: write_wav(None, torch.zeros(1, 10), 16000), "not a path"),
+    (lambda: write_wav("/tmp/x.wav", torch.zeros(1, 10), 10 ** 12), "too high"),
+    (lambda: read_audio(None), "not a path"),
+])
+def test_bad_arguments_are_clear_errors(call, problem):
+    with pytest.raises(MagnetError, match=problem):
+        call()
+
+
+def test_write_wav_under_a_regular_file_is_a_clear_error(tmp_path):
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(MagnetError, match="Choose a folder you can write to"):
+        write_wav(tmp_path / "file.txt" / "out.wav", torch.zeros(1, 10), 16000)
+    with pytest.raises(MagnetError, match="it is a folder"):
+        write_wav(tmp_path, torch.zeros(1, 10), 16000)
+
+
+@pytest.mark.parametrize("failure", ["system", "short write", "oserror"])
+def test_write_wav_on_a_full_disk_names_the_space_and_leaves_nothing(tmp_path, monkeypatch, failure):
+    import errno
+
+    import soundfile as sf
+
+    def full(file, *args, **kwargs):
+        open(file, "wb").write(b"RIFF")          # a partial file, as a real full disk leaves
+        if failure == "system":
+            raise sf.LibsndfileError(2, "Error opening file: ")    # what libsndfile reports for ENOSPC
+        if failure == "short write":
+            raise AssertionError()                 # soundfile's check that every frame was written
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(sf, "write", full)
+    with pytest.raises(MagnetError, match="enough free space"):
+        write_wav(tmp_path / "out.wav", torch.zeros(1, 10), 16000)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_read_audio_of_a_truncated_file_is_a_clear_error(tmp_path):
+    good = write_wav(tmp_path / "good.flac", 0.1 * torch.randn(1, 16000), 16000)
+    data = good.read_bytes()
+    for n, cut in enumerate((30, len(data) // 2)):
+        bad = tmp_path / f"cut{n}.flac"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(MagnetError, match="Cannot read audio file"):
+            read_audio(bad)
+
+
+def test_valid_loudness_targets_give_bit_identical_results_for_int_and_float():
+    wav = _noise_burst(0.01)[None]
+    assert torch.equal(normalize_loudness(wav, 16000, -20), normalize_loudness(wav, 16000, -20.0))
