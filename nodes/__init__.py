@@ -9,23 +9,11 @@ from .video import MagnetFitAudioLength, MagnetVideoDuration
 
 comfy.register_folders()
 
-NODES = {
-    "MagnetModelLoader": (MagnetModelLoader, "MAGNeT Model Loader"),
-    "MagnetTextEncoderLoader": (MagnetTextEncoderLoader, "MAGNeT Text Encoder Loader"),
-    "MagnetTextEncode": (MagnetTextEncode, "MAGNeT Text Encode"),
-    "MagnetSampler": (MagnetSampler, "MAGNeT Sampler"),
-    "MagnetRegenerateRegion": (MagnetRegenerateRegion, "MAGNeT Regenerate Region"),
-    "MagnetEncodeAudio": (MagnetEncodeAudio, "MAGNeT Encode Audio (EnCodec)"),
-    "MagnetDecodeAudio": (MagnetDecodeAudio, "MAGNeT Decode Audio (EnCodec)"),
-    "MagnetLoudness": (MagnetLoudness, "MAGNeT Loudness Normalize"),
-    "MagnetVideoDuration": (MagnetVideoDuration, "MAGNeT Video Duration"),
-    "MagnetFitAudioLength": (MagnetFitAudioLength, "MAGNeT Fit Audio Length"),
-    "MagnetMusicGenLoader": (MagnetMusicGenLoader, "MAGNeT MusicGen Loader"),
-    "MagnetARPrompt": (MagnetARPrompt, "MAGNeT AR Prompt (MusicGen)"),
-    "MagnetRescorer": (MagnetRescorer, "MAGNeT Rescorer (MusicGen)"),
-    "MagnetClapLoader": (MagnetClapLoader, "MAGNeT CLAP Loader"),
-    "MagnetClapRank": (MagnetClapRank, "MAGNeT CLAP Rank (best of N)"),
-}
+NODE_CLASSES = [MagnetModelLoader, MagnetTextEncoderLoader, MagnetTextEncode, MagnetSampler, MagnetRegenerateRegion,
+                MagnetEncodeAudio, MagnetDecodeAudio, MagnetLoudness, MagnetVideoDuration, MagnetFitAudioLength,
+                MagnetMusicGenLoader, MagnetARPrompt, MagnetRescorer, MagnetClapLoader, MagnetClapRank]
 
-NODE_CLASS_MAPPINGS = {k: cls for k, (cls, _) in NODES.items()}
-NODE_DISPLAY_NAME_MAPPINGS = {k: name for k, (_, name) in NODES.items()}
+# class name (what workflows store) -> class; display name = the node's DISPLAY_NAME, also the name its
+# error messages start with
+NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in NODE_CLASSES}
+NODE_DISPLAY_NAME_MAPPINGS = {cls.__name__: cls.DISPLAY_NAME for cls in NODE_CLASSES}

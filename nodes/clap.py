@@ -1,82 +1,83 @@
 """Best of N: a CLAP scorer and a node that ranks a batch of AUDIO against the prompt."""
 from __future__ import annotations
 
-import json
 import logging
 
 from ..magnet.clap import ClapScorer
 from ..magnet.errors import MagnetError
 from . import comfy
 from .common import CATEGORY, CLAP, Handle, audio_in, audio_out, user_errors
-from .loaders import DEVICES, load_cached
+from .loaders import device_input, list_folders, load_cached
 
 log = logging.getLogger(__name__)
 
 
 def list_clap_models() -> list[str]:
     """CLAP folders (config.json with model_type clap) under models/clap."""
-    names = []
-    for root in comfy.model_dirs("clap"):
-        if not root.is_dir():
-            continue
-        for p in sorted(root.iterdir()):
-            try:
-                if p.is_dir() and json.loads((p / "config.json").read_text()).get("model_type") == "clap":
-                    names.append(p.name)
-            except (OSError, ValueError):
-                continue
-    return sorted(set(names))
+    return list_folders("clap", "clap")
 
 
 class MagnetClapLoader:
     """Loads a transformers CLAP folder from models/clap (laion/larger_clap_music for music,
     laion/larger_clap_general for sound effects)."""
 
+    DISPLAY_NAME = "MAGNeT CLAP Loader"
+    DESCRIPTION = ("Loads a CLAP text-audio model from models/clap (laion/larger_clap_music for music, "
+                   "laion/larger_clap_general for sound effects), to rank generated clips against the prompt.")
+
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"clap": (list_clap_models(), {"tooltip": "a transformers CLAP folder under models/clap"}),
-                             "device": (DEVICES, {"default": "auto"})}}
+        return {"required": {"clap": (list_clap_models(), {"tooltip": "a transformers CLAP folder under models/clap "
+                                                                      "(e.g. larger_clap_music)"}),
+                             "device": device_input()}}
 
     RETURN_TYPES = (CLAP,)
     RETURN_NAMES = ("clap",)
+    OUTPUT_TOOLTIPS = ("the CLAP scorer: connect to MAGNeT CLAP Rank",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
     def load(self, clap, device="auto"):
-        node = "MAGNeT CLAP Loader"
-
         def build(path, home, dev, _):
             scorer = ClapScorer.from_pretrained(path, device=home)
-            return Handle(scorer, path.name, [comfy.manage(scorer.model, dev)])
-        with user_errors(node):
-            return (load_cached(self, "clap", "clap", clap, node, "clap", device, build),)
+            return Handle(scorer, path.name, [comfy.manage(scorer.model, dev, f"CLAP ({path.name})")])
+        with user_errors(self.DISPLAY_NAME):
+            return (load_cached(self, "clap", "clap", clap, "clap", device, build),)
 
 
 class MagnetClapRank:
     """Scores every clip of an AUDIO batch against the prompt (CLAP cosine similarity, as in the MAGNeT
     paper) and keeps the best `keep`, best first; `scores` lists every clip's score."""
 
+    DISPLAY_NAME = "MAGNeT CLAP Rank (best of N)"
+    DESCRIPTION = ("Scores every clip of an audio batch against the prompt with CLAP (as in the MAGNeT paper) and "
+                   "keeps the best `keep`, best first. Wire `scores` into Preview Any to read them on the canvas.")
+
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "clap": (CLAP,),
-            "audio": ("AUDIO",),
+            "clap": (CLAP, {"tooltip": "CLAP, from the MAGNeT CLAP Loader"}),
+            "audio": ("AUDIO", {"tooltip": "a batch of clips to rank, e.g. Decode Audio after a Text Encode with "
+                                           "variations 4"}),
             "text": ("STRING", {"multiline": True, "default": "",
-                                "tooltip": "the prompt the clips were generated from"}),
-            "keep": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "how many of the best clips to output"}),
+                                "tooltip": "the prompt the clips were generated from (convert it to an input and "
+                                           "share one text node with Text Encode)"}),
+            "keep": ("INT", {"default": 1, "min": 1, "max": 64,
+                             "tooltip": "how many of the best clips to output (1 = the single best)"}),
         }}
 
     RETURN_TYPES = ("AUDIO", "STRING")
     RETURN_NAMES = ("best", "scores")
+    OUTPUT_TOOLTIPS = ("the best `keep` clips, best first (batch of `keep`)",
+                       "every clip's CLAP score, best first, as text: connect to Preview Any to see it")
     FUNCTION = "rank"
     CATEGORY = CATEGORY
 
     def rank(self, clap, audio, text, keep=1):
-        node = "MAGNeT CLAP Rank"
-        with user_errors(node):
-            if not text.strip():
+        with user_errors(self.DISPLAY_NAME):
+            if not str(text).strip():
                 raise MagnetError("input `text` is empty: type the prompt the clips were generated from.")
-            wav, sr = audio_in(audio, node)
+            wav, sr = audio_in(audio)
             ranking = clap.ready().rank(wav, sr, text.strip())
             order = ranking.order[: max(1, int(keep))]
             lines = [f"#{r + 1}: clip {i + 1} of {wav.shape[0]}, CLAP {float(ranking.scores[i]):.4f}"

@@ -71,11 +71,22 @@ class _Managed(torch.nn.Module):
         self.inner = module
 
 
-def manage(module: torch.nn.Module, load_device=None):
-    """Wrap a module for ComfyUI's memory manager (None outside ComfyUI)."""
+_MANAGED_CLASSES: dict[str, type] = {}
+
+
+def managed_class(label: str) -> type:
+    """A _Managed subclass whose class name is `label`: ComfyUI logs `Requested to load <class name>`, so
+    the log then reads `Requested to load MAGNeT LM (magnet-small-10secs)`."""
+    if label not in _MANAGED_CLASSES:
+        _MANAGED_CLASSES[label] = type(label, (_Managed,), {"__module__": __name__, "__qualname__": label})
+    return _MANAGED_CLASSES[label]
+
+
+def manage(module: torch.nn.Module, load_device=None, label: str = "MAGNeT model"):
+    """Wrap a module for ComfyUI's memory manager (None outside ComfyUI); `label` names it in ComfyUI's log."""
     if mm is None:
         return None
-    return comfy.model_patcher.ModelPatcher(_Managed(module), load_device=load_device or torch_device(),
+    return comfy.model_patcher.ModelPatcher(managed_class(label)(module), load_device=load_device or torch_device(),
                                             offload_device=offload_device())
 
 

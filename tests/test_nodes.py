@@ -1,4 +1,7 @@
 """The ComfyUI nodes, run as plain Python (no ComfyUI) on the reference models."""
+import contextlib
+import math
+import re
 from collections.abc import Mapping
 
 import pytest
@@ -174,31 +177,124 @@ def _error(pack):
     return pack.magnet.errors.MagnetError
 
 
+@contextlib.contextmanager
+def node_error(pack, node_type, pattern=""):
+    """The node's MagnetError: starts with its display name and a colon, names it only there, then matches."""
+    node = pack.NODE_DISPLAY_NAME_MAPPINGS[node_type]
+    with pytest.raises(_error(pack)) as info:
+        yield info
+    msg = str(info.value)
+    assert re.match(r"^" + re.escape(node) + r": \S", msg), msg
+    assert msg.count(node) == 1, f"node name twice: {msg}"
+    assert re.search(pattern, msg[len(node) + 2:]), f"{pattern!r} not in {msg!r}"
+
+
 def test_user_mistakes_name_the_node_input_and_the_fix(pack, N, music):
     model, codec, te = music
-    E = _error(pack)
     cond, = N["MagnetTextEncode"]().encode(te, "x", 1)
-    with pytest.raises(E, match="MAGNeT Sampler: decoding_steps .* one step count per codebook"):
+    with node_error(pack, "MagnetSampler", "^decoding_steps .* one step count per codebook"):
         sample(N, model, cond, decoding_steps="20,10")
-    with pytest.raises(E, match="MAGNeT Sampler: decoding_steps .*whole numbers"):
+    with node_error(pack, "MagnetSampler", "^decoding_steps .*whole numbers"):
         sample(N, model, cond, decoding_steps="twenty")
     te_large, = N["MagnetTextEncoderLoader"]().load("t5-large", "auto")
     cond_large, = N["MagnetTextEncode"]().encode(te_large, "x", 1)
-    with pytest.raises(E, match="MAGNeT Sampler: .*width 1024.*t5-base"):
+    with node_error(pack, "MagnetSampler", "width 1024.*t5-base"):
         sample(N, model, cond_large)
     _, audio_codec = N["MagnetModelLoader"]().load("magnet-audio", "auto", "auto")
     sfx_tokens, = N["MagnetEncodeAudio"]().encode(audio_codec, {"waveform": torch.zeros(1, 1, 8000),
                                                                 "sample_rate": 16000}, 0, 0)
-    with pytest.raises(E, match="MAGNeT Sampler: input `prompt_tokens` .*16000 Hz"):
+    with node_error(pack, "MagnetSampler", "^input `prompt_tokens` .*16000 Hz"):
         sample(N, model, cond, prompt_tokens=sfx_tokens)
-    with pytest.raises(E, match="MAGNeT Decode Audio: input `tokens`"):
+    with node_error(pack, "MagnetDecodeAudio", "^input `tokens`"):
         N["MagnetDecodeAudio"]().decode(codec, sfx_tokens)
-    with pytest.raises(E, match="MAGNeT Encode Audio: input `start`"):
+    regen = dict(seed=3, start=0.2, end=0.4, decoding_steps=STEPS, temperature=3.0, top_k=0, top_p=0.9,
+                 max_cfg_coef=10.0, min_cfg_coef=1.0, span_arrangement="nonoverlap", span_scoring="max")
+    with node_error(pack, "MagnetRegenerateRegion", "^input `tokens`"):
+        N["MagnetRegenerateRegion"]().regenerate(model, cond, sfx_tokens, **regen)
+    with node_error(pack, "MagnetEncodeAudio", "^input `start`"):
         N["MagnetEncodeAudio"]().encode(codec, {"waveform": torch.zeros(1, 1, 100), "sample_rate": 32000}, 5.0, 0)
-    with pytest.raises(E, match="MAGNeT Model Loader: `release` 'nope' was not found"):
+    with node_error(pack, "MagnetEncodeAudio", "^input `audio` is not AUDIO"):
+        N["MagnetEncodeAudio"]().encode(codec, torch.zeros(1, 1, 100), 0, 0)
+    with node_error(pack, "MagnetLoudness", "^input `audio` has a waveform of shape"):
+        N["MagnetLoudness"]().normalize({"waveform": torch.zeros(1, 1, 0), "sample_rate": 32000}, -14.0)
+    with node_error(pack, "MagnetFitAudioLength", "^input `audio` has sample rate"):
+        N["MagnetFitAudioLength"]().fit({"waveform": torch.zeros(1, 1, 10), "sample_rate": 0}, 1.0)
+    with node_error(pack, "MagnetModelLoader", "^`release` 'nope' was not found"):
         N["MagnetModelLoader"]().load("nope", "auto", "auto")
-    with pytest.raises(E, match="MusicGen|musicgen"):
+    with node_error(pack, "MagnetModelLoader", "MusicGen|musicgen"):
         N["MagnetModelLoader"]().load("musicgen", "auto", "auto")
+
+
+def test_user_errors_prefixes_exactly_once(pack):
+    from magnet_node_pack.nodes.common import user_errors
+    E = _error(pack)
+    for inner in ("input `x` is bad: fix it.", "MAGNeT Sampler: input `x` is bad: fix it."):
+        with pytest.raises(E) as info:
+            with user_errors("MAGNeT Sampler"):
+                with user_errors("MAGNeT Sampler"):
+                    raise E(inner)
+        assert str(info.value) == "MAGNeT Sampler: input `x` is bad: fix it."
+
+
+def test_interrupts_and_other_errors_pass_through_unchanged(pack, monkeypatch):
+    from magnet_node_pack.nodes import comfy
+    from magnet_node_pack.nodes.common import user_errors
+
+    class Interrupt(Exception):
+        pass
+    monkeypatch.setattr(comfy, "is_interrupt", lambda e: isinstance(e, Interrupt))
+    for exc in (Interrupt("cancel"), KeyboardInterrupt()):
+        with pytest.raises(type(exc)):
+            with user_errors("MAGNeT Sampler"):
+                raise exc
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_numbers_at_the_node_boundary_are_clear_errors(pack, N, music, bad):
+    model, codec, te = music
+    cond, = N["MagnetTextEncode"]().encode(te, "x", 1)
+    audio = {"waveform": torch.zeros(1, 1, 3200), "sample_rate": 32000}
+    with node_error(pack, "MagnetEncodeAudio", "^input `start` is"):
+        N["MagnetEncodeAudio"]().encode(codec, audio, bad, 0.0)
+    with node_error(pack, "MagnetEncodeAudio", "^input `length` is"):
+        N["MagnetEncodeAudio"]().encode(codec, audio, 0.0, bad)
+    with node_error(pack, "MagnetSampler", "^input `duration` is"):
+        sample(N, model, cond, duration=bad)
+    with node_error(pack, "MagnetSampler", "^input `overlap` is"):
+        sample(N, model, cond, overlap=bad)
+    with node_error(pack, "MagnetSampler", "^input `seed` is"):
+        sample(N, model, cond, seed=bad)
+    with node_error(pack, "MagnetSampler", "^input `temperature` is"):
+        sample(N, model, cond, temperature=bad)
+    with node_error(pack, "MagnetFitAudioLength", "^input `duration` is"):
+        N["MagnetFitAudioLength"]().fit(audio, bad)
+    with node_error(pack, "MagnetVideoDuration", "^input `fps` is"):
+        N["MagnetVideoDuration"]().duration(images=torch.zeros(4, 8, 8, 3), fps=bad)
+    long = sample(N, model, cond, duration=1.0)
+    regen = dict(seed=3, start=0.2, end=bad, decoding_steps=STEPS, temperature=3.0, top_k=0, top_p=0.9,
+                 max_cfg_coef=10.0, min_cfg_coef=1.0, span_arrangement="nonoverlap", span_scoring="max")
+    with node_error(pack, "MagnetRegenerateRegion", "^input `end` is"):
+        N["MagnetRegenerateRegion"]().regenerate(model, cond, long, **regen)
+
+
+def test_seed_out_of_range_is_a_clear_error(pack, N, music):
+    model, _, te = music
+    cond, = N["MagnetTextEncode"]().encode(te, "x", 1)
+    with node_error(pack, "MagnetSampler", "^input `seed` -1 is outside"):
+        sample(N, model, cond, seed=-1)
+    with node_error(pack, "MagnetSampler", "^input `seed` is 1.5"):
+        sample(N, model, cond, seed=1.5)
+    assert sample(N, model, cond, seed=2.0)["codes"].shape[-1] > 0     # a whole float from a link is fine
+
+
+def test_a_device_this_machine_lacks_is_a_clear_error(pack, N, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with node_error(pack, "MagnetModelLoader", "^device 'cuda': this machine .*has no CUDA"):
+        N["MagnetModelLoader"]().load("magnet-music", "cuda", "auto")
+    with node_error(pack, "MagnetTextEncoderLoader", "^device 'cuda:1'"):
+        N["MagnetTextEncoderLoader"]().load("t5-base", "cuda:1")
+    with node_error(pack, "MagnetModelLoader", "^dtype 'fp8' is not a weight type"):
+        N["MagnetModelLoader"]().load("magnet-music", "cpu", "fp8")
 
 
 def test_unreadable_lazy_audio_is_a_clear_error(pack, N, music):
@@ -213,7 +309,7 @@ def test_unreadable_lazy_audio_is_a_clear_error(pack, N, music):
 
         def __len__(self):
             return 2
-    with pytest.raises(_error(pack), match="no audio track"):
+    with node_error(pack, "MagnetEncodeAudio", "no audio track"):
         N["MagnetEncodeAudio"]().encode(codec, NoTrack(), 0, 0)
 
 
@@ -259,7 +355,7 @@ def test_clap_rank_keeps_the_best_clips_in_order_and_reports_scores(pack, N, tmp
     ranking = clap.obj.rank(wav, SR, "a calm piano")
     assert torch.equal(best["waveform"], wav[ranking.order[:2]])
     assert report.count("CLAP") == 4 and report.count("(kept)") == 2 and out["ui"]["text"] == [report]
-    with pytest.raises(_error(pack), match="MAGNeT CLAP Rank: input `text` is empty"):
+    with node_error(pack, "MagnetClapRank", "^input `text` is empty"):
         N["MagnetClapRank"]().rank(clap, {"waveform": wav, "sample_rate": SR}, "  ", 1)
 
 
@@ -289,12 +385,16 @@ def test_musicgen_with_a_mismatched_magnet_names_both(pack, N):
     sfx, _ = N["MagnetModelLoader"]().load("magnet-audio", "auto", "auto")
     te, = N["MagnetTextEncoderLoader"]().load("t5-large", "auto")
     cond, = N["MagnetTextEncode"]().encode(te, "x", 1)
-    with pytest.raises(_error(pack), match="MAGNeT AR Prompt.*magnet-audio.*musicgen|MAGNeT AR Prompt.*musicgen.*magnet-audio"):
+    with node_error(pack, "MagnetARPrompt", "magnet-audio.*musicgen|musicgen.*magnet-audio"):
         N["MagnetARPrompt"]().generate(ar, sfx, cond, 0, 0.5, 1.0, 250, 0.0, 3.0)
     r, = N["MagnetRescorer"]().build(ar, 0.5, 3.0)
-    with pytest.raises(_error(pack), match="MAGNeT Sampler.*magnet-audio"):
+    with node_error(pack, "MagnetSampler", "magnet-audio"):
         sample(N, sfx, cond, rescorer=r)
-    with pytest.raises(_error(pack), match="MAGNeT MusicGen Loader.*MAGNeT release"):
+    with node_error(pack, "MagnetRescorer", "^input `weight`"):
+        N["MagnetRescorer"]().build(ar, 1.5, 3.0)
+    with node_error(pack, "MagnetARPrompt", "^input `seconds` is"):
+        N["MagnetARPrompt"]().generate(ar, sfx, cond, 0, math.nan, 1.0, 250, 0.0, 3.0)
+    with node_error(pack, "MagnetMusicGenLoader", "MAGNeT release"):
         N["MagnetMusicGenLoader"]().load("magnet-music", "auto", "auto")
 
 
