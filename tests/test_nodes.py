@@ -398,6 +398,24 @@ def test_musicgen_with_a_mismatched_magnet_names_both(pack, N):
         N["MagnetMusicGenLoader"]().load("magnet-music", "auto", "auto")
 
 
+def test_auto_decoding_steps_are_the_releases_own_and_numbers_win(N, music, monkeypatch, pack):
+    model, _, te = music
+    cond, = N["MagnetTextEncode"]().encode(te, "x", 1)
+    calls = []
+    monkeypatch.setattr(pack.nodes.comfy, "check_interrupt", lambda: calls.append(1))
+    sample(N, model, cond, decoding_steps="auto", duration=0.3)
+    assert len(calls) == 60 + 10 + 10 + 10            # this fixture stores 60,10,10,10 (like the 30 s releases)
+    calls.clear()
+    sample(N, model, cond, decoding_steps=" 3, 2,2,2 ", duration=0.3)
+    assert len(calls) == 9
+    sfx, _ = N["MagnetModelLoader"]().load("magnet-audio", "auto", "auto")
+    te_large, = N["MagnetTextEncoderLoader"]().load("t5-large", "auto")
+    cond_large, = N["MagnetTextEncode"]().encode(te_large, "x", 1)
+    calls.clear()
+    sample(N, sfx, cond_large, decoding_steps="auto", duration=0.3)
+    assert len(calls) == 20 + 10 + 10 + 10            # audio-magnet: 20,10,10,10
+
+
 def test_fast_switch_caps_the_later_codebooks_steps(N, music, monkeypatch, pack):
     model, _, te = music
     cond, = N["MagnetTextEncode"]().encode(te, "x", 1)
