@@ -2,14 +2,32 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+import uuid
 from pathlib import Path
 
 from .errors import MagnetError
 
+MAX_SECONDS = 600.0     # longer asks run out of memory when the codec decodes the whole clip at once
+MAX_STEPS = 1000        # per codebook; the releases use 10..60
+LUFS_RANGE = (-70.0, 0.0)
+
+
+class _UsageError(MagnetError):
+    """A command line argparse refused (unknown option, missing argument, not an int)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing the usage block and exiting, so `main` prints one line."""
+
+    def error(self, message):
+        raise _UsageError(f"{message}. See `{self.prog} -h`.")
+
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m magnet", description="MAGNeT text-to-music / text-to-sound.")
+    ap = _Parser(prog="python -m magnet", description="MAGNeT text-to-music / text-to-sound.")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     g = sub.add_parser("generate", help="generate audio from text prompts and write WAV files")
@@ -18,18 +36,28 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--text-encoder", help="T5 folder (default: found beside the release, or $MAGNET_TEXT_ENCODER_DIR)")
     g.add_argument("--codec", help="transformers EnCodec folder, for releases whose codec file is a pointer")
     g.add_argument("-o", "--output", default="magnet.wav", help="WAV path; several prompts get _1, _2, ... suffixes")
-    g.add_argument("--seconds", type=float, default=None, help="duration (default: the release's window)")
-    g.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
+    g.add_argument("--seconds", default=None,
+                   help=f"duration, up to {MAX_SECONDS:g} s (default: the release's window); longer than the "
+                        f"window, the window slides (see --overlap)")
+    g.add_argument("--overlap", default=None, metavar="SECONDS",
+                   help="for durations beyond the window: seconds of context each next window continues from "
+                        "(default: half the window)")
+    g.add_argument("--seed", default=None, help="random seed, a whole number (default: random, printed)")
     g.add_argument("--steps", default="20,10,10,10", help="decoding steps per codebook (default 20,10,10,10)")
-    g.add_argument("--temperature", type=float, default=3.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=0.9)
+    g.add_argument("--fast", action="store_true",
+                   help="fast mode: fewer steps for codebooks >= 1, int8 linear layers on the CPU, no null pass "
+                        "where guidance is 1 (default: the exact mode, identical to the reference)")
+    g.add_argument("--temperature", default="3.0")
+    g.add_argument("--top-k", default="0")
+    g.add_argument("--top-p", default="0.9")
     g.add_argument("--cfg", default="10,1", help="classifier-free guidance start,end (default 10,1)")
     g.add_argument("--span-arrangement", default="nonoverlap", choices=["nonoverlap", "stride1"])
     g.add_argument("--span-scoring", default="max", choices=["max", "prod"])
     g.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
-    g.add_argument("--loudness", type=float, default=None, help="normalise to this LUFS target, e.g. -14")
+    g.add_argument("--loudness", default=None, help="normalise to this LUFS target, -70..0, e.g. -14")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    g.add_argument("--dtype", default=None, help="weights: fp32, fp16 (half), bf16 (default: fp16 on CUDA, "
+                                                 "fp32 elsewhere)")
 
     d = sub.add_parser("download", help="download an official release, T5 or codec from the Hugging Face hub")
     d.add_argument("name", help="e.g. magnet-small-10secs, audio-magnet-small, t5-base, t5-large, encodec_32khz")
@@ -57,38 +85,146 @@ def _parser() -> argparse.ArgumentParser:
                    help="normalise each clip to this loudness before scoring, as audiocraft's evaluation does "
                         "(default -14); 'off' scores the files as they are")
     e.add_argument("--sort", action="store_true", help="list the files best first")
-    e.add_argument("--batch-size", type=int, default=16, help="CLAP windows per forward pass (default 16)")
+    e.add_argument("--batch-size", default="16", help="CLAP windows per forward pass (default 16)")
     e.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     return ap
 
 
+# -- option checks: each names the option and the fix -------------------------------------------------
+
+def _number(value: str, option: str, fix: str, *, lo=None, hi=None, lo_open=False) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        x = math.nan
+    if not math.isfinite(x) or (lo is not None and (x <= lo if lo_open else x < lo)) or (hi is not None and x > hi):
+        raise MagnetError(f"{option} {value!r}: {fix}")
+    return x
+
+
+def _whole(value: str, option: str, fix: str, *, lo=None, hi=None) -> int:
+    try:
+        x = int(str(value).strip())
+    except (TypeError, ValueError):
+        raise MagnetError(f"{option} {value!r} is not a whole number: {fix}") from None
+    if (lo is not None and x < lo) or (hi is not None and x > hi):
+        raise MagnetError(f"{option} {value!r}: {fix}")
+    return x
+
+
+def _loudness(value: str) -> float:
+    lo, hi = LUFS_RANGE
+    return _number(value, "--loudness", f"give a loudness target in LUFS from {lo:g} to {hi:g}, e.g. -14 "
+                                        f"(streaming) or -23 (broadcast).", lo=lo, hi=hi)
+
+
+def _steps(value: str) -> list[int] | None:
+    text = str(value).replace(" ", "")
+    if text.lower() in ("auto", ""):
+        return None
+    fix = (f"give one whole number of steps from 1 to {MAX_STEPS} per codebook, e.g. --steps 20,10,10,10, "
+           f"or --steps auto for the release's own.")
+    parts = text.split(",")
+    try:
+        steps = [int(p) for p in parts]
+    except ValueError:
+        raise MagnetError(f"--steps {value!r}: {fix}") from None
+    if not all(1 <= n <= MAX_STEPS for n in steps):
+        raise MagnetError(f"--steps {value!r}: {fix}")
+    return steps
+
+
+def _device(value):
+    from .devices import parse_device
+    return parse_device(value, "--device")
+
+
+def _output_folder(path: Path, option: str) -> None:
+    """Fail before any work when `path`'s folder cannot be made or written to."""
+    if path.is_dir():
+        raise MagnetError(f"cannot write {path}: it is a folder. Give a file name for {option}, e.g. "
+                          f"{path / ('out' + (path.suffix or '.wav'))}.")
+    blocker = next((d for d in path.parents if d.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise MagnetError(f"cannot write {path}: {blocker} is a file, not a folder. Choose a writable folder "
+                          f"with enough free space.")
+    probe = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.probe"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise MagnetError(f"cannot write {path}: {_reason(e)}. Choose a writable folder with enough free "
+                          f"space.") from None
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "I/O error: " in text:                    # safetensors: 'Error while serializing: I/O error: X at path "..."'
+        text = text.split("I/O error: ", 1)[1].split(" at path ")[0]
+    return text
+
+
 def _generate(a) -> int:
     from . import audio
+    from .devices import parse_dtype
     from .model import MagnetModel
-    from .sampling import parse_steps
+    if a.seconds is not None:
+        a.seconds = _number(a.seconds, "--seconds", f"give a duration in seconds, more than 0 and at most "
+                                                    f"{MAX_SECONDS:g}, e.g. --seconds 10.", lo=0, lo_open=True,
+                            hi=MAX_SECONDS)
+    if a.overlap is not None:
+        a.overlap = _number(a.overlap, "--overlap", "give the seconds of context each next window continues "
+                                                    "from, >= 0, e.g. --overlap 5 (default: half the window).",
+                            lo=0)
+    if a.seed is not None:
+        a.seed = _whole(a.seed, "--seed", "give an integer such as 42, or leave --seed out for a random seed.")
+    steps = _steps(a.steps)
+    temperature = _number(a.temperature, "--temperature", "give a number >= 0, e.g. 3.", lo=0)
+    top_k = _whole(a.top_k, "--top-k", "give 0 (off) or a number of tokens >= 1, e.g. 250.", lo=0)
+    top_p = _number(a.top_p, "--top-p", "give a probability from 0 (off) to 1, e.g. 0.9.", lo=0, hi=1)
     try:
         cfg_max, cfg_min = (float(x) for x in a.cfg.split(","))
+        if not (math.isfinite(cfg_max) and math.isfinite(cfg_min)):
+            raise ValueError
     except ValueError:
         raise MagnetError(f"--cfg {a.cfg!r} must be two numbers, start,end (e.g. 10,1).") from None
+    loudness = None if a.loudness is None else _loudness(a.loudness)
+    device = _device(a.device)
+    dtype = parse_dtype(a.dtype, device, "--dtype")
+    if a.fast and device.type == "cpu" and str(dtype) != "torch.float32":
+        raise MagnetError(f"--fast on the CPU runs int8 layers that take fp32 weights, not --dtype {a.dtype}: "
+                          f"leave --dtype out (fp32 on the CPU) or drop --fast.")
+    out = Path(a.output)
+    _output_folder(out, "-o/--output")
+
     print(f"loading {a.model} ...", file=sys.stderr)
-    model = MagnetModel.from_pretrained(a.model, text_encoder=a.text_encoder, device=a.device, codec=a.codec)
+    model = MagnetModel.from_pretrained(a.model, text_encoder=a.text_encoder, device=device, dtype=dtype,
+                                        codec=a.codec)
     from tqdm import tqdm
-    bar = tqdm(total=None, unit="step", desc="decoding", file=sys.stderr)
+    bars = []       # made at the first step, so a refused argument prints no empty bar
 
     def progress(done, total):
-        bar.total = total
-        bar.n = done
-        bar.refresh()
+        if not bars:
+            bars.append(tqdm(total=total, unit="step", desc="decoding", file=sys.stderr))
+        bars[0].total = total
+        bars[0].n = done
+        bars[0].refresh()
 
-    codes = model.generate(a.prompts, duration=a.seconds, seed=a.seed, use_sampling=not a.greedy,
-                           temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, max_cfg_coef=cfg_max,
-                           min_cfg_coef=cfg_min, decoding_steps=parse_steps(a.steps),
-                           span_arrangement=a.span_arrangement, span_scoring=a.span_scoring, progress=progress)
-    bar.close()
+    try:
+        codes = model.generate(a.prompts, duration=a.seconds, overlap=a.overlap, seed=a.seed,
+                               use_sampling=not a.greedy, temperature=temperature, top_k=top_k, top_p=top_p,
+                               max_cfg_coef=cfg_max, min_cfg_coef=cfg_min, decoding_steps=steps,
+                               span_arrangement=a.span_arrangement, span_scoring=a.span_scoring,
+                               progress=progress, fast=a.fast)
+    finally:
+        for bar in bars:    # ends the bar's line: an error then prints on a line of its own
+            bar.close()
     wav = model.decode(codes)
-    if a.loudness is not None:
-        wav = audio.normalize_loudness(wav, model.sample_rate, a.loudness)
-    out = Path(a.output)
+    if loudness is not None:
+        wav = audio.normalize_loudness(wav, model.sample_rate, loudness)
     for i in range(wav.shape[0]):
         path = out if wav.shape[0] == 1 else out.with_name(f"{out.stem}_{i + 1}{out.suffix or '.wav'}")
         audio.write_wav(path, wav[i], model.sample_rate)
@@ -101,9 +237,29 @@ def _convert(a) -> int:
     import torch
 
     from .checkpoints import convert_release
-    out = convert_release(a.release, a.output, codec_dir=a.codec, dtype=torch.float16 if a.fp16 else None)
+    out = Path(a.output)
+    if out.suffix != ".safetensors":
+        raise MagnetError(f"output {out} must end in .safetensors, e.g. {out.with_suffix('.safetensors')}.")
+    _output_folder(out, "the output")
+    partial = out.with_name(out.name + ".partial")      # what convert_release writes, then renames
+    try:
+        out = convert_release(a.release, out, codec_dir=a.codec, dtype=torch.float16 if a.fp16 else None)
+    except BaseException as e:
+        partial.unlink(missing_ok=True)
+        if _is_write_error(e, out, partial):
+            raise MagnetError(f"cannot write {out}: {_reason(e)}. Choose a writable folder with enough free "
+                              f"space.") from None
+        raise
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return 0
+
+
+def _is_write_error(e: BaseException, out: Path, partial: Path) -> bool:
+    """An OSError about the output (or with no file named), or safetensors failing to serialize."""
+    if isinstance(e, OSError):
+        names = [Path(os.fsdecode(f)) for f in (e.filename, e.filename2) if f is not None]
+        return not names or any(n in (out, partial) or n in out.parents for n in names)
+    return type(e).__name__ == "SafetensorError" and "serializ" in str(e)
 
 
 def _read_prompts(path: str) -> list[str]:
@@ -127,10 +283,11 @@ def _evaluate(a) -> int:
     if a.loudness.strip().lower() in ("off", "none", "no"):
         loudness = None
     else:
-        try:
-            loudness = float(a.loudness)
-        except ValueError:
-            raise MagnetError(f"--loudness {a.loudness!r} must be a LUFS value such as -14, or 'off'.") from None
+        loudness = _number(a.loudness, "--loudness", f"give a loudness target in LUFS from {LUFS_RANGE[0]:g} "
+                                                     f"to {LUFS_RANGE[1]:g}, e.g. -14, or 'off'.",
+                           lo=LUFS_RANGE[0], hi=LUFS_RANGE[1])
+    batch_size = _whole(a.batch_size, "--batch-size", "give a number of windows >= 1, e.g. 16.", lo=1)
+    device = _device(a.device)
     prompts = [a.prompt] if a.prompt is not None else _read_prompts(a.prompts)
     if len(prompts) == 1:
         prompts = prompts * len(a.audio)
@@ -139,9 +296,9 @@ def _evaluate(a) -> int:
                           f"prompt per file (in the same order), or a single prompt for all files.")
     clips = [audio.read_audio(f) for f in a.audio]  # every file is checked before the model loads
     print(f"loading {a.clap} ...", file=sys.stderr)
-    scorer = ClapScorer.from_pretrained(a.clap, device=a.device)
+    scorer = ClapScorer.from_pretrained(a.clap, device=device)
     scores = scorer.score([w for w, _ in clips], [sr for _, sr in clips], prompts, loudness=loudness,
-                          batch_size=a.batch_size).tolist()
+                          batch_size=batch_size).tolist()
     rows = list(range(len(a.audio)))
     if a.sort:
         rows.sort(key=lambda i: -scores[i])
@@ -165,15 +322,38 @@ def _download(a) -> int:
 
 
 def main(argv=None) -> int:
-    a = _parser().parse_args(argv)
+    """Run the command line; returns the exit status (0 ok, 2 a user error, 1 out of memory, 130 interrupted).
+    Every error is one line on stderr, never a traceback."""
     try:
+        a = _parser().parse_args(argv)
         return {"generate": _generate, "download": _download, "convert": _convert, "evaluate": _evaluate}[a.cmd](a)
+    except SystemExit as e:          # -h / --help
+        return e.code if isinstance(e.code, int) else 0
     except MagnetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(f"error: {e}", 2)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return _fail("interrupted", 130)
+    except MemoryError:
+        return _fail(_OOM, 1)
+    except OSError as e:             # a file the engine did not expect to fail (permissions, disk, network drive)
+        where = f" {os.fsdecode(e.filename)}" if e.filename is not None else ""
+        return _fail(f"error: {e.strerror or e}{':' + where if where else ''}. Check the path, its permissions "
+                     f"and the free space.", 2)
+    except RuntimeError as e:
+        from .audio import is_out_of_memory
+        if is_out_of_memory(e):
+            return _fail(_OOM, 1)
+        raise
+
+
+_OOM = ("error: ran out of memory: ask for a shorter duration (--seconds) or a smaller batch (fewer prompts at "
+        "once), or use --dtype fp16 on a GPU.")
+
+
+def _fail(message: str, code: int) -> int:
+    sys.stdout.flush()
+    print(message, file=sys.stderr, flush=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,10 +1,42 @@
-"""The command line: `python -m magnet generate|convert`."""
+"""The command line: `python -m magnet generate|convert|download|evaluate`, run in-process (one smoke test
+runs it as a subprocess). A user's mistake ends with exit status != 0 and one line on stderr naming the
+option or problem and the fix, never a traceback."""
+import errno
 import subprocess
 import sys
 
+import pytest
 import soundfile as sf
+import torch
 
 from magnet.__main__ import main
+from magnet.errors import MagnetError
+
+
+def run(capsys, *args):
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_one_line_error(rc, err, *words):
+    assert rc != 0 and "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]      # on a line of its own ...
+    assert len(errors) == 1 and errors[0] == lines[-1], err               # ... the last one
+    assert not any("Error:" in line or "Exception" in line for line in lines[:-1]), err   # no raw exception
+    for w in words:
+        assert w in errors[0], (w, errors[0])
+
+
+def gen(ref, tmp_path, *extra):
+    return ["generate", "rain on a tin roof", "--model", ref / "magnet-music", "--text-encoder", ref / "t5-base",
+            "-o", tmp_path / "out.wav", "--device", "cpu", *extra]
+
+
+def test_help_runs_as_a_program():
+    r = subprocess.run([sys.executable, "-m", "magnet", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "generate" in r.stdout and "convert" in r.stdout and not r.stderr
 
 
 def test_generate_writes_one_wav_per_prompt_with_the_requested_length(ref, tmp_path, capsys):
@@ -29,22 +61,202 @@ def test_convert_then_generate_from_the_single_file(ref, tmp_path):
     assert sr == 16000 and len(data) == 99 * 320
 
 
-def test_user_errors_print_the_message_and_exit_2(ref, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "magnet", "generate", "x", "--model", str(tmp_path / "missing")],
-                       capture_output=True, text=True)
-    assert r.returncode == 2
-    assert "release not found" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "-m", "magnet", "generate", "x", "--model", str(ref / "magnet-music"),
-                        "--steps", "20,10", "--device", "cpu"], capture_output=True, text=True)
-    assert r.returncode == 2 and "one step count per codebook" in r.stderr
+def test_user_errors_print_the_message_and_exit_2(ref, tmp_path, capsys):
+    rc, _, err = run(capsys, "generate", "x", "--model", tmp_path / "missing", "--device", "cpu")
+    assert rc == 2
+    assert_one_line_error(rc, err, "release not found")
+    rc, _, err = run(capsys, "generate", "x", "--model", ref / "magnet-music", "--steps", "20,10", "--device", "cpu")
+    assert rc == 2
+    assert_one_line_error(rc, err, "one step count per codebook")
 
 
-def test_download_offline_names_the_folder_to_fill(tmp_path):
-    import os
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    r = subprocess.run([sys.executable, "-m", "magnet", "download", "t5-base", "--models-dir", str(tmp_path)],
-                       capture_output=True, text=True, env=env)
-    assert r.returncode == 2
-    assert str(tmp_path / "text_encoders" / "t5-base") in r.stderr and "spiece.model" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "magnet", "download", "magnet-huge"], capture_output=True, text=True)
-    assert r.returncode == 2 and "magnet-small-10secs" in r.stderr
+@pytest.mark.parametrize("args, words", [
+    (["--seconds", "1e9"], ["--seconds", "at most"]),
+    (["--seconds", "nan"], ["--seconds"]),
+    (["--seconds", "inf"], ["--seconds"]),
+    (["--seconds", "-1"], ["--seconds", "more than 0"]),
+    (["--seconds", "ten"], ["--seconds"]),
+    (["--steps", "2.5"], ["--steps", "whole number"]),
+    (["--steps", "10000"], ["--steps", "1000"]),
+    (["--steps", "20,0,10,10"], ["--steps"]),
+    (["--device", "gpu-zero"], ["--device", "not a device name"]),
+    (["--device", "tpu"], ["--device"]),
+    (["--dtype", "quarter"], ["--dtype", "fp16"]),
+    (["--loudness", "nan"], ["--loudness", "LUFS"]),
+    (["--loudness", "5"], ["--loudness", "-70 to 0"]),
+    (["--loudness", "-inf"], ["--loudness"]),
+    (["--seed", "abc"], ["--seed", "whole number"]),
+    (["--seed", "1.5"], ["--seed"]),
+    (["--overlap", "-1"], ["--overlap"]),
+    (["--overlap", "nan"], ["--overlap"]),
+    (["--top-k", "x"], ["--top-k"]),
+    (["--top-p", "2"], ["--top-p"]),
+    (["--temperature", "nan"], ["--temperature"]),
+    (["--cfg", "nan,1"], ["--cfg"]),
+    (["--span-scoring", "min"], ["--span-scoring", "-h"]),
+    (["--no-such-option"], ["--no-such-option"]),
+])
+def test_bad_generate_options_are_one_line_errors_naming_the_option(ref, tmp_path, capsys, args, words):
+    rc, _, err = run(capsys, *gen(ref, tmp_path, *args))
+    assert rc == 2
+    assert_one_line_error(rc, err, *words)
+    assert "loading" not in err                 # refused before any model loads
+
+
+@pytest.mark.parametrize("name", ["cuda", "gpu0", "cuda:1"])
+def test_device_names_a_missing_gpu_or_works(ref, tmp_path, capsys, name):
+    rc, _, err = run(capsys, *gen(ref, tmp_path, "--device", name, "--seconds", "0.12", "--steps", "1,1,1,1"))
+    if rc == 0:
+        assert (tmp_path / "out.wav").is_file()
+    elif not torch.cuda.is_available():
+        assert_one_line_error(rc, err, "--device", "no CUDA")
+    else:
+        assert_one_line_error(rc, err, "--device")
+
+
+def test_dtype_half_is_accepted(ref, tmp_path, capsys):
+    rc, _, err = run(capsys, *gen(ref, tmp_path, "--dtype", "half", "--seconds", "0.12", "--steps", "1,1,1,1"))
+    assert rc == 0, err
+    assert sf.info(str(tmp_path / "out.wav")).samplerate == 32000
+
+
+def test_fast_mode_generates(ref, tmp_path, capsys):
+    rc, _, err = run(capsys, *gen(ref, tmp_path, "--fast", "--seconds", "0.6", "--steps", "2,1,1,1", "--seed", "1"))
+    assert rc == 0, err
+    assert len(sf.read(tmp_path / "out.wav")[0]) == 30 * 640
+
+
+def test_fast_mode_with_half_weights_on_the_cpu_is_refused_clearly(ref, tmp_path, capsys):
+    rc, _, err = run(capsys, *gen(ref, tmp_path, "--fast", "--dtype", "fp16"))
+    assert_one_line_error(rc, err, "--fast", "--dtype")
+
+
+def test_overlap_slides_the_window_beyond_the_release_length(ref, tmp_path, capsys):
+    rc, _, err = run(capsys, *gen(ref, tmp_path, "--seconds", "3", "--overlap", "0.5", "--steps", "1,1,1,1",
+                                  "--greedy"))
+    assert rc == 0, err
+    assert len(sf.read(tmp_path / "out.wav")[0]) == 3 * 32000
+
+
+def test_overlap_longer_than_the_window_is_a_clear_error(ref, tmp_path, capsys):
+    rc, _, err = run(capsys, *gen(ref, tmp_path, "--seconds", "3", "--overlap", "100"))
+    assert_one_line_error(rc, err, "overlap", "at most")
+    assert not (tmp_path / "out.wav").exists()
+
+
+def test_output_under_a_regular_file_fails_before_loading(ref, tmp_path, capsys):
+    (tmp_path / "file.txt").write_text("x")
+    rc, _, err = run(capsys, "generate", "x", "--model", ref / "magnet-music", "--device", "cpu",
+                     "-o", tmp_path / "file.txt" / "out.wav")
+    assert_one_line_error(rc, err, "cannot write", "file.txt", "writable folder")
+    assert "loading" not in err
+
+
+class _FailingModel:
+    """Stands in for a loaded model: runs two progress steps, then fails as `fail` says."""
+    sample_rate = 32000
+    last_seed = 0
+
+    def __init__(self, fail):
+        self.fail = fail
+
+    def generate(self, prompts, progress=None, **kw):
+        progress(1, 40)
+        progress(2, 40)
+        raise self.fail
+
+
+@pytest.mark.parametrize("fail, words, code", [
+    (MagnetError("duration 99 s is too long: ask for at most 60 s."), ["too long"], 2),
+    (MemoryError(), ["ran out of memory", "shorter duration", "smaller batch"], 1),
+    (RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB"), ["ran out of memory"], 1),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
+     ["ran out of memory"], 1),
+])
+def test_an_error_during_decoding_prints_on_a_fresh_line_after_the_progress_bar(tmp_path, capsys, monkeypatch,
+                                                                                 fail, words, code):
+    from magnet import model
+    monkeypatch.setattr(model.MagnetModel, "from_pretrained", classmethod(lambda cls, *a, **k: _FailingModel(fail)))
+    rc, _, err = run(capsys, "generate", "x", "--model", tmp_path, "--device", "cpu", "-o", tmp_path / "o.wav")
+    assert rc == code
+    assert "decoding" in err and "2/40" in err       # the bar was drawn ...
+    assert_one_line_error(rc, err, *words)           # ... and closed: the error has its own line
+    assert err.endswith("\n") and "\r" not in err.splitlines()[-1]
+
+
+def test_an_unexpected_bug_still_shows_its_traceback(tmp_path, monkeypatch):
+    from magnet import model
+    monkeypatch.setattr(model.MagnetModel, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: _FailingModel(RuntimeError("shape mismatch"))))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(["generate", "x", "--model", str(tmp_path), "--device", "cpu", "-o", str(tmp_path / "o.wav")])
+
+
+# --- convert: a failed write is one line and leaves nothing behind --------------------------------
+
+def test_convert_into_a_path_under_a_regular_file_is_a_clear_error(ref, tmp_path, capsys):
+    (tmp_path / "file.txt").write_text("x")
+    out = tmp_path / "file.txt" / "out.safetensors"
+    rc, _, err = run(capsys, "convert", ref / "magnet-audio", out)
+    assert_one_line_error(rc, err, f"cannot write {out}", "Choose a writable folder with enough free space.")
+
+
+def _full_disk(kind):
+    def save_file(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:          # half a file, as a full disk leaves it
+            f.write(b"\0" * 100)
+        if kind == "oserror":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        from safetensors import SafetensorError
+        raise SafetensorError(f"Error while serializing: I/O error: No space left on device (os error 28) "
+                              f"at path \"{filename}\"")
+    return save_file
+
+
+@pytest.mark.parametrize("kind", ["oserror", "safetensors"])
+def test_convert_on_a_full_disk_is_a_clear_error_and_leaves_no_partial_file(ref, tmp_path, capsys, monkeypatch,
+                                                                           kind):
+    import safetensors.torch
+    monkeypatch.setattr(safetensors.torch, "save_file", _full_disk(kind))
+    out = tmp_path / "m.safetensors"
+    rc, _, err = run(capsys, "convert", ref / "magnet-audio", out)
+    assert_one_line_error(rc, err, f"cannot write {out}: No space left on device",
+                          "Choose a writable folder with enough free space.")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_output_must_be_safetensors(ref, tmp_path, capsys):
+    rc, _, err = run(capsys, "convert", ref / "magnet-audio", tmp_path / "m.bin")
+    assert_one_line_error(rc, err, ".safetensors")
+
+
+# --- download, evaluate ---------------------------------------------------------------------------
+
+def test_download_offline_names_the_folder_to_fill(tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+
+    def offline(*a, **k):
+        raise ConnectionError("offline")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    rc, _, err = run(capsys, "download", "t5-base", "--models-dir", tmp_path)
+    assert rc == 2
+    assert_one_line_error(rc, err, str(tmp_path / "text_encoders" / "t5-base"), "spiece.model")
+    rc, _, err = run(capsys, "download", "magnet-huge")
+    assert_one_line_error(rc, err, "magnet-small-10secs")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--loudness", "nan"], ["--loudness", "'off'"]),
+    (["--loudness", "3"], ["--loudness"]),
+    (["--batch-size", "0"], ["--batch-size"]),
+    (["--batch-size", "many"], ["--batch-size"]),
+    (["--device", "gpu-zero"], ["--device"]),
+])
+def test_bad_evaluate_options_are_one_line_errors(tmp_path, capsys, args, words):
+    rc, _, err = run(capsys, "evaluate", tmp_path / "a.wav", "--clap", tmp_path, "--prompt", "rain", *args)
+    assert_one_line_error(rc, err, *words)
+
+
+def test_help_in_process_returns_0(capsys):
+    assert main(["generate", "--help"]) == 0
+    assert "--fast" in capsys.readouterr().out
