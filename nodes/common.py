@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 
 from ..magnet.errors import MagnetError
+from ..magnet.sampling import check_seed
 from . import comfy
 
 CATEGORY = "audio/MAGNeT"
@@ -44,9 +46,35 @@ def user_errors(node: str):
         raise MagnetError(prefixed(node, str(e))) from None
 
 
+# Engine wording meant for scripts -> the nodes and inputs a ComfyUI user sees (error dialogs name nodes and
+# widgets, never Python calls). A pattern that no longer matches is simply a no-op.
+NODE_WORDING = [
+    (re.compile(r"load it with MusicGenModel \(or the MusicGen loader node\)\."),
+     "load it with the MAGNeT MusicGen Loader node."),
+    (re.compile(r"load it with MagnetModel\.from_pretrained, and give MusicGenModel a MusicGen release such as "
+                r"facebook/musicgen-small\."),
+     "load it with the MAGNeT Model Loader node, and pick a MusicGen release (e.g. musicgen-small) here."),
+    (re.compile(r"load it with MagnetModel\.from_pretrained\."), "load it with the MAGNeT Model Loader node."),
+    (re.compile(r"\(?from model\.generate or model\.encode\)?"), "from the MAGNeT Sampler or Encode Audio"),
+    (re.compile(r"\(?from model\.encode\)?"), "from MAGNeT Encode Audio"),
+    (re.compile(r"^Codec\.decode got codes"), "input `tokens` has codes"),
+    (re.compile(r"^Codec\.decode got code values"), "input `tokens` has code values"),
+    (re.compile(r"^Codec\.decode needs integer codes"), "input `tokens` must hold integer codes"),
+    (re.compile(r"^codes (must|have)"), r"input `tokens`: codes \1"),
+    (re.compile(r"^prompt codes have"), "input `prompt_tokens` has codes of"),
+    (re.compile(r"^prompt must be integer codes"), "input `prompt_tokens` must be integer codes"),
+]
+
+
+def node_wording(message: str) -> str:
+    for pattern, replacement in NODE_WORDING:
+        message = pattern.sub(replacement, message)
+    return message
+
+
 def prefixed(node: str, message: str) -> str:
-    """`node: message`, exactly once."""
-    message = message.strip()
+    """`node: message`, exactly once, in node wording."""
+    message = node_wording(message.strip())
     return message if message.startswith(node + ":") else f"{node}: {message}"
 
 
@@ -63,24 +91,15 @@ def finite(value, what: str, *, minimum: float | None = None) -> float:
     return v
 
 
-SEED_MAX = 0xFFFFFFFFFFFFFFFF
-
-
 def seed_arg(seed) -> int:
-    """The seed widget's value (or a linked INT) as an int in ComfyUI's seed range."""
-    if isinstance(seed, bool) or seed is None:
-        raise MagnetError(f"input `seed` must be a whole number (got {seed!r}).")
-    if isinstance(seed, float):
-        if not math.isfinite(seed) or seed != int(seed):
-            raise MagnetError(f"input `seed` is {seed}: use a whole number between 0 and {SEED_MAX}.")
-        seed = int(seed)
+    """The seed widget's value (or a linked INT/FLOAT) as the engine's seed; NaN, infinite or fractional values
+    are refused naming the input (negative values wrap, as the engine's and ComfyUI's do)."""
+    if isinstance(seed, float) and not (math.isfinite(seed) and seed.is_integer()):
+        raise MagnetError(f"input `seed` is {seed}: use a whole number (0 to 18446744073709551615).")
     try:
-        seed = int(seed)
-    except (TypeError, ValueError):
-        raise MagnetError(f"input `seed` must be a whole number (got {seed!r}).") from None
-    if not 0 <= seed <= SEED_MAX:
-        raise MagnetError(f"input `seed` {seed} is outside 0..{SEED_MAX}: use a seed in that range.")
-    return seed
+        return check_seed(seed)
+    except MagnetError:
+        raise MagnetError(f"input `seed` {seed!r} must be a whole number (0 to 18446744073709551615).") from None
 
 
 def tokens_payload(codes: torch.Tensor, codec) -> dict:

@@ -186,6 +186,8 @@ def node_error(pack, node_type, pattern=""):
     msg = str(info.value)
     assert re.match(r"^" + re.escape(node) + r": \S", msg), msg
     assert msg.count(node) == 1, f"node name twice: {msg}"
+    assert not re.search(r"from_pretrained|MagnetModel|MusicGenModel|Codec\.|model\.\w+\(|\w+=<", msg), \
+        f"a Python call in a node's message: {msg}"
     assert re.search(pattern, msg[len(node) + 2:]), f"{pattern!r} not in {msg!r}"
 
 
@@ -221,8 +223,13 @@ def test_user_mistakes_name_the_node_input_and_the_fix(pack, N, music):
         N["MagnetFitAudioLength"]().fit({"waveform": torch.zeros(1, 1, 10), "sample_rate": 0}, 1.0)
     with node_error(pack, "MagnetModelLoader", "^`release` 'nope' was not found"):
         N["MagnetModelLoader"]().load("nope", "auto", "auto")
-    with node_error(pack, "MagnetModelLoader", "MusicGen|musicgen"):
+    with node_error(pack, "MagnetModelLoader", "musicgen release.*MAGNeT MusicGen Loader"):
         N["MagnetModelLoader"]().load("musicgen", "auto", "auto")
+    masked = dict(sfx_tokens, codes=torch.full((1, 4, 20), 2048), sample_rate=32000, card=codec.obj.card)
+    with node_error(pack, "MagnetDecodeAudio", "^input `tokens` has code values outside"):
+        N["MagnetDecodeAudio"]().decode(codec, masked)
+    with node_error(pack, "MagnetRegenerateRegion", "^input `tokens`: codes must lie in"):
+        N["MagnetRegenerateRegion"]().regenerate(model, cond, masked, **regen)
 
 
 def test_user_errors_prefixes_exactly_once(pack):
@@ -277,14 +284,17 @@ def test_non_finite_numbers_at_the_node_boundary_are_clear_errors(pack, N, music
         N["MagnetRegenerateRegion"]().regenerate(model, cond, long, **regen)
 
 
-def test_seed_out_of_range_is_a_clear_error(pack, N, music):
+def test_fractional_seed_is_a_clear_error_and_whole_ones_work(pack, N, music):
     model, _, te = music
     cond, = N["MagnetTextEncode"]().encode(te, "x", 1)
-    with node_error(pack, "MagnetSampler", "^input `seed` -1 is outside"):
-        sample(N, model, cond, seed=-1)
     with node_error(pack, "MagnetSampler", "^input `seed` is 1.5"):
         sample(N, model, cond, seed=1.5)
-    assert sample(N, model, cond, seed=2.0)["codes"].shape[-1] > 0     # a whole float from a link is fine
+    with node_error(pack, "MagnetSampler", "^input `seed` 'abc' must be a whole number"):
+        sample(N, model, cond, seed="abc")
+    two = sample(N, model, cond, seed=2, decoding_steps="2,1,1,1")["codes"]
+    assert torch.equal(sample(N, model, cond, seed=2.0, decoding_steps="2,1,1,1")["codes"], two)  # from a link
+    top = sample(N, model, cond, seed=0xFFFFFFFFFFFFFFFF, decoding_steps="2,1,1,1")["codes"]
+    assert torch.equal(sample(N, model, cond, seed=-1, decoding_steps="2,1,1,1")["codes"], top)   # wraps
 
 
 def test_a_device_this_machine_lacks_is_a_clear_error(pack, N, monkeypatch):
@@ -394,7 +404,7 @@ def test_musicgen_with_a_mismatched_magnet_names_both(pack, N):
         N["MagnetRescorer"]().build(ar, 1.5, 3.0)
     with node_error(pack, "MagnetARPrompt", "^input `seconds` is"):
         N["MagnetARPrompt"]().generate(ar, sfx, cond, 0, math.nan, 1.0, 250, 0.0, 3.0)
-    with node_error(pack, "MagnetMusicGenLoader", "MAGNeT release"):
+    with node_error(pack, "MagnetMusicGenLoader", "MAGNeT release.*MAGNeT Model Loader"):
         N["MagnetMusicGenLoader"]().load("magnet-music", "auto", "auto")
 
 
