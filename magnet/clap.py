@@ -29,15 +29,17 @@ randomness. For clips up to 10 s (the paper's MusicCaps setting) the two are the
 """
 from __future__ import annotations
 
-import json
 import math
+import warnings
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
 
+from . import compat
 from .audio import _rate, check_waveform, resample
+from .deps import require
 from .errors import MagnetError
 
 PAPER_LOUDNESS_LUFS = -14.0
@@ -81,14 +83,20 @@ class ClapScorer:
 
         Weights are read from safetensors only; nothing is downloaded. `device`: None = CUDA when available.
         """
-        from transformers import ClapModel, ClapProcessor
-
+        transformers = require("transformers")
         folder = Path(folder).expanduser()
-        _check_folder(folder)
+        weights = _check_folder(folder)
+        fix = f"Download the whole folder again with {_DOWNLOAD_HINT.format(folder=folder)}."
+        compat.check_safetensors(weights, "CLAP weights", fix)
         try:
-            model, info = ClapModel.from_pretrained(str(folder), use_safetensors=True, local_files_only=True,
-                                                    dtype=torch.float32, output_loading_info=True)
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model, info = transformers.ClapModel.from_pretrained(
+                    str(folder), use_safetensors=True, local_files_only=True, trust_remote_code=False,
+                    output_loading_info=True, **compat.dtype_kwargs(torch.float32))
+        except MagnetError:
+            raise
+        except Exception as e:
             raise MagnetError(f"CLAP folder {folder} could not be loaded as a CLAP model ({_short(e)}). "
                               f"The download may be incomplete: get it again with "
                               f"{_DOWNLOAD_HINT.format(folder=folder)}.") from None
@@ -98,9 +106,15 @@ class ClapScorer:
             raise MagnetError(f"CLAP folder {folder}: model.safetensors lacks {len(missing)} weights of the model "
                               f"its config.json describes (e.g. {missing[:3]}). The files do not belong "
                               f"together: download the whole model folder again.")
+        compat.check_finite(model.state_dict(), str(weights[0] if len(weights) == 1 else folder))
         try:
-            processor = ClapProcessor.from_pretrained(str(folder), local_files_only=True)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                processor = transformers.ClapProcessor.from_pretrained(str(folder), local_files_only=True,
+                                                                       trust_remote_code=False)
+        except MagnetError:
+            raise
+        except Exception as e:
             raise MagnetError(f"CLAP folder {folder} has no usable processor/tokenizer files ({_short(e)}). "
                               f"It needs preprocessor_config.json and the tokenizer (tokenizer.json or "
                               f"vocab.json + merges.txt) beside the weights: download the whole folder with "
@@ -301,33 +315,29 @@ def _check_text(t, i: int) -> str:
     return t
 
 
-def _check_folder(folder: Path):
+def _check_folder(folder: Path) -> list[Path]:
+    """The folder's safetensors weights, after checking config.json (a CLAP model, no custom code)."""
     if not folder.exists():
         raise MagnetError(f"CLAP model folder not found: {folder}. Download one there, e.g. "
                           f"{_DOWNLOAD_HINT.format(folder=folder)}.")
     if not folder.is_dir():
         raise MagnetError(f"{folder} is a file; give the CLAP model folder (holding config.json, "
                           f"model.safetensors and the processor files).")
-    config = folder / "config.json"
-    if not config.is_file():
+    fix = f"Download a CLAP folder such as laion/larger_clap_music with {_DOWNLOAD_HINT.format(folder=folder)}."
+    if not (folder / "config.json").is_file():
         raise MagnetError(f"{folder} has no config.json: it is not a transformers CLAP model folder. Point to the "
                           f"folder holding config.json, model.safetensors and the processor files, or download "
                           f"one with {_DOWNLOAD_HINT.format(folder=folder)}.")
-    try:
-        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError) as e:
-        raise MagnetError(f"{config} is not readable JSON ({_short(e)}): the download is damaged. Download the "
-                          f"folder again.") from None
-    if model_type != "clap":
-        raise MagnetError(f"{folder} holds a {model_type or 'unknown'} model, not CLAP (config.json model_type "
-                          f"is {model_type!r}). Give a CLAP folder such as laion/larger_clap_music.")
-    if not (folder / "model.safetensors").is_file() and not list(folder.glob("model-*.safetensors")):
+    compat.read_config(folder, "CLAP model folder", ("clap",), "CLAP", fix)
+    weights = compat.safetensors_files(folder)
+    if not weights:
         pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
         extra = (f" It holds only pickle weights ({', '.join(sorted(pickles)[:2])}), which are never loaded: "
                  f"get the model.safetensors of the same model (the laion repositories have it on a pull-request "
                  f"branch, not on main)." if pickles else "")
         raise MagnetError(f"{folder} has no model.safetensors.{extra} Download the safetensors weights, e.g. "
                           f"{_DOWNLOAD_HINT.format(folder=folder)}.")
+    return weights
 
 
 def _short(e: BaseException) -> str:

@@ -14,18 +14,20 @@ A release's `compression_state_dict.bin` comes in two forms:
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
+from . import compat
 from .checkpoints import load_torch_file
+from .deps import require
 from .errors import MagnetError
 
 CODEC_DIR_ENV = "MAGNET_CODEC_DIR"
@@ -65,26 +67,18 @@ class Codec(nn.Module):
 
     @classmethod
     def from_transformers_folder(cls, folder: str | Path) -> "Codec":
-        """Load a transformers EnCodec folder (`config.json` + `model.safetensors`; no pickles)."""
+        """Load a transformers EnCodec folder (`config.json` + `model.safetensors`; no pickles, no custom code)."""
         folder = Path(folder)
-        missing = [n for n in ("config.json", "model.safetensors") if not (folder / n).is_file()]
-        if missing:
-            raise MagnetError(
-                f"The EnCodec folder {folder} lacks {' and '.join(missing)}. It must be a transformers "
-                f"EnCodec folder with config.json and model.safetensors, e.g. from `python -m magnet "
-                f"download encodec_32khz --dir {folder}`.")
-        try:
-            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise MagnetError(f"{folder / 'config.json'} is not readable JSON ({e}). Download the "
-                              f"EnCodec folder again.") from None
-        try:
-            from safetensors.torch import load_file
-            state = load_file(str(folder / "model.safetensors"))
-        except Exception as e:  # safetensors raises its own error types for truncated files
-            raise MagnetError(f"{folder / 'model.safetensors'} is truncated or corrupt ({e}). "
-                              f"Download the EnCodec folder again.") from None
-        return cls._build(config, state, source=str(folder / "model.safetensors"))
+        fix = (f"It must be a transformers EnCodec folder with config.json and model.safetensors, e.g. from "
+               f"`python -m magnet download encodec_32khz --dir {folder}`.")
+        if not (folder / "config.json").is_file():
+            raise MagnetError(f"The EnCodec folder {folder} lacks config.json. {fix}")
+        files = compat.safetensors_files(folder)
+        if not files:
+            raise MagnetError(compat.missing_weights_message(folder, "EnCodec folder", fix))
+        config = compat.read_config(folder, "EnCodec folder", ("encodec",), "EnCodec", fix)
+        state = compat.load_safetensors(files, "EnCodec weights", fix)
+        return cls._build(config, state, source=str(files[0] if len(files) == 1 else folder))
 
     @classmethod
     def from_config_and_state(cls, config: dict, state: dict) -> "Codec":
@@ -116,17 +110,24 @@ class Codec(nn.Module):
 
     @classmethod
     def _build(cls, config: dict, state: dict, source: str) -> "Codec":
-        from transformers import EncodecConfig, EncodecModel
-
+        transformers = require("transformers")
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise MagnetError(f"The codec weights in {source} are not a dict of tensors: the file is damaged. "
+                              f"Download it again.")
+        compat.check_finite(state, source)
+        config = {k: v for k, v in dict(config).items() if k not in ("auto_map", "transformers_version")}
         try:
-            hf_config = EncodecConfig.from_dict(dict(config))
-            with _no_init_weights():
-                model = EncodecModel(hf_config)
+            hf_config = transformers.EncodecConfig.from_dict(config)
+            _fit_quantizer_count(hf_config, _count_quantizers(state) or hf_config.num_quantizers)
+            with compat.no_init_weights(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # older versions warn about their own buffer construction
+                model = transformers.EncodecModel(hf_config)
         except MagnetError:
             raise
         except Exception as e:
-            raise MagnetError(f"The EnCodec configuration of {source} is not usable ({e}). Use the "
-                              f"codec file that came with the release.") from None
+            raise MagnetError(f"The EnCodec configuration of {source} is not usable with transformers "
+                              f"{transformers.__version__} ({_first_line(e)}). Use the codec file that came with "
+                              f"the release; if it is one, upgrade transformers: `{compat.PIP_TRANSFORMERS}`.") from None
         _load_strict(model, state, source)
         return cls(model)
 
@@ -312,31 +313,56 @@ def _rename_audiocraft_key(key: str) -> str:
     return key
 
 
+def _count_quantizers(state: dict) -> int:
+    """How many residual quantizers the weights hold (0 when no codebook is found)."""
+    found = {int(m.group(1)) for k in state for m in [re.match(r"^quantizer\.layers\.(\d+)\.codebook\.embed$", k)] if m}
+    return max(found) + 1 if found else 0
+
+
+def _fit_quantizer_count(hf_config, n_q: int) -> None:
+    """Set target_bandwidths so that this transformers version builds exactly `n_q` quantizers.
+
+    Versions differ in how they turn a bandwidth into a quantizer count: newer ones use
+    ceil(log2(codebook_size)) bits per code, 4.4x-4.5x always 10 bits.
+    """
+    bins = int(hf_config.codebook_size)
+    frame_rate = hf_config.frame_rate
+    for bits in dict.fromkeys([math.ceil(math.log2(bins)), 10, getattr(hf_config, "codebook_nbits", 10)]):
+        hf_config.target_bandwidths = [_bandwidth_for(n_q, 2 ** bits, frame_rate)]
+        if hf_config.num_quantizers == n_q:
+            return
+    raise MagnetError(f"transformers {_tf_version()} cannot build an EnCodec with {n_q} codebooks of {bins} entries. "
+                      f"Upgrade it: `{compat.PIP_TRANSFORMERS}`.")
+
+
 def _load_strict(model: nn.Module, state: dict, source: str) -> None:
-    """Load `state` into `model`; any missing, unexpected or misshaped key is a MagnetError."""
+    """Load `state` into `model`; any missing, unexpected or misshaped key is a MagnetError.
+
+    Key names are first adapted to the installed transformers (weight norm, codebook buffers)."""
     expected = model.state_dict()
-    uses_parametrizations = any(".parametrizations.weight.original0" in k for k in expected)
-    renamed = {}
-    for key, value in state.items():
-        if uses_parametrizations:  # weight-norm names of older files -> those of this torch/transformers
-            key = re.sub(r"\.weight_g$", ".parametrizations.weight.original0", key)
-            key = re.sub(r"\.weight_v$", ".parametrizations.weight.original1", key)
-        else:
-            key = key.replace(".parametrizations.weight.original0", ".weight_g")
-            key = key.replace(".parametrizations.weight.original1", ".weight_v")
-        renamed[key] = value
-    missing = sorted(set(expected) - set(renamed))
+    renamed, keep = compat.adapt_encodec_state(state, expected)
+    missing = sorted(set(expected) - set(renamed) - set(keep))
     unexpected = sorted(set(renamed) - set(expected))
-    misshaped = [f"{k} {tuple(getattr(renamed[k], 'shape', ()))} (expected {tuple(v.shape)})" for k, v in expected.items()
-                 if k in renamed and (not isinstance(renamed[k], torch.Tensor) or renamed[k].shape != v.shape)]
+    misshaped = [f"{k} {tuple(renamed[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
+                 if k in renamed and renamed[k].shape != v.shape]
     if missing or unexpected or misshaped:
         parts = [f"{label} {len(keys)} key(s), e.g. {', '.join(keys[:3])}"
                  for label, keys in (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped))
                  if keys]
+        if (missing or unexpected) and not misshaped and compat.same_shapes(renamed, expected):
+            # the same tensors under other names: this transformers names EnCodec's weights differently
+            raise MagnetError(f"The codec weights in {source} are complete, but transformers {_tf_version()} names "
+                              f"EnCodec's weights differently ({'; '.join(parts)}). Install a transformers this "
+                              f"pack supports: `{compat.PIP_TRANSFORMERS}`.")
         raise MagnetError(f"The codec weights in {source} do not match its configuration ({'; '.join(parts)}). "
                           f"The file is not an EnCodec of a MAGNeT/MusicGen release or is damaged: use the "
                           f"file that came with the release.")
-    model.load_state_dict(renamed, strict=True)
+    model.load_state_dict(renamed, strict=not keep)
+
+
+def _tf_version() -> str:
+    import transformers
+    return transformers.__version__
 
 
 # --- pointer resolution -------------------------------------------------------------------------
@@ -371,15 +397,6 @@ def _find_pointer_folder(pretrained: Any, release_file: Path, codec_dir: str | P
         f"Searched for a folder named '{name}' in: {', '.join(str(d) for d in searched)}. Get it with "
         f"`python -m magnet download {name} --dir {release_dir.parent / name}` (next to the "
         f"release folder), or set {CODEC_DIR_ENV} to the folder holding config.json and model.safetensors.")
-
-
-def _no_init_weights():
-    """Skip random initialisation while building a model whose weights are loaded next (5x faster)."""
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # other transformers versions: just initialise
-        return contextlib.nullcontext()
-    return no_init_weights()
 
 
 def _first_line(e: BaseException) -> str:

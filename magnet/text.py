@@ -6,11 +6,15 @@ memory bit-identical. T5 always runs in float32 (fp16 T5 overflows).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
+from . import compat
+from .deps import require
 from .errors import MagnetError
 
 
@@ -52,21 +56,36 @@ class TextCondition:
                              self.input_ids[rows], self.encoder)
 
 
+MAX_PROMPT_TOKENS = 512
+"""Longest prompt accepted, in T5 tokens (with the end-of-sequence token). T5 was trained on 512-token
+inputs and MAGNeT's descriptions are a sentence or two; the reference tokenizes without truncation, so
+anything up to this limit gives exactly the reference's conditioning, and a longer prompt is refused
+rather than cut (a cut prompt would silently lose its end)."""
+_MAX_PROMPT_CHARS = 50 * MAX_PROMPT_TOKENS  # refuse absurd lengths before tokenizing them
+_PROBE = "lofi hip hop beat"
+_T5_FIX = ("Use a complete transformers T5 folder such as t5-base or t5-large (config.json, model.safetensors, "
+           "tokenizer.json and/or spiece.model), e.g. from `python -m magnet download t5-base --dir <folder>`.")
+
+
 class TextEncoder:
-    """A transformers T5 encoder folder (config.json, model.safetensors, tokenizer files)."""
+    """A transformers T5 encoder folder (config.json, model.safetensors, tokenizer.json / spiece.model).
+
+    The folder is read without transformers' own loader: config.json (refused when it maps to custom
+    code), the safetensors weights (never a pickle; refused when truncated or holding NaN/inf), then
+    `T5EncoderModel` built from the config. The same code works in every supported transformers.
+    The tokenizer is checked to turn a plain prompt into known tokens of the model's vocabulary.
+    """
 
     def __init__(self, folder: str | Path, device=None):
-        from transformers import AutoTokenizer, T5EncoderModel
         folder = Path(folder).expanduser()
-        _check_folder(folder)
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
-            self.model = T5EncoderModel.from_pretrained(str(folder), use_safetensors=True,
-                                                        dtype=torch.float32).eval()
-        except (OSError, ValueError, KeyError) as e:
-            raise MagnetError(f"text encoder folder {folder} could not be loaded as a T5 encoder ({_short(e)}). "
-                              f"Use a transformers T5 folder such as t5-base or t5-large "
-                              f"(config.json, model.safetensors, spiece.model/tokenizer.json).") from None
+        weights = _check_folder(folder)
+        config = compat.read_config(folder, "text encoder folder", ("t5",), "T5", _T5_FIX)
+        state = compat.load_safetensors(weights, "T5 weights", _T5_FIX)
+        source = str(weights[0] if len(weights) == 1 else folder)
+        compat.check_finite(state, source)
+        self.model = _build_t5(config, state, source)
+        self.tokenizer = _load_tokenizer(folder)
+        _check_tokenizer(self.tokenizer, self.model, folder)
         if device is not None:
             self.model.to(device)
         self.folder = folder
@@ -85,17 +104,31 @@ class TextEncoder:
         return self
 
     @torch.inference_mode()
-    def encode(self, prompts: list[str] | str) -> TextCondition:
-        """Prompts -> TextCondition with the null rows appended (for classifier-free guidance)."""
+    def encode(self, prompts: Sequence[str] | str) -> TextCondition:
+        """Prompts -> TextCondition with the null rows appended (for classifier-free guidance).
+
+        `prompts`: a string or a list/tuple of strings; an empty string (or None, as in audiocraft)
+        generates unconditionally. Tokenized as the reference does (padding to the longest, no
+        truncation); a prompt longer than MAX_PROMPT_TOKENS (512) T5 tokens is refused.
+        """
         if isinstance(prompts, str):
             prompts = [prompts]
-        prompts = [_check_prompt(p) for p in prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise MagnetError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}. "
+                              f"Pass e.g. ['lofi hip hop beat'] (an empty string generates unconditionally).")
+        prompts = [_check_prompt(p, i) for i, p in enumerate(prompts)]
         if not prompts:
             raise MagnetError("no prompt given: pass at least one prompt (an empty string generates "
                               "unconditionally).")
         entries = prompts + [""] * len(prompts)
         tok = self.tokenizer(entries, return_tensors="pt", padding=True)
         ids, mask = tok["input_ids"], tok["attention_mask"].clone()
+        lengths = mask.sum(dim=1)
+        if int(lengths.max()) > MAX_PROMPT_TOKENS:
+            i = int(lengths.argmax())
+            raise MagnetError(f"prompt {i} is {int(lengths[i])} T5 tokens long; the limit is {MAX_PROMPT_TOKENS} "
+                              f"tokens (T5's training length; a longer text is not cut, to keep what you wrote). "
+                              f"Shorten the prompt to a sentence or two describing the sound.")
         mask[[i for i, p in enumerate(entries) if p == ""]] = 0
         dev = self.device
         with torch.autocast(dev.type, enabled=False):
@@ -103,15 +136,20 @@ class TextEncoder:
         return TextCondition(list(prompts), hidden, mask.to(dev), ids, self.name)
 
 
-def _check_prompt(p) -> str:
+def _check_prompt(p, i: int) -> str:
     if p is None:
         return ""
     if not isinstance(p, str):
-        raise MagnetError(f"prompt {p!r} is not text: pass strings (an empty string generates unconditionally).")
+        raise MagnetError(f"prompt {i} ({p!r:.60}) is not text: pass strings (an empty string generates "
+                          f"unconditionally).")
+    if len(p) > _MAX_PROMPT_CHARS:
+        raise MagnetError(f"prompt {i} is {len(p)} characters long; the limit is {MAX_PROMPT_TOKENS} T5 tokens "
+                          f"(T5's training length). Shorten the prompt to a sentence or two describing the sound.")
     return p if p.strip() else ""
 
 
-def _check_folder(folder: Path):
+def _check_folder(folder: Path) -> list[Path]:
+    """The folder's safetensors weights, after checking the files a T5 folder needs are there."""
     if not folder.is_dir():
         raise MagnetError(f"text encoder folder not found: {folder}. Download the T5 named by the release "
                           f"(t5-base for music, t5-large for audio-magnet) as a transformers folder, e.g. "
@@ -120,11 +158,102 @@ def _check_folder(folder: Path):
     if not (folder / "config.json").exists():
         raise MagnetError(f"{folder} has no config.json: it is not a transformers T5 folder. Point to the "
                           f"folder holding config.json, model.safetensors and the tokenizer files.")
-    if not (folder / "model.safetensors").exists() and not list(folder.glob("model-*.safetensors")):
-        extra = " (it holds only pickle weights, which are never loaded: get model.safetensors)" \
-            if (folder / "pytorch_model.bin").exists() else ""
-        raise MagnetError(f"{folder} has no model.safetensors{extra}. Download the safetensors weights of "
-                          f"the T5 model into that folder.")
+    weights = compat.safetensors_files(folder)
+    if not weights:
+        raise MagnetError(compat.missing_weights_message(folder, "text encoder folder", _T5_FIX))
+    if not (folder / "tokenizer.json").is_file() and not (folder / "spiece.model").is_file():
+        raise MagnetError(f"The text encoder folder {folder} has no tokenizer: it needs tokenizer.json or "
+                          f"spiece.model (without one, every prompt would become unknown tokens). Copy them from "
+                          f"the same T5 model (google-t5/{'t5-large' if 'large' in folder.name else 't5-base'}) "
+                          f"into the folder, or download it again with `python -m magnet download "
+                          f"{'t5-large' if 'large' in folder.name else 't5-base'} --dir {folder}`.")
+    return weights
+
+
+def _build_t5(config: dict, state: dict, source: str):
+    """T5EncoderModel from its config and weights (decoder/lm_head weights of a full T5 are ignored)."""
+    transformers = require("transformers")
+    config = {k: v for k, v in config.items() if k not in ("auto_map", "transformers_version")}
+    try:
+        hf_config = transformers.T5Config.from_dict(config)
+        with compat.no_init_weights():
+            model = transformers.T5EncoderModel(hf_config)
+    except Exception as e:
+        raise MagnetError(f"The T5 configuration of {source} is not usable with transformers "
+                          f"{transformers.__version__} ({_short(e)}). {_T5_FIX}") from None
+    model.set_input_embeddings(model.shared)  # the encoder's token embedding is the shared one
+    embed = state.get("shared.weight", state.get("encoder.embed_tokens.weight"))
+    weights = {k: v for k, v in state.items() if k.startswith("encoder.") and k != "encoder.embed_tokens.weight"}
+    if embed is not None:
+        weights["shared.weight"] = embed
+    expected = {k: v for k, v in model.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    misshaped = [f"{k} {tuple(weights[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
+                 if k in weights and weights[k].shape != v.shape]
+    if missing or unexpected or misshaped:
+        parts = [f"{label} {len(keys)}, e.g. {', '.join(keys[:3])}"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped))
+                 if keys]
+        raise MagnetError(f"The T5 weights in {source} do not match its config.json ({'; '.join(parts)}): the "
+                          f"files do not belong together or the download is incomplete. {_T5_FIX}")
+    model.load_state_dict(weights, strict=False)
+    return model.float().eval()
+
+
+def _load_tokenizer(folder: Path):
+    """The T5 tokenizer: tokenizer.json (fast, needs only `tokenizers`), else spiece.model (sentencepiece)."""
+    transformers = require("transformers")
+    kwargs = compat.tokenizer_kwargs()
+    if (folder / "tokenizer.json").is_file():
+        kwargs["use_fast"] = True
+    else:  # spiece.model only
+        require("sentencepiece")
+        if compat.transformers_version() >= (5, 0, 0):
+            try:
+                import google.protobuf  # noqa: F401  (transformers 5 converts spiece.model with it)
+            except ImportError:
+                raise MagnetError(f"The text encoder folder {folder} has spiece.model but no tokenizer.json, and "
+                                  f"transformers {transformers.__version__} reads spiece.model only with protobuf. "
+                                  f"Copy tokenizer.json of the same T5 model into the folder (or download it again "
+                                  f"with `python -m magnet download t5-base --dir {folder}`), or run "
+                                  f"`pip install protobuf`.") from None
+        kwargs["use_fast"] = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return transformers.AutoTokenizer.from_pretrained(str(folder), **kwargs)
+    except MagnetError:
+        raise
+    except Exception as e:
+        raise MagnetError(f"The tokenizer files of {folder} (tokenizer.json / spiece.model / tokenizer_config.json) "
+                          f"could not be loaded ({_short(e)}): they are damaged or not a T5 tokenizer. Copy them "
+                          f"again from the same T5 model. {_T5_FIX}") from None
+
+
+def _check_tokenizer(tokenizer, model, folder: Path) -> None:
+    """The tokenizer must turn a plain prompt into known tokens that the model's embedding holds."""
+    rows = int(model.get_input_embeddings().weight.shape[0])
+    try:
+        ids = list(tokenizer(_PROBE)["input_ids"])
+        size = len(tokenizer)
+        unk = tokenizer.unk_token_id
+        back = tokenizer.decode(ids, skip_special_tokens=True)
+    except Exception as e:
+        ids, size, unk, back = [], 0, None, f"<{_short(e)}>"
+    problem = None
+    if not ids:
+        problem = "turns a prompt into no tokens"
+    elif size > rows or max(ids) >= rows or min(ids) < 0:
+        problem = f"has {size} tokens but the model's embedding only {rows}: they are not from the same model"
+    elif unk is not None and unk in ids:
+        problem = f"turns the prompt {_PROBE!r} into unknown tokens ({ids[:8]})"
+    elif " ".join(back.split()) != _PROBE:
+        problem = f"does not read back the prompt {_PROBE!r} (got {back!r:.60})"
+    if problem:
+        raise MagnetError(f"The tokenizer of the text encoder folder {folder} {problem}; the tokenizer files "
+                          f"(tokenizer.json, spiece.model) are missing, damaged or from another model. Copy them "
+                          f"from the same T5 model into the folder, or download it again. {_T5_FIX}")
 
 
 def _short(e: BaseException) -> str:

@@ -53,8 +53,9 @@ def _reference_score(clap_dir, wav, sr, text):
                                    padding="repeatpad", max_length=WINDOW, return_tensors="pt")
     tok = proc.tokenizer([text], padding="max_length", max_length=77, truncation=True, return_tensors="pt")
     with torch.no_grad():
-        a = model.get_audio_features(input_features=feats["input_features"]).pooler_output
-        t = model.get_text_features(**tok).pooler_output
+        a = model.get_audio_features(input_features=feats["input_features"])
+        t = model.get_text_features(**tok)
+    a, t = (x if isinstance(x, torch.Tensor) else x.pooler_output for x in (a, t))   # transformers 4 / 5
     return float(torch.nn.functional.cosine_similarity(a, t, dim=1, eps=1e-8)[0])
 
 
