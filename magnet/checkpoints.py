@@ -66,6 +66,7 @@ def _first_line(e: BaseException) -> str:
 # -- LM configs -------------------------------------------------------------------------------------
 
 import json  # noqa: E402
+import math  # noqa: E402
 from collections.abc import Mapping  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Any  # noqa: E402
@@ -85,6 +86,9 @@ def parse_xp_cfg(text: Any, where: str) -> dict:
     they only occur in fields inference does not read."""
     if isinstance(text, dict):
         return text
+    if not isinstance(text, (str, bytes)):
+        raise MagnetError(f"{where}: its xp.cfg is a {type(text).__name__}, not the YAML text of an official "
+                          f"release. The file is damaged: download it again.")
     try:
         cfg = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -107,40 +111,90 @@ def _get(cfg: dict, dotted: str, where: str, default: Any = KeyError):
     return node
 
 
+def _field(cfg: dict, dotted: str, where: str, kind: type, default: Any = KeyError, minimum=None):
+    """A typed xp.cfg field: ints must be whole, numbers finite, `minimum` respected; else a MagnetError
+    naming the field (a damaged or hand-edited file), never a raw KeyError/ValueError."""
+    value = _get(cfg, dotted, where, default)
+    try:
+        if kind is bool:
+            if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+                value = value.strip().lower() == "true"
+            if not isinstance(value, (bool, int)):
+                raise ValueError
+            out = bool(value)
+        elif kind is int:
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise ValueError
+            out = int(float(value))
+        elif kind is float:
+            out = float(value)
+            if not math.isfinite(out):
+                raise ValueError
+        else:
+            if not isinstance(value, (str, int, float)):
+                raise ValueError
+            out = kind(value)
+    except (TypeError, ValueError, OverflowError):
+        raise MagnetError(f"{where}: xp.cfg field `{dotted}` = {value!r} is not a valid {kind.__name__}. The "
+                          f"file is damaged or was edited: download the release again.") from None
+    if minimum is not None and out < minimum:
+        raise MagnetError(f"{where}: xp.cfg field `{dotted}` = {value!r} must be at least {minimum}. The file "
+                          f"is damaged or was edited: download the release again.")
+    return out
+
+
 def lm_config_from_xp(cfg: dict, state: dict, where: str) -> LMConfig:
     """Build the LM architecture from a release's xp.cfg; refuse features this engine lacks."""
     kinds = {"transformer_lm_magnet": "magnet", "transformer_lm": "musicgen"}
     lm_model = _get(cfg, "lm_model", where)
-    if lm_model not in kinds:
+    if not isinstance(lm_model, str) or lm_model not in kinds:
         raise MagnetError(f"{where}: lm_model `{lm_model}` is not supported (MAGNeT `transformer_lm_magnet` "
                           f"and MusicGen `transformer_lm` are). Use an official MAGNeT or MusicGen release.")
     t = _get(cfg, "transformer_lm", where)
+    if not isinstance(t, dict):
+        raise MagnetError(f"{where}: xp.cfg `transformer_lm` is not a mapping. The file is damaged: download "
+                          f"the release again.")
+
+    def tf(name, kind, default=KeyError, minimum=None):
+        return _field(cfg, f"transformer_lm.{name}", where, kind, default, minimum)
+
     unsupported = {
-        "positional_embedding": (t.get("positional_embedding", "sin"), "sin"),
-        "positional_scale": (float(t.get("positional_scale", 1.0)), 1.0),
+        "positional_embedding": (tf("positional_embedding", str, "sin"), "sin"),
+        "positional_scale": (tf("positional_scale", float, 1.0), 1.0),
         "layer_scale": (t.get("layer_scale"), None),
-        "qk_layer_norm": (bool(t.get("qk_layer_norm", False)), False),
-        "qk_layer_norm_cross": (bool(t.get("qk_layer_norm_cross", False)), False),
-        "kv_repeat": (int(t.get("kv_repeat", 1)), 1),
-        "norm": (t.get("norm", "layer_norm"), "layer_norm"),
-        "activation": (t.get("activation", "gelu"), "gelu"),
-        "xpos": (bool(t.get("xpos", False)), False),
+        "qk_layer_norm": (tf("qk_layer_norm", bool, False), False),
+        "qk_layer_norm_cross": (tf("qk_layer_norm_cross", bool, False), False),
+        "kv_repeat": (tf("kv_repeat", int, 1), 1),
+        "norm": (tf("norm", str, "layer_norm"), "layer_norm"),
+        "activation": (tf("activation", str, "gelu"), "gelu"),
+        "xpos": (tf("xpos", bool, False), False),
     }
     for name, (value, want) in unsupported.items():
         if value != want:
             raise MagnetError(f"{where}: transformer_lm.{name} = {value!r} is not supported (only {want!r}). "
                               f"This release is not one of the official MAGNeT/MusicGen text-to-audio models.")
     conds = _get(cfg, "conditioners", where, {}) or {}
-    if set(conds) != {"description"} or _get(cfg, "conditioners.description.model", where) != "t5":
-        raise MagnetError(f"{where}: conditioners {sorted(conds)} are not supported: only text conditioning "
-                          f"with T5 (`description`) is. Melody/style releases are not supported.")
-    n_q, card, dim = int(t["n_q"]), int(t["card"]), int(t["dim"])
+    if not isinstance(conds, dict) or set(conds) != {"description"} \
+            or _get(cfg, "conditioners.description.model", where) != "t5":
+        raise MagnetError(f"{where}: conditioners {sorted(conds) if isinstance(conds, dict) else conds!r} are not "
+                          f"supported: only text conditioning with T5 (`description`) is. Melody/style releases "
+                          f"are not supported.")
+    n_q, card, dim = tf("n_q", int, minimum=1), tf("card", int, minimum=2), tf("dim", int, minimum=1)
+    num_heads = tf("num_heads", int, minimum=1)
+    if dim % num_heads:
+        raise MagnetError(f"{where}: xp.cfg transformer_lm.dim {dim} is not a multiple of num_heads {num_heads}. "
+                          f"The file is damaged or was edited: download the release again.")
     proj = state.get(TEXT_PROJ_KEY + "weight")
-    if proj is None:
+    if not isinstance(proj, torch.Tensor) or proj.dim() != 2:
         raise MagnetError(f"{where}: no text projection ({TEXT_PROJ_KEY}weight) in its weights. This is not "
                           f"an official text-to-audio release, or the file is damaged.")
     kind = kinds[lm_model]
-    delays = [int(d) for d in _get(cfg, "codebooks_pattern.delay.delays", where, list(range(n_q)))]
+    delays = _get(cfg, "codebooks_pattern.delay.delays", where, list(range(n_q)))
+    try:
+        delays = [int(d) for d in delays]
+    except (TypeError, ValueError):
+        raise MagnetError(f"{where}: xp.cfg codebooks_pattern.delay.delays = {delays!r} is not a list of whole "
+                          f"numbers. The file is damaged: download the release again.") from None
     pattern = _get(cfg, "codebooks_pattern.modeling", where)
     if kind == "musicgen" and (pattern != "delay" or len(delays) != n_q):
         raise MagnetError(f"{where}: MusicGen with codebook pattern `{pattern}` is not supported (only "
@@ -148,16 +202,17 @@ def lm_config_from_xp(cfg: dict, state: dict, where: str) -> LMConfig:
     if kind == "magnet" and pattern != "parallel":
         raise MagnetError(f"{where}: MAGNeT with codebook pattern `{pattern}` is not supported (only `parallel`).")
     return LMConfig(
-        kind=kind, dim=dim, num_heads=int(t["num_heads"]), num_layers=int(t["num_layers"]),
-        ffn_dim=int(float(t.get("hidden_scale", 4)) * dim), n_q=n_q, card=card, text_dim=int(proj.shape[1]),
-        text_encoder=str(_get(cfg, "conditioners.description.t5.name", where)),
-        norm_first=bool(t.get("norm_first", True)), bias_ff=bool(t.get("bias_ff", True)),
-        bias_attn=bool(t.get("bias_attn", True)), bias_proj=bool(t.get("bias_proj", True)),
-        causal=bool(t.get("causal", kind == "musicgen")),
-        subcodes_context=int(t.get("subcodes_context", 5)) if kind == "magnet" else -1,
-        segment_duration=float(_get(cfg, "dataset.segment_duration", where)),
-        span_len=int(_get(cfg, "masking.span_len", where, t.get("span_len", 3))),
-        max_period=float(t.get("max_period", 10000)),
+        kind=kind, dim=dim, num_heads=num_heads, num_layers=tf("num_layers", int, minimum=1),
+        ffn_dim=int(tf("hidden_scale", float, 4.0, minimum=0) * dim), n_q=n_q, card=card,
+        text_dim=int(proj.shape[1]),
+        text_encoder=_field(cfg, "conditioners.description.t5.name", where, str),
+        norm_first=tf("norm_first", bool, True), bias_ff=tf("bias_ff", bool, True),
+        bias_attn=tf("bias_attn", bool, True), bias_proj=tf("bias_proj", bool, True),
+        causal=tf("causal", bool, kind == "musicgen"),
+        subcodes_context=tf("subcodes_context", int, 5, minimum=0) if kind == "magnet" else -1,
+        segment_duration=_field(cfg, "dataset.segment_duration", where, float, minimum=0.02),
+        span_len=_field(cfg, "masking.span_len", where, int, t.get("span_len", 3), minimum=1),
+        max_period=tf("max_period", float, 10000.0, minimum=1),
         delays=delays if kind == "musicgen" else [],
     )
 
@@ -222,12 +277,52 @@ def build_lm(cfg: LMConfig, state: Mapping, where: str, device=None, dtype=None)
             raise MagnetError(f"{where}: weight {k} has shape {_shape(state, k)}, its xp.cfg implies "
                               f"{tuple(v.shape)}. The file is damaged or not an official release.")
     modules = dict(lm.named_modules())
+    sums = []
     for k in expected:
         owner, _, name = k.rpartition(".")
-        t = state[k].to(device=device or "cpu", dtype=dtype)
+        t, total = _convert_checked(state[k], torch.device(device or "cpu"), dtype)
+        sums.append(total)
         setattr(modules[owner], name, torch.nn.Parameter(t, requires_grad=False))
         del t
+    check_finite(list(expected), sums, where)
     return lm.eval().requires_grad_(False)
+
+
+_CHUNK = 1 << 20
+
+
+def _convert_checked(src: torch.Tensor, device: torch.device, dtype: torch.dtype):
+    """(src on device/dtype, the float32 sum of its values). The sum is NaN/inf exactly when a value is (real
+    weights are far too small to overflow it); on the CPU it is taken chunk by chunk right after each chunk is
+    converted, while it is still in the cache, so the check costs little beside the conversion itself."""
+    if not src.is_floating_point():
+        return src.to(device=device), None
+    if src.device == device and src.dtype == dtype:          # used as it is (a memory-mapped converted file)
+        return src, src.sum(dtype=torch.float32)
+    if device.type != "cpu":
+        t = src.to(device=device, dtype=dtype)
+        return t, t.sum(dtype=torch.float32)
+    out = torch.empty(src.shape, dtype=dtype)
+    flat_in, flat_out = src.reshape(-1), out.view(-1)
+    parts = []
+    for i in range(0, flat_out.numel(), _CHUNK):
+        chunk = flat_out[i:i + _CHUNK]
+        chunk.copy_(flat_in[i:i + _CHUNK])
+        parts.append(chunk.sum(dtype=torch.float32))
+    return out, (torch.stack(parts).sum() if parts else torch.zeros(()))
+
+
+def check_finite(names: list, sums: list, where: str) -> None:
+    """One host sync for all weights: a MagnetError naming the first weight holding NaN or inf."""
+    idx = [i for i, s in enumerate(sums) if s is not None]
+    if not idx:
+        return
+    bad = ~torch.isfinite(torch.stack([sums[i].to("cpu") if sums[i].device.type != sums[idx[0]].device.type
+                                       else sums[i] for i in idx]))
+    if bool(bad.any()):
+        first = names[idx[int(bad.nonzero()[0, 0])]]
+        raise MagnetError(f"{where}: weight `{first}` contains NaN or infinite values, so every generation would "
+                          f"fail. The file is damaged: download it again.")
 
 
 # -- releases ---------------------------------------------------------------------------------------
@@ -271,10 +366,15 @@ def load_release(release: str | Path, *, codec_dir=None, search_dirs=()) -> Rele
                           f"{LM_FILE}. Download the release again.")
     xp = parse_xp_cfg(pkg["xp.cfg"], str(lm_file))
     state = pkg["best_state"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MagnetError(f"{lm_file}: its `best_state` is not a dict of weight tensors (found "
+                          f"{type(state).__name__}). The file is damaged or not an official release: download "
+                          f"it again.")
     cfg = lm_config_from_xp(xp, state, str(lm_file))
     codec_file = p / CODEC_FILE
     codec = Codec.from_release_file(codec_file, codec_dir=codec_dir, search_dirs=search_dirs)
     check_codec_matches(cfg, codec, str(lm_file), str(codec_file))
+    check_codec_rate(xp, codec, str(lm_file), str(codec_file))
     return Release(cfg, lm_state_from_release(state), codec, p, _generation_defaults(xp))
 
 
@@ -283,6 +383,22 @@ def check_codec_matches(cfg: LMConfig, codec, lm_where: str, codec_where: str):
         raise MagnetError(f"codec {codec_where} has {codec.n_q} codebooks of {codec.card} entries but the LM "
                           f"{lm_where} expects {cfg.n_q} of {cfg.card}. Use the compression_state_dict.bin "
                           f"that came with this release.")
+
+
+def check_codec_rate(xp: dict, codec, lm_where: str, codec_where: str):
+    """The LM was trained on tokens of a codec at xp.cfg's `sample_rate` / `channels`: a codec of another
+    rate has the same codebook shapes (music 32 kHz and audio 16 kHz do) but its tokens mean other sounds."""
+    want_sr = _field(xp, "sample_rate", lm_where, int, None) if _get(xp, "sample_rate", lm_where, None) is not None \
+        else None
+    want_ch = _field(xp, "channels", lm_where, int, None) if _get(xp, "channels", lm_where, None) is not None \
+        else None
+    if want_sr is not None and int(codec.sample_rate) != want_sr:
+        raise MagnetError(f"codec {codec_where} runs at {codec.sample_rate} Hz, but the LM {lm_where} was trained "
+                          f"with a {want_sr} Hz codec: its tokens would decode to the wrong sounds. Use the "
+                          f"compression_state_dict.bin (or EnCodec folder) that came with this release.")
+    if want_ch is not None and int(codec.channels) != want_ch:
+        raise MagnetError(f"codec {codec_where} has {codec.channels} channel(s), but the LM {lm_where} was "
+                          f"trained with {want_ch}. Use the codec that came with this release.")
 
 
 def _generation_defaults(xp: dict) -> dict:
@@ -339,10 +455,18 @@ def _load_converted(path: Path) -> Release:
         raise MagnetError(f"{path} is truncated or corrupt ({_first_line(e)}). Convert the release again.") from None
     except (OSError, RuntimeError) as e:
         raise MagnetError(f"{path} could not be read ({_first_line(e)}). Convert the release again.") from None
-    cfg = LMConfig.from_dict(json.loads(meta["lm_config"]))
-    codec = Codec.from_config_and_state(json.loads(meta["codec_config"]), codec_state)
+    try:
+        cfg = LMConfig.from_dict(json.loads(meta["lm_config"]))
+        codec_cfg = json.loads(meta["codec_config"])
+        generation = json.loads(meta.get("generation") or "{}")
+        if not isinstance(codec_cfg, dict) or not isinstance(generation, dict):
+            raise ValueError("codec_config/generation is not a JSON object")
+    except (KeyError, TypeError, ValueError) as e:
+        raise MagnetError(f"{path}: its metadata is incomplete or damaged ({type(e).__name__}: "
+                          f"{_first_line(e)}). Convert the release again with `python -m magnet convert`.") from None
+    codec = Codec.from_config_and_state(codec_cfg, codec_state)
     check_codec_matches(cfg, codec, str(path), str(path))
-    return Release(cfg, lm_state, codec, path, json.loads(meta.get("generation", "{}")))
+    return Release(cfg, lm_state, codec, path, generation)
 
 
 # -- what a file or folder is, cheaply (for listing) --------------------------------------------------

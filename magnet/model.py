@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -73,17 +74,50 @@ def load_parts(release, kind: str, kind_error: str, *, text_encoder=None, device
     return lm, r.codec.to(device), te, r
 
 
+MAX_SECONDS = 3600.0   # one call's generation: beyond an hour it cannot finish in a sitting (each window of
+                       # 5-10 s costs tens of decoding steps), so longer pieces are made in parts
+
+
 def seconds_arg(duration) -> float:
-    """A user's duration in seconds: a finite number > 0, or a MagnetError saying so."""
+    """A user's duration in seconds: a finite number > 0 and at most MAX_SECONDS, or a MagnetError."""
     try:
+        if isinstance(duration, bool):
+            raise TypeError
         duration = float(duration)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise MagnetError(f"duration {duration!r} must be a number of seconds.") from None
     if not duration > 0:
         raise MagnetError(f"duration {duration} must be more than 0 seconds.")
     if not math.isfinite(duration):
         raise MagnetError(f"duration {duration} must be a finite number of seconds.")
+    if duration > MAX_SECONDS:
+        raise MagnetError(f"duration {duration:g} s is more than one call can make (at most {MAX_SECONDS:g} s = "
+                          f"one hour: every window of the model costs tens of decoding steps, so this could "
+                          f"not finish in a sitting). Generate it in parts, each continuing the last.")
     return duration
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory on `device` (CUDA: the driver's count; CPU: MemAvailable), None where unknown."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        if device.type == "cpu":
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+    except (OSError, RuntimeError, ValueError):
+        pass
+    return None
+
+
+def check_fits(nbytes: int, what: str, device: torch.device) -> None:
+    """Refuse to allocate what cannot fit: `nbytes` estimated from the shapes, against free memory."""
+    free = available_bytes(device)
+    if free is not None and nbytes > free:
+        raise MagnetError(f"{what} needs about {nbytes / 2 ** 30:.1f} GiB on {device}, but only "
+                          f"{free / 2 ** 30:.1f} GiB is free: ask for less (a shorter duration or a smaller batch).")
 
 
 class CodecLM:
@@ -95,11 +129,21 @@ class CodecLM:
         self.lm, self.codec, self.text_encoder = lm, codec, text_encoder
         self.source = source
         self.generation_defaults = generation or {}
-        self.last_seed: int | None = None
+        self._seed_record = threading.local()
         if text_encoder is not None and text_encoder.dim != lm.cfg.text_dim:
             raise MagnetError(f"text encoder {text_encoder.folder} has width {text_encoder.dim}, but this model "
                               f"expects {lm.cfg.text_dim} ({lm.cfg.text_encoder}). Use the "
                               f"{lm.cfg.text_encoder} folder.")
+
+    @property
+    def last_seed(self) -> int | None:
+        """The seed of this thread's last generation (its own record per thread: two generations running
+        at once in two threads each read their own)."""
+        return getattr(self._seed_record, "seed", None)
+
+    @last_seed.setter
+    def last_seed(self, seed: int | None):
+        self._seed_record.seed = seed
 
     @property
     def device(self) -> torch.device:
@@ -153,6 +197,15 @@ class CodecLM:
         (trimmed, or padded with silence at the end), e.g. to fit a video.
         """
         samples = None if duration is None else seconds_to_samples(duration, self.sample_rate)
+        if samples is not None:
+            check_fits(samples * self.channels * 4 * max(1, int(getattr(codes, "shape", [1])[0])),
+                       f"a {duration:g} s waveform", torch.device("cpu"))
+        if isinstance(codes, torch.Tensor) and codes.dim() == 3:
+            # the decoder's last stage holds ~3 float32 buffers of num_filters channels at the full sample rate
+            width = int(getattr(getattr(self.codec.model, "config", None), "num_filters", 64) or 64)
+            nbytes = codes.shape[0] * codes.shape[-1] * self.codec.hop_length * width * 4 * 3
+            check_fits(nbytes, f"decoding {codes.shape[-1] / self.frame_rate:g} s of codes (batch {codes.shape[0]})",
+                       next(self.codec.parameters()).device)
         wav = self.codec.decode(codes).float().cpu()
         return wav if samples is None else fit_length(wav, samples)
 
@@ -160,6 +213,9 @@ class CodecLM:
         """Waveform [B, C, S] or [C, S] at any rate and channel count -> codes [B, K, T]
         (resampled to the codec's rate and mixed to its channels first)."""
         wav = check_waveform(wav, "audio to encode")
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) or not sample_rate > 0 \
+                or not float(sample_rate).is_integer():
+            raise MagnetError(f"sample_rate {sample_rate!r} of the audio to encode must be a whole number of Hz > 0.")
         if wav.dim() == 2:
             wav = wav[None]
         wav = convert_audio(wav.float(), int(sample_rate), self.sample_rate, self.channels)

@@ -476,6 +476,8 @@ def hybrid_prompt_frames(magnet: MagnetModel, frames: int, ar_seconds: float | N
         ar_seconds = float(ar_seconds)
     except (TypeError, ValueError):
         raise MagnetError(f"ar_seconds {ar_seconds!r} must be a number of seconds.") from None
+    if not math.isfinite(ar_seconds):
+        raise MagnetError(f"ar_seconds {ar_seconds} must be a finite number of seconds.")
     ar_frames = int(ar_seconds * magnet.frame_rate)
     if not ar_frames >= 1:
         raise MagnetError(f"ar_seconds {ar_seconds:g} is shorter than one frame: give at least "

@@ -41,6 +41,7 @@ SPAN_ARRANGEMENTS = ("nonoverlap", "stride1")
 SPAN_SCORINGS = ("max", "prod")
 DONT_REMASK = -1e4
 DEFAULT_STEPS = (20, 10, 10, 10)
+MAX_STEPS = 1000            # per codebook
 
 Progress = Callable[[int, int], None]
 
@@ -97,8 +98,11 @@ class SamplingParams:
         if steps is None:
             steps = release_steps(defaults, n_q)
         try:
-            steps = [int(s) for s in steps]
-        except (TypeError, ValueError):
+            whole = [int(s) for s in steps]
+            if any(isinstance(s, bool) or float(s) != w for s, w in zip(steps, whole)):
+                raise ValueError
+            steps = whole
+        except (TypeError, ValueError, OverflowError):
             raise MagnetError(f"decoding_steps {self.decoding_steps!r} must be {n_q} whole numbers, one per "
                               f"codebook, e.g. 20,10,10,10.") from None
         if len(steps) != n_q:
@@ -106,20 +110,33 @@ class SamplingParams:
                               f"codebooks: give one step count per codebook, e.g. {list(DEFAULT_STEPS[:n_q])}.")
         if any(s < 1 for s in steps):
             raise MagnetError(f"decoding_steps {steps}: every step count must be at least 1.")
+        if any(s > MAX_STEPS for s in steps):
+            raise MagnetError(f"decoding_steps {steps}: at most {MAX_STEPS} steps per codebook (the releases use "
+                              f"10 to 60; more only multiplies the time of every window).")
+        num = {}
+        for name in ("temperature", "top_p", "max_cfg_coef", "min_cfg_coef", "top_k"):
+            v = getattr(self, name)
+            try:
+                if isinstance(v, bool):
+                    raise ValueError
+                num[name] = float(v)
+            except (TypeError, ValueError):
+                raise MagnetError(f"{name} {v!r} must be a number.") from None
+            if not math.isfinite(num[name]):
+                raise MagnetError(f"{name} {v} must be a finite number.")
+        if num["top_k"] != int(num["top_k"]) or num["top_k"] < 0:
+            raise MagnetError(f"top_k {self.top_k!r} must be a whole number >= 0 (0 turns it off).")
+        if num["temperature"] < 0:
+            raise MagnetError(f"temperature {self.temperature} must be >= 0.")
+        if not (0.0 <= num["top_p"] <= 1.0):
+            raise MagnetError(f"top_p {self.top_p} must be between 0 and 1 (0 turns it off).")
+        if not isinstance(self.use_sampling, (bool, int)) or not isinstance(self.anneal_temp, (bool, int)):
+            raise MagnetError("use_sampling / anneal_temp must be True or False.")
         if self.span_arrangement not in SPAN_ARRANGEMENTS:
             raise MagnetError(f"span_arrangement {self.span_arrangement!r} is unknown: use one of "
                               f"{', '.join(SPAN_ARRANGEMENTS)}.")
         if self.span_scoring not in SPAN_SCORINGS:
             raise MagnetError(f"span_scoring {self.span_scoring!r} is unknown: use one of {', '.join(SPAN_SCORINGS)}.")
-        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise MagnetError(f"temperature {self.temperature} must be a finite number >= 0.")
-        if not (0.0 <= self.top_p <= 1.0):
-            raise MagnetError(f"top_p {self.top_p} must be between 0 and 1 (0 turns it off).")
-        if self.top_k < 0:
-            raise MagnetError(f"top_k {self.top_k} must be >= 0 (0 turns it off).")
-        for name in ("max_cfg_coef", "min_cfg_coef"):
-            if not math.isfinite(getattr(self, name)):
-                raise MagnetError(f"{name} must be a finite number.")
         fast = self.fast
         if fast is True:
             fast = FastMode()
@@ -131,7 +148,10 @@ class SamplingParams:
             if fast.later_steps is not None and int(fast.later_steps) < 1:
                 raise MagnetError(f"FastMode.later_steps {fast.later_steps} must be at least 1 (or None).")
             steps = list(fast.steps(steps))
-        return replace(self, decoding_steps=tuple(steps), fast=fast)
+        return replace(self, decoding_steps=tuple(steps), fast=fast, temperature=num["temperature"],
+                       top_p=num["top_p"], top_k=int(num["top_k"]), max_cfg_coef=num["max_cfg_coef"],
+                       min_cfg_coef=num["min_cfg_coef"], use_sampling=bool(self.use_sampling),
+                       anneal_temp=bool(self.anneal_temp))
 
 
 def default_steps(n_q: int) -> tuple[int, ...]:
@@ -166,10 +186,23 @@ def make_generator(seed: int | None, device) -> tuple[torch.Generator, int]:
     """A generator on `device` seeded with `seed` (a fresh random seed when None); returns the seed."""
     if seed is None:
         seed = random.SystemRandom().randrange(2 ** 63)
-    seed = int(seed) % (2 ** 64)
+    seed = check_seed(seed)
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     return g, seed
+
+
+def check_seed(seed) -> int:
+    """A seed as a whole number in [0, 2^64) (negative values wrap, as ComfyUI's do); else a MagnetError."""
+    try:
+        if isinstance(seed, bool):
+            raise ValueError
+        value = int(seed) if not isinstance(seed, float) else int(seed) if seed.is_integer() else None
+        if value is None:
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise MagnetError(f"seed {seed!r} must be a whole number (or None/empty for a random one).") from None
+    return value % (2 ** 64)
 
 
 # -- schedules (computed as the reference computes them: float32 torch scalars) --------------------
@@ -440,6 +473,7 @@ def _decode_stage(lm, mem, guided, codes, stage, n_steps, given, keep, params, g
         scores = torch.zeros((B, T), device=dev).masked_fill(fixed.to(dev), DONT_REMASK)
     n_to_gen = int((~fixed).sum())
     seq = torch.full((B, T), mask_id, dtype=torch.long, device=dev)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
     restore = bool(keep.any())
     if restore:
         keep_dev, given_stage = keep.to(dev), given[:, stage, :T]
@@ -491,6 +525,7 @@ def _decode_stage(lm, mem, guided, codes, stage, n_steps, given, keep, params, g
         # 4. temperature annealed linearly to zero
         temp = params.temperature * ((n_steps - 1 - i) / n_steps) if params.anneal_temp else params.temperature
         probs = torch.softmax(logits / max(temp, 1e-2), dim=-1)
+        probs, nonfinite = _guard_nonfinite(probs, nonfinite)
         tokens, probs = sample_tokens(logits, probs, params, generator)
 
         # 5. fill the masked positions, score what was sampled
@@ -509,4 +544,17 @@ def _decode_stage(lm, mem, guided, codes, stage, n_steps, given, keep, params, g
         else:
             scores = (-torch.log(p)).masked_fill(~masked, DONT_REMASK)
         job.step()
+    if bool(nonfinite):                     # one host sync per stage
+        raise MagnetError(f"the model produced NaN or infinite values while decoding codebook {stage}: its "
+                          f"weights are damaged, or half precision (fp16) overflowed. Load the model in fp32 "
+                          f"(dtype fp32), or download the release again.")
     return codes
+
+
+def _guard_nonfinite(probs: torch.Tensor, flag):
+    """Rows of `probs` that are not finite (NaN/inf logits) are replaced by a uniform distribution so that
+    sampling never fails on them mid-stage, and `flag` (a device tensor: no host sync) records that it
+    happened; the stage then ends with one clear error."""
+    bad = ~torch.isfinite(probs.sum(-1, keepdim=True))
+    probs = probs.masked_fill(bad, 1.0 / probs.shape[-1])
+    return probs, flag | bad.any()
