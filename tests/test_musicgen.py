@@ -302,12 +302,15 @@ def test_bad_ar_seconds_are_clear_errors(music_model, musicgen, ar_seconds, need
 
 # -- compatibility ----------------------------------------------------------------------------------
 
-def test_musicgen_with_another_codec_is_refused_naming_both(ref, tmp_path, music_model):
+def test_musicgen_with_another_codec_is_refused_naming_both(ref, tmp_path, music_model, audio_model):
     rel = tmp_path / "musicgen-16k"
     rel.mkdir()
     shutil.copy(ref / "musicgen" / "state_dict.bin", rel)
     shutil.copy(ref / "magnet-audio" / "compression_state_dict.bin", rel)   # the 16 kHz codec
-    other = MusicGenModel.from_pretrained(rel, text_encoder=music_model.text_encoder, device="cpu")
+    with pytest.raises(MagnetError, match="16000 Hz.*32000 Hz"):          # its own xp.cfg says 32 kHz
+        MusicGenModel.from_pretrained(rel, text_encoder=music_model.text_encoder, device="cpu")
+    other = MusicGenModel.from_pretrained(ref / "musicgen", text_encoder=music_model.text_encoder, device="cpu")
+    other.codec, other.source = audio_model.codec, str(rel)                  # as if it had loaded
     for call in (lambda: check_compatible(music_model, other),
                  lambda: generate_hybrid(music_model, other, ["x"], duration=1.0, ar_seconds=0.2),
                  lambda: MusicGenRescorer(other, magnet=music_model)):
