@@ -9,13 +9,17 @@ The parts on their own: `TextEncoder` (prompts -> TextCondition), `Codec` (EnCod
 `MusicGenModel` (autoregressive, same codec and T5) gives the AR prompt of hybrid generation
 (`musicgen.generate_hybrid`) and the rescorer (`musicgen.MusicGenRescorer`).
 """
-from .codec import Codec
-from .errors import MagnetError
-from .model import MagnetModel
-from .musicgen import MusicGenModel
-from .sampling import SamplingParams
-from .text import TextCondition, TextEncoder
-from .transformer import LM, LMConfig
+from .compat import check_transformers as _check_transformers
+
+_check_transformers()  # a too-old transformers: one clear message now, not odd failures later
+
+from .codec import Codec  # noqa: E402
+from .errors import MagnetError  # noqa: E402
+from .model import MagnetModel  # noqa: E402
+from .musicgen import MusicGenModel  # noqa: E402
+from .sampling import SamplingParams  # noqa: E402
+from .text import TextCondition, TextEncoder  # noqa: E402
+from .transformer import LM, LMConfig  # noqa: E402
 
 __all__ = ["MagnetModel", "MusicGenModel", "MagnetError", "Codec", "TextEncoder", "TextCondition", "LM", "LMConfig",
            "SamplingParams"]
