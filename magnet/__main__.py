@@ -43,7 +43,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="for durations beyond the window: seconds of context each next window continues from "
                         "(default: half the window)")
     g.add_argument("--seed", default=None, help="random seed, a whole number (default: random, printed)")
-    g.add_argument("--steps", default="20,10,10,10", help="decoding steps per codebook (default 20,10,10,10)")
+    g.add_argument("--steps", default="auto",
+                   help="decoding steps per codebook, e.g. 20,10,10,10 (default auto: the release's own, "
+                        "60,10,10,10 for the 30 s music releases, else 20,10,10,10)")
     g.add_argument("--fast", action="store_true",
                    help="fast mode: fewer steps for codebooks >= 1, int8 linear layers on the CPU, no null pass "
                         "where guidance is 1 (default: the exact mode, identical to the reference)")
@@ -194,9 +196,6 @@ def _generate(a) -> int:
     loudness = None if a.loudness is None else _loudness(a.loudness)
     device = _device(a.device)
     dtype = parse_dtype(a.dtype, device, "--dtype")
-    if a.fast and device.type == "cpu" and str(dtype) != "torch.float32":
-        raise MagnetError(f"--fast on the CPU runs int8 layers that take fp32 weights, not --dtype {a.dtype}: "
-                          f"leave --dtype out (fp32 on the CPU) or drop --fast.")
     out = Path(a.output)
     _output_folder(out, "-o/--output")
 

@@ -209,7 +209,7 @@ def lm_config_from_xp(cfg: dict, state: dict, where: str) -> LMConfig:
         norm_first=tf("norm_first", bool, True), bias_ff=tf("bias_ff", bool, True),
         bias_attn=tf("bias_attn", bool, True), bias_proj=tf("bias_proj", bool, True),
         causal=tf("causal", bool, kind == "musicgen"),
-        subcodes_context=tf("subcodes_context", int, 5, minimum=0) if kind == "magnet" else -1,
+        subcodes_context=tf("subcodes_context", int, 5, minimum=-1) if kind == "magnet" else -1,   # -1: no band
         segment_duration=_field(cfg, "dataset.segment_duration", where, float, minimum=0.02),
         span_len=_field(cfg, "masking.span_len", where, int, t.get("span_len", 3), minimum=1),
         max_period=tf("max_period", float, 10000.0, minimum=1),
@@ -433,8 +433,12 @@ def convert_release(release: str | Path, out: str | Path, *, codec_dir=None, sea
         raise MagnetError(f"output {out} must end in .safetensors.")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(out)
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(out)
+    except BaseException:        # a full disk (safetensors reports it as its own error), Ctrl-C: no partial file
+        tmp.unlink(missing_ok=True)
+        raise
     return out
 
 

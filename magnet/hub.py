@@ -52,7 +52,18 @@ def download(name: str, dest: str | Path | None = None, models_dir: str | Path =
     except ImportError:
         raise MagnetError(f"downloading needs huggingface_hub (`pip install huggingface_hub`). Or: {by_hand}") from None
     try:
+        dest.mkdir(parents=True, exist_ok=True)
+        probe = dest / ".write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise MagnetError(f"cannot write into {dest} ({e.strerror or e}): choose a folder you can write to "
+                          f"(--dir / --models-dir).") from None
+    try:
         snapshot_download(repo, local_dir=str(dest), allow_patterns=PATTERNS[kind])
+    except OSError as e:
+        raise MagnetError(f"could not write {repo} into {dest} ({e.strerror or e}): check free space and "
+                          f"permissions, or choose another folder.") from None
     except Exception as e:  # offline, DNS, HTTP errors, missing repo: all end the same way for the user
         raise MagnetError(f"could not download {repo} into {dest} ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:200] if str(e) else ''}). Offline? {by_hand}") from None

@@ -431,9 +431,11 @@ def _no_autocast_cache():
 _INT8_OK: bool | None = None
 
 
-def _use_int8(params: SamplingParams, dev: torch.device) -> bool:
+def _use_int8(params: SamplingParams, dev: torch.device, dtype: torch.dtype = torch.float32) -> bool:
+    """int8 linears: fast mode on the CPU with fp32 weights (the int8 kernels take fp32 activations;
+    fp16/bf16 weights on the CPU run their own dtype instead)."""
     global _INT8_OK
-    if not (params.fast and params.fast.int8 and dev.type == "cpu"):
+    if not (params.fast and params.fast.int8 and dev.type == "cpu" and dtype == torch.float32):
         return False
     if _INT8_OK is None:
         _INT8_OK = int8_available()
@@ -447,7 +449,7 @@ def _decode_stage(lm, mem, guided, codes, stage, n_steps, given, keep, params, g
     dev = codes.device
     fast = params.fast or None
     parallel = lm.cfg.norm_first and not lm.cfg.causal         # the forward that can prune and run int8
-    int8 = parallel and _use_int8(params, dev)
+    int8 = parallel and _use_int8(params, dev, next(lm.parameters()).dtype)
     prune = parallel and PRUNE_ON_CPU and dev.type == "cpu"
     mem_cond = mem.cond_only(B) if guided and fast is not None and fast.skip_unit_cfg else None
     static = parallel and n_steps > 1 and (

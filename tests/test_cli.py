@@ -126,9 +126,10 @@ def test_fast_mode_generates(ref, tmp_path, capsys):
     assert len(sf.read(tmp_path / "out.wav")[0]) == 30 * 640
 
 
-def test_fast_mode_with_half_weights_on_the_cpu_is_refused_clearly(ref, tmp_path, capsys):
+def test_fast_mode_with_half_weights_on_the_cpu_runs_without_int8(ref, tmp_path, capsys):
     rc, _, err = run(capsys, *gen(ref, tmp_path, "--fast", "--dtype", "fp16"))
-    assert_one_line_error(rc, err, "--fast", "--dtype")
+    assert rc == 0, err
+    assert "Traceback" not in err
 
 
 def test_overlap_slides_the_window_beyond_the_release_length(ref, tmp_path, capsys):
