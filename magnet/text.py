@@ -202,33 +202,50 @@ def _build_t5(config: dict, state: dict, source: str):
 
 
 def _load_tokenizer(folder: Path):
-    """The T5 tokenizer: tokenizer.json (fast, needs only `tokenizers`), else spiece.model (sentencepiece)."""
+    """The T5 tokenizer: tokenizer.json (fast; needs only `tokenizers`), else spiece.model (sentencepiece).
+
+    spiece.model is also the fallback when the installed `tokenizers` cannot parse a tokenizer.json
+    written by a newer one (older transformers pin older tokenizers)."""
     transformers = require("transformers")
-    kwargs = compat.tokenizer_kwargs()
-    if (folder / "tokenizer.json").is_file():
-        kwargs["use_fast"] = True
-    else:  # spiece.model only
+    has_json, has_spm = (folder / "tokenizer.json").is_file(), (folder / "spiece.model").is_file()
+    errors = []
+    if has_json:
+        try:
+            return _auto_tokenizer(transformers, folder, use_fast=True)
+        except Exception as e:
+            errors.append(f"tokenizer.json: {_short(e)}")
+    if has_spm:
         require("sentencepiece")
-        if compat.transformers_version() >= (5, 0, 0):
-            try:
-                import google.protobuf  # noqa: F401  (transformers 5 converts spiece.model with it)
-            except ImportError:
+        if compat.transformers_version() >= (5, 0, 0) and not _has_protobuf():
+            if not has_json:
                 raise MagnetError(f"The text encoder folder {folder} has spiece.model but no tokenizer.json, and "
                                   f"transformers {transformers.__version__} reads spiece.model only with protobuf. "
                                   f"Copy tokenizer.json of the same T5 model into the folder (or download it again "
                                   f"with `python -m magnet download t5-base --dir {folder}`), or run "
-                                  f"`pip install protobuf`.") from None
-        kwargs["use_fast"] = False
+                                  f"`pip install protobuf`.")
+        else:
+            try:
+                return _auto_tokenizer(transformers, folder, use_fast=False)
+            except Exception as e:
+                errors.append(f"spiece.model: {_short(e)}")
+    raise MagnetError(f"The tokenizer files of {folder} could not be read by transformers {transformers.__version__} "
+                      f"({'; '.join(errors)}). They are damaged or not a T5 tokenizer: copy tokenizer.json and "
+                      f"spiece.model again from the same T5 model. If they came from a newer transformers, "
+                      f"upgrade it instead: `{compat.PIP_TRANSFORMERS}`. {_T5_FIX}")
+
+
+def _auto_tokenizer(transformers, folder: Path, use_fast: bool):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.AutoTokenizer.from_pretrained(str(folder), use_fast=use_fast, **compat.tokenizer_kwargs())
+
+
+def _has_protobuf() -> bool:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return transformers.AutoTokenizer.from_pretrained(str(folder), **kwargs)
-    except MagnetError:
-        raise
-    except Exception as e:
-        raise MagnetError(f"The tokenizer files of {folder} (tokenizer.json / spiece.model / tokenizer_config.json) "
-                          f"could not be loaded ({_short(e)}): they are damaged or not a T5 tokenizer. Copy them "
-                          f"again from the same T5 model. {_T5_FIX}") from None
+        import google.protobuf  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _check_tokenizer(tokenizer, model, folder: Path) -> None:

@@ -107,8 +107,11 @@ def test_either_tokenizer_file_alone_gives_the_same_tokens(t5, encoder, keep):
             (t5 / name).unlink()
     try:
         te = TextEncoder(t5)
-    except MagnetError as e:   # transformers 5 without protobuf cannot read spiece.model alone: says so
-        assert keep == "spiece.model" and "protobuf" in str(e) and "tokenizer.json" in str(e)
+    except MagnetError as e:
+        if keep == "spiece.model":   # transformers 5 without protobuf cannot read spiece.model alone: says so
+            assert "protobuf" in str(e) and "tokenizer.json" in str(e)
+        else:                        # a tokenizers older than the one that wrote tokenizer.json: says upgrade
+            assert "pip install -U \"transformers>=" in str(e)
         return
     prompts = ["lofi hip hop beat", "calm piano, 90 bpm"]
     assert torch.equal(te.encode(prompts).input_ids, encoder.encode(prompts).input_ids)
