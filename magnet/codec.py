@@ -352,8 +352,9 @@ def _load_strict(model: nn.Module, state: dict, source: str) -> None:
         if (missing or unexpected) and not misshaped and compat.same_shapes(renamed, expected):
             # the same tensors under other names: this transformers names EnCodec's weights differently
             raise MagnetError(f"The codec weights in {source} are complete, but transformers {_tf_version()} names "
-                              f"EnCodec's weights differently ({'; '.join(parts)}). Install a transformers this "
-                              f"pack supports: `{compat.PIP_TRANSFORMERS}`.")
+                              f"EnCodec's weights differently ({'; '.join(parts)}). Update this pack, or install "
+                              f"a transformers it was tested with ({', '.join(compat.TESTED_TRANSFORMERS)}), e.g. "
+                              f"`pip install \"transformers=={compat.TESTED_TRANSFORMERS[-1]}\"`.")
         raise MagnetError(f"The codec weights in {source} do not match its configuration ({'; '.join(parts)}). "
                           f"The file is not an EnCodec of a MAGNeT/MusicGen release or is damaged: use the "
                           f"file that came with the release.")

@@ -30,8 +30,12 @@ import torch
 
 from .errors import MagnetError
 
-MIN_TRANSFORMERS = "4.40.0"
-"""The oldest transformers the text encoder, codec and CLAP loaders are tested with."""
+MIN_TRANSFORMERS = "4.37.2"
+"""The oldest transformers the text encoder, codec and CLAP loaders are tested with (ComfyUI's own minimum).
+Its `tokenizers` (0.15) cannot parse a tokenizer.json written by tokenizers >= 0.19; the T5 loader then
+reads spiece.model (which the official T5 folders have) and otherwise says to upgrade."""
+TESTED_TRANSFORMERS = ("4.37.2", "4.40.2", "4.46.3", "4.56.2", "5.24.0")
+"""The versions the parity, codec, loading and CLAP tests were run with."""
 PIP_TRANSFORMERS = f'pip install -U "transformers>={MIN_TRANSFORMERS}"'
 COMFY_PYTHON = ("with ComfyUI's own Python, e.g. `python_embeded\\python.exe -m pip ...` in the Windows "
                 "portable build, or the venv ComfyUI runs in")
@@ -77,8 +81,8 @@ def check_transformers(version: str | None = ...) -> None:
         return  # an unparsable version string: let the loaders speak for themselves
     if too_old:
         raise MagnetError(
-            f"transformers {version} is installed, but MAGNeT needs transformers>={MIN_TRANSFORMERS} (older "
-            f"versions cannot build its T5 text encoder and EnCodec codec). Upgrade it: `{PIP_TRANSFORMERS}` "
+            f"transformers {version} is installed, but MAGNeT needs transformers>={MIN_TRANSFORMERS} (the oldest "
+            f"version its T5 text encoder, EnCodec codec and CLAP loading work with). Upgrade it: `{PIP_TRANSFORMERS}` "
             f"({COMFY_PYTHON}); other custom nodes that pin an older transformers may need updating too.")
 
 

@@ -119,7 +119,7 @@ def test_unknown_key_names_of_a_complete_codec_blame_the_version_not_the_file(mu
     with pytest.raises(MagnetError) as e:
         Codec.from_config_and_state(config, state)
     msg = str(e.value)
-    assert "names EnCodec's weights differently" in msg and "pip install -U" in msg and "damaged" not in msg
+    assert "names EnCodec's weights differently" in msg and "pip install" in msg and "damaged" not in msg
 
 
 def test_codec_missing_a_tensor_is_a_damaged_file(music_codec_export):
