@@ -21,6 +21,7 @@ raised from the progress callback propagates at once: it stops the job within on
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -99,9 +100,14 @@ def plan_windows(total: int, window: int, overlap: int, prompt: int = 0) -> list
 def generate_long(lm: LM, cond: TextCondition, frames: int, params: SamplingParams, *, window: int,
                   overlap: int | None = None, prompt: torch.Tensor | None = None,
                   generator: torch.Generator | None = None, progress: Progress | None = None,
-                  rescorer: Rescorer | None = None, job: _Job | None = None) -> torch.Tensor:
+                  rescorer: Rescorer | None = None, job: _Job | None = None,
+                  cond_for: Callable[[Window], TextCondition] | None = None) -> torch.Tensor:
     """Decode exactly `frames` frames [B, K, frames] of any length by sliding a window of at most
     `window` frames (the release's window) with `overlap` frames of context (default: half the window).
+
+    cond_for(window) -> TextCondition: the conditioning of each window (e.g. the prompt in force over the
+    new part it writes, for a prompt timeline); `cond` for every window when None. Each must have
+    `cond.batch` rows.
 
     prompt [B, K, P]: leading codes kept unchanged, of any length below `frames` (the first window takes
     all of it when it fits, else the generation continues from its last `overlap` frames).
@@ -130,8 +136,8 @@ def generate_long(lm: LM, cond: TextCondition, frames: int, params: SamplingPara
     out = prompt if P else None
     for w in plan:
         context = out[..., w.start:w.start + w.context] if w.context else None
-        codes = sampling.generate(lm, cond, w.frames, params, prompt=context, generator=generator,
-                                  job=job, rescorer=rescorer)
+        codes = sampling.generate(lm, cond if cond_for is None else cond_for(w), w.frames, params, prompt=context,
+                                  generator=generator, job=job, rescorer=rescorer)
         if codes.shape[-1] != w.frames:      # cannot happen with usable_window; guard the invariant
             raise RuntimeError(f"window {w} came back with {codes.shape[-1]} frames")
         new = codes[..., w.context:]
