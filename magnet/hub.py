@@ -2,6 +2,8 @@
 done behind the user's back. Offline, or without huggingface_hub, it fails with the folder to fill by hand."""
 from __future__ import annotations
 
+import errno
+
 from pathlib import Path
 
 from .errors import MagnetError
@@ -62,6 +64,9 @@ def download(name: str, dest: str | Path | None = None, models_dir: str | Path =
     try:
         snapshot_download(repo, local_dir=str(dest), allow_patterns=PATTERNS[kind])
     except OSError as e:
+        if getattr(e, "errno", None) not in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
+            raise MagnetError(f"could not download {repo} into {dest} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''}). Offline? {by_hand}") from None
         raise MagnetError(f"could not write {repo} into {dest} ({e.strerror or e}): check free space and "
                           f"permissions, or choose another folder.") from None
     except Exception as e:  # offline, DNS, HTTP errors, missing repo: all end the same way for the user
