@@ -17,3 +17,10 @@ NODE_CLASSES = [MagnetModelLoader, MagnetTextEncoderLoader, MagnetTextEncode, Ma
 # error messages start with
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in NODE_CLASSES}
 NODE_DISPLAY_NAME_MAPPINGS = {cls.__name__: cls.DISPLAY_NAME for cls in NODE_CLASSES}
+
+from .edit import MagnetAudioToAudio, MagnetDecodeLoop, MagnetPromptTimeline, MagnetSeamlessLoop  # noqa: E402
+
+for _cls in (MagnetAudioToAudio, MagnetSeamlessLoop, MagnetDecodeLoop, MagnetPromptTimeline):
+    NODE_CLASSES.append(_cls)
+    NODE_CLASS_MAPPINGS[_cls.__name__] = _cls
+    NODE_DISPLAY_NAME_MAPPINGS[_cls.__name__] = _cls.DISPLAY_NAME
