@@ -401,14 +401,24 @@ def generate_loop_from_condition(model, cond: TextCondition, *, frames: int, par
 
 def decode_loop(model, codes: torch.Tensor, *, duration: float | None = None, repeats: int = 1) -> torch.Tensor:
     """Codes of a loop [B, K, F] -> waveform [B, C, repeats * round(duration * sample_rate)] on the CPU that
-    repeats without a click. duration: the loop's seconds (default F / frame_rate).
+    repeats without a click. `model`: a MagnetModel or its codec. duration: the loop's seconds (default
+    F / frame_rate; it must round to F frames).
 
     The codec decodes circularly: the codes padded on each side with (up to 5 s of) their own other end,
     decoded together, the middle F frames kept. When round(duration * sample_rate) is not F hops, that one
     period is resampled circularly (FFT) to the exact length; the pitch moves by less than one frame in F."""
-    codes = _check_codes(model, codes)
+    codec = getattr(model, "codec", model)
+    if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.dim() not in (2, 3):
+        raise MagnetError("codes must be integer codes [batch, codebooks, frames] (from model.generate "
+                          "or model.encode).")
+    codes = codes[None] if codes.dim() == 2 else codes
+    if codes.shape[1] != codec.n_q or codes.shape[-1] == 0 or int(codes.min()) < 0 or \
+            int(codes.max()) >= codec.card:
+        raise MagnetError(f"codes of shape {tuple(codes.shape)} with values in [{int(codes.min())}, "
+                          f"{int(codes.max())}] are not codes of this codec ({codec.n_q} codebooks of "
+                          f"{codec.card} entries): decode the loop with the codec that made it.")
     F = codes.shape[-1]
-    fr, sr = model.frame_rate, model.sample_rate
+    fr, sr = float(codec.frame_rate), int(codec.sample_rate)
     seconds = F / fr if duration is None else _number(duration, "duration")
     if duration is not None and int(round(seconds * fr)) != F:
         raise MagnetError(f"duration {seconds:g} s does not match the loop's {F} frames ({F / fr:g} s): give the "
@@ -416,9 +426,10 @@ def decode_loop(model, codes: torch.Tensor, *, duration: float | None = None, re
     reps = _number(repeats, "repeats")
     if reps != int(reps) or reps < 1:
         raise MagnetError(f"repeats {repeats!r} must be a whole number >= 1.")
-    P = min(F, 5 * fr)
-    padded = torch.cat([codes[..., F - P:], codes, codes[..., :P]], dim=-1)
-    wav = model.decode(padded)
+    P = min(F, int(round(5 * fr)))
+    padded = torch.cat([codes[..., F - P:], codes, codes[..., :P]], dim=-1).long()
+    decode = model.decode if hasattr(model, "codec") else codec.decode
+    wav = decode(padded).float().cpu()
     hop = wav.shape[-1] // padded.shape[-1]
     period = wav[..., P * hop:(P + F) * hop]
     S = int(round(seconds * sr))
@@ -430,12 +441,12 @@ def decode_loop(model, codes: torch.Tensor, *, duration: float | None = None, re
         else:
             spec = torch.cat([spec, spec.new_zeros(*spec.shape[:-1], n - spec.shape[-1])], dim=-1)
         period = (torch.fft.irfft(spec, n=S, dim=-1) * (S / period.shape[-1])).float()
-    return period.repeat(1, 1, int(reps)) if reps > 1 else period
+    return period.repeat(1, 1, int(reps)) if reps > 1 else period.contiguous()
 
 
 # -- prompt timeline ---------------------------------------------------------------------------------------
 
-_TIME = re.compile(r"^\s*(\d+(?::\d+){0,2}(?:\.\d*)?)(?:\s+|\s*[-:|]\s*|$)(.*)$")
+_TIME = re.compile(r"^\s*(\d+(?::\d+){0,2}(?:\.\d*)?)(?:\s*[-\u2013:|]\s*|\s+|$)(.*)$")
 
 
 def _seconds_of(stamp: str, line: str) -> float:
