@@ -35,8 +35,11 @@ import torch
 
 from . import longform, sampling
 from .errors import MagnetError
-from .sampling import SamplingParams, _Job
+from .sampling import SamplingParams
 from .text import TextCondition
+
+# progress over several decodings: one counter handed to each (named StepCounter in newer engines)
+_Job = getattr(sampling, "StepCounter", None) or getattr(sampling, "_Job")
 
 SAMPLING_KEYS = ("use_sampling", "temperature", "top_k", "top_p", "max_cfg_coef", "min_cfg_coef",
                  "decoding_steps", "span_arrangement", "span_scoring")
@@ -48,6 +51,13 @@ def _autocast(model):
     if model.device.type == "cuda" and model.dtype in (torch.float16, torch.bfloat16):
         return torch.autocast("cuda", dtype=model.dtype)
     return contextlib.nullcontext()
+
+
+def _engine(model) -> dict:
+    """Keyword arguments every engine call of `model` takes besides the sampling ones: its forward settings
+    (`model.fastpath`) where the model has them."""
+    fastpath = getattr(model, "fastpath", None)
+    return {} if fastpath is None else {"fastpath": fastpath}
 
 
 def _params(model, params: SamplingParams | None, fast, kw: dict) -> SamplingParams:
@@ -176,19 +186,19 @@ class _TailRescorer:
         return self.rescorer.probs(self.tail.full(codes), stage + self.tail.k)
 
 
-def _decode_kept(lm, cond, given, keep, keep_codebooks, params, generator, job, rescorer):
+def _decode_kept(lm, cond, given, keep, keep_codebooks, params, generator, job, rescorer, engine):
     """sampling.generate with `given`/`keep` (frames kept in every codebook), where in addition codebooks
     < keep_codebooks are kept at every frame."""
     frames = given.shape[-1]
     if keep_codebooks == 0:
         return sampling.generate(lm, cond, frames, params, given=given, keep=keep, generator=generator, job=job,
-                                 rescorer=rescorer)
+                                 rescorer=rescorer, **engine)
     k = keep_codebooks
     tail = _TailLM(lm, given[:, :k].to(next(lm.parameters()).device))
     tparams = replace(params, decoding_steps=tuple(params.decoding_steps[k:]))
     resc = None if rescorer is None or rescorer.weight == 0 else _TailRescorer(rescorer, tail)
     out = sampling.generate(tail, cond, frames, tparams, given=given[:, k:], keep=keep, generator=generator,
-                            job=job, rescorer=resc)
+                            job=job, rescorer=resc, **engine)
     return tail.full(out)
 
 
@@ -267,7 +277,7 @@ def vary_from_condition(model, cond: TextCondition, codes: torch.Tensor, *, stre
     with _autocast(model):
         for w, keep in work:
             given = out[..., w.start:w.end].cpu()
-            new = _decode_kept(model.lm, cond, given, keep, k, params, generator, job, rescorer)
+            new = _decode_kept(model.lm, cond, given, keep, k, params, generator, job, rescorer, _engine(model))
             out[..., w.start + w.context:w.end] = new[..., w.context:].to(out.device)
     return out
 
@@ -328,7 +338,7 @@ def _loopify(model, cond, codes, params, generator, job, rescorer):
     rotated = torch.roll(codes, -shift, dims=-1)        # rotated[F - shift] = codes[0]: the join is at F - shift
     a, b = _join_region(model, F, F - shift)
     rotated = longform.regenerate_region(model.lm, cond, rotated, a, b, params, window=model.max_frames,
-                                         generator=generator, job=job, rescorer=rescorer)
+                                         generator=generator, job=job, rescorer=rescorer, **_engine(model))
     return torch.roll(rotated, shift, dims=-1)
 
 
@@ -395,7 +405,7 @@ def generate_loop_from_condition(model, cond: TextCondition, *, frames: int, par
     job = _Job(total=(len(plan) + 1) * sum(params.decoding_steps), progress=progress)
     with _autocast(model):
         codes = longform.generate_long(model.lm, cond, F, params, window=W, generator=generator, job=job,
-                                       rescorer=rescorer)
+                                       rescorer=rescorer, **_engine(model))
         return _loopify(model, cond, codes, params, generator, job, rescorer)
 
 
@@ -609,14 +619,14 @@ def generate_timeline_from_condition(model, cond: TimelineCondition, *, frames: 
     job = _Job(total=sum(1 if plan is None else len(plan) for _, _, plan in runs) * sum(params.decoding_steps),
                progress=progress)
     generator, model.last_seed = sampling.make_generator(seed, model.device)
-    dev = model.device
+    dev, engine = model.device, _engine(model)
     with _autocast(model):
         for end, c, plan in runs:
             c = _cond_rows(c, 1)
             if plan is None:
                 out = sampling.generate(model.lm, c, end, params, prompt=out, generator=generator, job=job,
-                                        rescorer=rescorer)
+                                        rescorer=rescorer, **engine)
             else:
                 out = longform.generate_long(model.lm, c, end, params, window=W, overlap=ov, prompt=out,
-                                             generator=generator, job=job, rescorer=rescorer)
+                                             generator=generator, job=job, rescorer=rescorer, **engine)
     return out.to(dev) if out is not None else out

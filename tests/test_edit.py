@@ -288,16 +288,16 @@ def test_a_one_prompt_timeline_is_exactly_generate(music_model, seconds):
 ])
 def test_each_window_is_conditioned_on_the_prompt_over_its_new_part(music_model, monkeypatch, seconds, timeline):
     m = music_model
+    want = m.generate(["a"], duration=seconds, decoding_steps=STEPS, seed=0).shape[-1]
     spy = Spy(monkeypatch)
     progress = []
     codes = edit.generate_timeline(m, timeline, duration=seconds, seed=1, decoding_steps=STEPS,
                                    progress=lambda d, t: progress.append((d, t)))
-    want = m.generate(["a"], duration=seconds, decoding_steps=STEPS, seed=0).shape[-1]
     assert codes.shape == (1, 4, want)
     entries = edit.parse_timeline(timeline)
     starts = [round(t * m.frame_rate) for t, _ in entries]
     done, seen = 0, []
-    for call in spy.calls[:len(spy.calls)]:
+    for call in spy.calls:
         context = 0 if call.get("prompt") is None else call["prompt"].shape[-1]
         new = call["out"].shape[-1] - context
         a, b = done, done + new
