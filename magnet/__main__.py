@@ -1,4 +1,4 @@
-"""Command line: `python -m magnet generate|convert|evaluate ...` (see `python -m magnet -h`)."""
+"""Command line: `python -m magnet generate|vary|convert|evaluate ...` (see `python -m magnet -h`)."""
 from __future__ import annotations
 
 import argparse
@@ -60,6 +60,25 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     g.add_argument("--dtype", default=None, help="weights: fp32, fp16 (half), bf16 (default: fp16 on CUDA, "
                                                  "fp32 elsewhere)")
+
+    v = sub.add_parser("vary", help="audio to audio: redraw a share of an audio file with a prompt",
+                       description="Encode an audio file, redraw --strength of its spans with the prompt (the rest "
+                                   "kept as context), decode to the same length.")
+    v.add_argument("input", metavar="IN", help="audio file to vary (WAV, FLAC, OGG, MP3, ...)")
+    v.add_argument("prompt", help="text prompt that steers the redrawn parts")
+    v.add_argument("--model", required=True, help="release folder or converted .safetensors file")
+    v.add_argument("--text-encoder", help="T5 folder (default: found beside the release, or $MAGNET_TEXT_ENCODER_DIR)")
+    v.add_argument("--codec", help="transformers EnCodec folder, for releases whose codec file is a pointer")
+    v.add_argument("-o", "--output", default="magnet_vary.wav", help="WAV path (default magnet_vary.wav)")
+    v.add_argument("--strength", default="0.5",
+                   help="share of the clip redrawn, 0 (unchanged) to 1 (only the length kept); default 0.5")
+    v.add_argument("--keep-codebooks", default="0",
+                   help="codebooks kept everywhere: 0 none (default), 1 = codebook 0 (rhythm, melody)")
+    v.add_argument("--seed", default=None, help="random seed, a whole number (default: random, printed)")
+    v.add_argument("--steps", default="auto", help="decoding steps per codebook, e.g. 20,10,10,10 (default auto)")
+    v.add_argument("--fast", action="store_true", help="fast mode (see generate --help)")
+    v.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    v.add_argument("--dtype", default=None, help="weights: fp32, fp16 (half), bf16")
 
     d = sub.add_parser("download", help="download an official release, T5 or codec from the Hugging Face hub")
     d.add_argument("name", help="e.g. magnet-small-10secs, audio-magnet-small, t5-base, t5-large, encodec_32khz")
@@ -232,6 +251,52 @@ def _generate(a) -> int:
     return 0
 
 
+def _vary(a) -> int:
+    from . import audio, edit
+    from .devices import parse_dtype
+    from .model import MagnetModel
+    strength = _number(a.strength, "--strength", "give a share from 0 (unchanged) to 1 (only the length kept), "
+                                                 "e.g. --strength 0.4.", lo=0, hi=1)
+    keep = _whole(a.keep_codebooks, "--keep-codebooks", "give 0 (redraw everything) or the number of first "
+                                                        "codebooks to keep, e.g. 1 (rhythm and melody).", lo=0)
+    if a.seed is not None:
+        a.seed = _whole(a.seed, "--seed", "give an integer such as 42, or leave --seed out for a random seed.")
+    steps = _steps(a.steps)
+    device = _device(a.device)
+    dtype = parse_dtype(a.dtype, device, "--dtype")
+    out = Path(a.output)
+    _output_folder(out, "-o/--output")
+    wav, sr = audio.read_audio(a.input)
+    seconds = wav.shape[-1] / sr
+    print(f"loading {a.model} ...", file=sys.stderr)
+    model = MagnetModel.from_pretrained(a.model, text_encoder=a.text_encoder, device=device, dtype=dtype,
+                                        codec=a.codec)
+    if keep >= model.cfg.n_q:
+        raise MagnetError(f"--keep-codebooks {keep}: this model has {model.cfg.n_q} codebooks; give at most "
+                          f"{model.cfg.n_q - 1} (keeping all would change nothing).")
+    from tqdm import tqdm
+    bars = []
+
+    def progress(done, total):
+        if not bars:
+            bars.append(tqdm(total=total, unit="step", desc="decoding", file=sys.stderr))
+        bars[0].total = total
+        bars[0].n = done
+        bars[0].refresh()
+
+    try:
+        codes = edit.vary(model, model.encode(wav, sr), a.prompt, strength=strength, keep_codebooks=keep,
+                          seed=a.seed, decoding_steps=steps, progress=progress, fast=a.fast)
+    finally:
+        for bar in bars:
+            bar.close()
+    result = model.decode(codes, duration=seconds)
+    audio.write_wav(out, result[0], model.sample_rate)
+    print(f"wrote {out} ({result.shape[-1] / model.sample_rate:.2f} s, {model.sample_rate} Hz)")
+    print(f"seed {model.last_seed}", file=sys.stderr)
+    return 0
+
+
 def _convert(a) -> int:
     import torch
 
@@ -325,7 +390,8 @@ def main(argv=None) -> int:
     Every error is one line on stderr, never a traceback."""
     try:
         a = _parser().parse_args(argv)
-        return {"generate": _generate, "download": _download, "convert": _convert, "evaluate": _evaluate}[a.cmd](a)
+        return {"generate": _generate, "download": _download, "convert": _convert, "evaluate": _evaluate,
+                "vary": _vary}[a.cmd](a)
     except SystemExit as e:          # -h / --help
         return e.code if isinstance(e.code, int) else 0
     except MagnetError as e:

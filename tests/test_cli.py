@@ -261,3 +261,61 @@ def test_bad_evaluate_options_are_one_line_errors(tmp_path, capsys, args, words)
 def test_help_in_process_returns_0(capsys):
     assert main(["generate", "--help"]) == 0
     assert "--fast" in capsys.readouterr().out
+
+
+# --- vary (audio to audio) -------------------------------------------------------------------------
+
+def _vary_input(tmp_path, seconds=1.3, sr=44100):
+    import numpy as np
+    t = np.arange(int(seconds * sr)) / sr
+    path = tmp_path / "in.wav"
+    sf.write(path, np.stack([np.sin(2 * np.pi * 220 * t), np.sin(2 * np.pi * 330 * t)], -1) * 0.3, sr)
+    return path
+
+
+def vary_args(ref, tmp_path, *extra):
+    return ["vary", _vary_input(tmp_path), "jazz trio", "--model", ref / "magnet-music", "--text-encoder",
+            ref / "t5-base", "-o", tmp_path / "out.wav", "--device", "cpu", "--steps", "3,2,2,2", *extra]
+
+
+def test_vary_writes_the_input_length_and_is_repeatable_with_a_seed(ref, tmp_path, capsys):
+    rc, out, err = run(capsys, *vary_args(ref, tmp_path, "--strength", "0.4", "--keep-codebooks", "1", "--seed", "5"))
+    assert rc == 0, err
+    data, sr = sf.read(tmp_path / "out.wav")
+    assert sr == 32000 and len(data) == round(1.3 * 32000)
+    assert "seed 5" in err
+    first = data.copy()
+    rc, _, _ = run(capsys, *vary_args(ref, tmp_path, "--strength", "0.4", "--keep-codebooks", "1", "--seed", "5"))
+    assert rc == 0 and (sf.read(tmp_path / "out.wav")[0] == first).all()
+
+
+def test_vary_strength_zero_gives_the_codec_round_trip(ref, tmp_path, capsys):
+    from magnet import MagnetModel
+    rc, _, err = run(capsys, *vary_args(ref, tmp_path, "--strength", "0"))
+    assert rc == 0, err
+    m = MagnetModel.from_pretrained(ref / "magnet-music", text_encoder=False, device="cpu")
+    wav, sr = sf.read(tmp_path / "in.wav", dtype="float32")
+    want = m.decode(m.encode(torch.from_numpy(wav.T), sr), duration=1.3)[0, 0].clamp(-1, 1)
+    got = torch.from_numpy(sf.read(tmp_path / "out.wav", dtype="float32")[0])
+    assert torch.allclose(got, want, atol=2 / 32768)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--strength", "1.5"], ["--strength", "0 (unchanged) to 1"]),
+    (["--strength", "nan"], ["--strength"]),
+    (["--keep-codebooks", "-1"], ["--keep-codebooks"]),
+    (["--keep-codebooks", "4"], ["--keep-codebooks 4", "at most 3"]),
+    (["--seed", "x"], ["--seed", "whole number"]),
+    (["--steps", "3,2"], ["one step count per codebook"]),
+])
+def test_bad_vary_options_are_one_line_errors(ref, tmp_path, capsys, args, words):
+    rc, _, err = run(capsys, *vary_args(ref, tmp_path, *args))
+    assert rc == 2
+    assert_one_line_error(rc, err, *words)
+
+
+def test_vary_names_a_missing_input_file(ref, tmp_path, capsys):
+    args = vary_args(ref, tmp_path)
+    args[1] = tmp_path / "missing.wav"
+    rc, _, err = run(capsys, *args)
+    assert_one_line_error(rc, err, "not found")
