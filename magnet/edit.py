@@ -91,6 +91,9 @@ def _check_codes(model, codes) -> torch.Tensor:
 
 
 def _cond_rows(cond: TextCondition, B: int) -> TextCondition:
+    if getattr(cond, "timeline", None):
+        raise MagnetError("a prompt timeline conditions a whole generation (the Sampler, generate_timeline): "
+                          "here give plain prompts (Text Encode).")
     if cond.batch == 1 and B > 1:
         cond = cond.select([0] * B)
     if cond.batch != B:
@@ -622,7 +625,7 @@ def generate_timeline_from_condition(model, cond: TimelineCondition, *, frames: 
     dev, engine = model.device, _engine(model)
     with _autocast(model):
         for end, c, plan in runs:
-            c = _cond_rows(c, 1)
+            c = c if c.batch == 1 else _cond_rows(c, 1)
             if plan is None:
                 out = sampling.generate(model.lm, c, end, params, prompt=out, generator=generator, job=job,
                                         rescorer=rescorer, **engine)

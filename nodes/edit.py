@@ -101,7 +101,10 @@ class MagnetSeamlessLoop:
                                           "tooltip": "beats in a bar: 4 for 4/4, 3 for 3/4 (used when duration is 0)"}),
                 **SAMPLING_INPUTS,
             },
-            "optional": {"fast": FAST, "rescorer": RESCORER_INPUT},
+            "optional": {"fast": FAST, "rescorer": RESCORER_INPUT,
+                         "tokens": (TOKENS, {"tooltip": "optional: make these tokens (e.g. Encode Audio of a "
+                                                        "recording) loop instead of generating; their length is "
+                                                        "kept and duration/bars/bpm are not used"})},
         }
 
     RETURN_TYPES = (TOKENS,)
@@ -111,9 +114,18 @@ class MagnetSeamlessLoop:
     CATEGORY = CATEGORY
 
     def loop(self, model, conditioning, seed, duration, bars, bpm, beats_per_bar, decoding_steps, temperature, top_k,
-             top_p, max_cfg_coef, min_cfg_coef, span_arrangement, span_scoring, fast=False, rescorer=None):
+             top_p, max_cfg_coef, min_cfg_coef, span_arrangement, span_scoring, fast=False, rescorer=None,
+             tokens=None):
         with user_errors(self.DISPLAY_NAME):
             seed = seed_arg(seed)
+            if tokens is not None:
+                m = model.ready()
+                params = _sampling(m, decoding_steps, temperature, top_k, top_p, max_cfg_coef, min_cfg_coef,
+                                   span_arrangement, span_scoring, fast)
+                codes = edit.loopify_from_condition(m, conditioning, check_tokens(tokens, m.codec), params=params,
+                                                    seed=seed, progress=comfy.Progress(),
+                                                    rescorer=ready_rescorer(rescorer, m))
+                return (tokens_payload(codes, m.codec),)
             duration = finite(duration, "duration", minimum=0.0)
             bpm = finite(bpm, "bpm")
             seconds = edit.loop_seconds(duration=duration) if duration > 0 else \

@@ -436,3 +436,21 @@ def test_the_sampler_node_runs_a_prompt_timeline(N, music_model):
     (tokens,) = N["MagnetSampler"]().sample(_handle(m), cond, 3, 2.6, 0.0, **SAMPLING)
     want = edit.generate_timeline(m, "0:00 a\n0:01 b", duration=2.6, seed=3, decoding_steps=STEPS)
     assert torch.equal(tokens["codes"], want)
+
+
+def test_seamless_loop_node_makes_given_tokens_loop(N, music_model, clip):
+    common = load_pack().nodes.common
+    m = music_model
+    tokens = common.tokens_payload(clip[:1, :, :80], m.codec)
+    (out,) = N["MagnetSeamlessLoop"]().loop(_handle(m), m.encode_text(["x"]), 2, 0.0, 1, 120.0, 4, **SAMPLING,
+                                            tokens=tokens)
+    codes = out["codes"]
+    assert codes.shape == (1, 4, 80) and torch.equal(codes[..., 30:50], clip[:1, :, 30:50])
+    assert not torch.equal(codes, clip[:1, :, :80])
+
+
+def test_a_timeline_is_refused_where_one_prompt_is_expected(music_model, clip):
+    cond = edit.encode_timeline(music_model, "0:00 a\n0:01 b")
+    with pytest.raises(MagnetError, match="timeline"):
+        edit.vary_from_condition(music_model, cond, clip[:1], strength=0.5,
+                                 params=sampling_mod.SamplingParams(decoding_steps=STEPS))
