@@ -120,10 +120,17 @@ def test_each_window_of_a_long_clip_continues_the_edited_audio(music_model, clip
     progress = []
     out = edit.vary(music_model, clip, "z", strength=0.5, seed=2, decoding_steps=STEPS,
                     progress=lambda d, t: progress.append((d, t)))
-    assert len(spy.calls) >= 2
-    for call in spy.calls[1:]:
-        given, keep = call["given"], call["keep"]
-        assert keep[:10].all()                      # the start of a later window is already-edited context
+    m, T = music_model, clip.shape[-1]
+    W = longform.usable_window(m.max_frames, m.cfg.span_len, "nonoverlap")
+    redraw = edit.redraw_mask(T, m.cfg.span_len, 0.5, 2)
+    plan = [w for w in longform.plan_windows(T, W, W // 2) if redraw[w.start + w.context:w.end].any()]
+    assert len(spy.calls) == len(plan) >= 2
+    for w, call in zip(plan, spy.calls):
+        assert call["frames"] == w.frames and bool(call["keep"][:w.context].all())
+        # each window continues the edited audio before it, and its new part is what comes back
+        assert torch.equal(call["given"][..., :w.context], out[..., w.start:w.start + w.context])
+        assert torch.equal(call["out"][..., w.context:], out[..., w.start + w.context:w.end])
+        assert torch.equal(call["keep"][w.context:], ~redraw[w.start + w.context:w.end])
     total = len(spy.calls) * sum(STEPS)
     assert progress == [(i, total) for i in range(1, total + 1)]
     assert out.shape == clip.shape
