@@ -461,3 +461,56 @@ def test_a_timeline_is_refused_where_one_prompt_is_expected(music_model, clip):
     with pytest.raises(MagnetError, match="timeline"):
         edit.vary_from_condition(music_model, cond, clip[:1], strength=0.5,
                                  params=sampling_mod.SamplingParams(decoding_steps=STEPS))
+
+
+class Cancelled(Exception):
+    pass
+
+
+@pytest.mark.parametrize("what", ["vary", "loop", "timeline"])
+def test_cancel_from_progress_stops_within_one_decoding_step(music_model, clip, monkeypatch, what):
+    m = music_model
+    n = [0]
+    real = m.lm.forward
+
+    def forward(*a, **k):
+        n[0] += 1
+        return real(*a, **k)
+    monkeypatch.setattr(m.lm, "forward", forward)
+    stop_at = sum(STEPS) + 3                      # inside the second decoding
+
+    def progress(done, total):
+        assert total >= stop_at
+        if done == stop_at:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        if what == "vary":
+            edit.vary(m, clip, "z", strength=0.8, keep_codebooks=1, seed=0, decoding_steps=(3, 3, 3, 3),
+                      progress=progress)
+        elif what == "loop":
+            edit.generate_loop(m, "x", duration=1.5, seed=0, decoding_steps=STEPS, progress=progress)
+        else:
+            edit.generate_timeline(m, "0:00 a\n0:01 b", duration=2.0, seed=0, decoding_steps=STEPS,
+                                   progress=progress)
+    assert n[0] == stop_at
+
+
+def test_a_rescorer_sees_whole_codes_and_real_codebooks_when_codebooks_are_kept(music_model, clip):
+    seen = []
+
+    class Rescorer:
+        weight = 0.5
+
+        def begin(self, cond, frames):
+            seen.append(("begin", frames))
+
+        def probs(self, codes, stage):
+            seen.append((tuple(codes.shape), stage))
+            return torch.full(codes[:, stage].shape, 0.5)
+
+    m = music_model
+    out = edit.vary(m, clip, "z", strength=0.5, keep_codebooks=2, seed=0, decoding_steps=STEPS, rescorer=Rescorer())
+    stages = {s for shape, s in seen if shape != "begin"}
+    assert stages == {2, 3} and all(shape[1] == 4 for shape, _ in seen if shape != "begin")
+    assert torch.equal(out[:, :2], clip[:, :2])
