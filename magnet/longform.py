@@ -14,7 +14,7 @@ decoding loop, `sampling.generate`, on window-sized pieces:
   Every frame outside the region is copied back unchanged.
 
 Everything here counts in frames; `MagnetModel.generate` / `MagnetModel.regenerate` take seconds.
-One `torch.Generator` and one progress `_Job` serve all windows of a call, so a seed makes the whole
+One `torch.Generator` and one progress `StepCounter` serve all windows of a call, so a seed makes the whole
 result reproducible and progress(done, total) counts to one total over all windows. An exception
 raised from the progress callback propagates at once: it stops the job within one decoding step.
 """
@@ -27,7 +27,8 @@ import torch
 
 from . import sampling
 from .errors import MagnetError
-from .sampling import Progress, Rescorer, SamplingParams, _Job
+from .fastpath import FastPathSettings
+from .sampling import Progress, Rescorer, SamplingParams, StepCounter
 from .text import TextCondition
 from .transformer import LM
 
@@ -100,8 +101,9 @@ def plan_windows(total: int, window: int, overlap: int, prompt: int = 0) -> list
 def generate_long(lm: LM, cond: TextCondition, frames: int, params: SamplingParams, *, window: int,
                   overlap: int | None = None, prompt: torch.Tensor | None = None,
                   generator: torch.Generator | None = None, progress: Progress | None = None,
-                  rescorer: Rescorer | None = None, job: _Job | None = None,
-                  cond_for: Callable[[Window], TextCondition] | None = None) -> torch.Tensor:
+                  rescorer: Rescorer | None = None, job: StepCounter | None = None,
+                  cond_for: Callable[[Window], TextCondition] | None = None,
+                  fastpath: FastPathSettings | None = None) -> torch.Tensor:
     """Decode exactly `frames` frames [B, K, frames] of any length by sliding a window of at most
     `window` frames (the release's window) with `overlap` frames of context (default: half the window).
 
@@ -131,13 +133,13 @@ def generate_long(lm: LM, cond: TextCondition, frames: int, params: SamplingPara
     plan = plan_windows(int(frames), W, overlap, P)
     if generator is None:
         generator, _ = sampling.make_generator(None, next(lm.parameters()).device)
-    job = job or _Job(total=len(plan) * sum(params.decoding_steps), progress=progress)
+    job = job or StepCounter(total=len(plan) * sum(params.decoding_steps), progress=progress)
 
     out = prompt if P else None
     for w in plan:
         context = out[..., w.start:w.start + w.context] if w.context else None
         codes = sampling.generate(lm, cond if cond_for is None else cond_for(w), w.frames, params, prompt=context,
-                                  generator=generator, job=job, rescorer=rescorer)
+                                  generator=generator, job=job, rescorer=rescorer, fastpath=fastpath)
         if codes.shape[-1] != w.frames:      # cannot happen with usable_window; guard the invariant
             raise RuntimeError(f"window {w} came back with {codes.shape[-1]} frames")
         new = codes[..., w.context:]
@@ -170,7 +172,7 @@ def check_region(total: int, start: int, end: int, window: int, span_len: int) -
 def regenerate_region(lm: LM, cond: TextCondition, codes: torch.Tensor, start: int, end: int,
                       params: SamplingParams, *, window: int, generator: torch.Generator | None = None,
                       progress: Progress | None = None, rescorer: Rescorer | None = None,
-                      job: _Job | None = None) -> torch.Tensor:
+                      job: StepCounter | None = None, fastpath: FastPathSettings | None = None) -> torch.Tensor:
     """Codes [B, K, T] with frames [start, end) regenerated in every codebook, conditioned on the frames
     around them (within one window of at most `window` frames centred on the region). Every other code
     is returned unchanged. Runs one decoding (sum(decoding_steps) steps)."""
@@ -190,9 +192,9 @@ def regenerate_region(lm: LM, cond: TextCondition, codes: torch.Tensor, start: i
     keep[start - ws:end - ws] = False
     if generator is None:
         generator, _ = sampling.make_generator(None, next(lm.parameters()).device)
-    job = job or _Job(total=sum(params.decoding_steps), progress=progress)
+    job = job or StepCounter(total=sum(params.decoding_steps), progress=progress)
     new = sampling.generate(lm, cond, we - ws, params, given=given, keep=keep, generator=generator,
-                            job=job, rescorer=rescorer)
+                            job=job, rescorer=rescorer, fastpath=fastpath)
     out = codes.clone()
     out[..., start:end] = new[..., start - ws:end - ws].to(out.device)
     return out

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import threading
@@ -26,6 +27,7 @@ from .checkpoints import Release, build_lm, load_release
 from .codec import Codec
 from .devices import default_device, default_dtype, parse_device, parse_dtype
 from .errors import MagnetError
+from .fastpath import FastPathSettings
 from .sampling import SamplingParams
 from .text import TextCondition, TextEncoder
 from .transformer import LM
@@ -129,6 +131,7 @@ class CodecLM:
         self.lm, self.codec, self.text_encoder = lm, codec, text_encoder
         self.source = source
         self.generation_defaults = generation or {}
+        self.fastpath = FastPathSettings()        # how MAGNeT's forward runs (magnet.fastpath)
         self._seed_record = threading.local()
         if text_encoder is not None and text_encoder.dim != lm.cfg.text_dim:
             raise MagnetError(f"text encoder {text_encoder.folder} has width {text_encoder.dim}, but this model "
@@ -179,6 +182,62 @@ class CodecLM:
     def max_frames(self) -> int:
         return int(self.segment_duration * self.frame_rate)
 
+    # -- loading ------------------------------------------------------------------------------------
+    KIND = "magnet"          # the release kind this class loads (xp.cfg lm_model)
+    KIND_ERROR = "{source} is a {kind} release: load it with the class for that kind."
+
+    @classmethod
+    def from_pretrained(cls, release: str | Path, text_encoder: str | Path | TextEncoder | bool | None = None, *,
+                        device=None, dtype=None, codec: str | Path | None = None, search_dirs: Sequence = ()):
+        """Load an official release folder (`state_dict.bin` + `compression_state_dict.bin`) or a file
+        made by `python -m magnet convert`; a release of the other kind (MAGNeT / MusicGen) is refused.
+
+        text_encoder: a transformers T5 folder (or a loaded TextEncoder). When None, a folder named after
+            the release's T5 (`t5-base`, `t5-large`) is looked for in $MAGNET_TEXT_ENCODER_DIR, beside the
+            release and in `search_dirs`; False: none (generation needs one, encode/decode do not).
+        codec: for releases whose codec file is a pointer (`{'pretrained': 'facebook/encodec_32khz'}`),
+            the transformers EnCodec folder; else it is looked for in $MAGNET_CODEC_DIR, in and beside
+            the release folder and in `search_dirs`.
+        device/dtype: default CUDA with fp16 weights when available, else CPU float32.
+        """
+        lm, codec_mod, te, r = load_parts(release, cls.KIND, cls.KIND_ERROR, text_encoder=text_encoder,
+                                          device=device, dtype=dtype, codec=codec, search_dirs=search_dirs)
+        return cls(lm, codec_mod, te, source=str(r.source), generation=r.generation)
+
+    # -- checks of what callers hand in ---------------------------------------------------------------
+    def check_condition(self, cond: TextCondition) -> TextCondition:
+        """The conditioning must come from this release's T5 (its width)."""
+        if cond.text_dim != self.cfg.text_dim:
+            raise MagnetError(f"the conditioning comes from a text encoder of width {cond.text_dim} "
+                              f"({cond.encoder}), but {self.source or 'this model'} expects {self.cfg.text_dim} "
+                              f"({self.cfg.text_encoder}). Encode the prompts with {self.cfg.text_encoder}.")
+        return cond
+
+    def check_prompt_codes(self, prompt, batch: int, frames: int) -> torch.Tensor | None:
+        """Prompt codes [batch or 1, K, P] (P < frames, codes of this codec) -> [batch, K, P]; None when absent
+        or empty."""
+        if prompt is None or (isinstance(prompt, torch.Tensor) and prompt.shape[-1] == 0):
+            return None
+        n_q, card = self.cfg.n_q, self.cfg.card
+        if not isinstance(prompt, torch.Tensor) or prompt.is_floating_point():
+            raise MagnetError("prompt must be integer codes [batch, codebooks, frames] (from model.encode).")
+        if prompt.dim() == 2:
+            prompt = prompt[None]
+        if prompt.dim() != 3 or prompt.shape[1] != n_q:
+            raise MagnetError(f"prompt codes have shape {tuple(prompt.shape)}; expected [batch, {n_q}, frames] "
+                              f"from model.encode.")
+        if prompt.shape[0] == 1 and batch > 1:
+            prompt = prompt.expand(batch, -1, -1)
+        if prompt.shape[0] != batch:
+            raise MagnetError(f"{prompt.shape[0]} prompt audio clips for {batch} text prompts: give one clip, or "
+                              f"one per text prompt.")
+        if prompt.shape[-1] >= frames:
+            raise MagnetError(f"the prompt audio ({prompt.shape[-1]} frames) is as long as the requested generation "
+                              f"({frames} frames): ask for a longer duration or a shorter prompt.")
+        if int(prompt.min()) < 0 or int(prompt.max()) >= card:
+            raise MagnetError(f"prompt codes must lie in [0, {card}); they come from a different codec.")
+        return prompt
+
     def encode_text(self, prompts: Sequence[str] | str) -> TextCondition:
         if self.text_encoder is None:
             raise MagnetError(f"no text encoder: pass text_encoder=<folder of {self.cfg.text_encoder}> to "
@@ -226,26 +285,8 @@ class MagnetModel(CodecLM):
     """A MAGNeT release ready to generate: `lm` (the transformer), `codec` (EnCodec) and
     `text_encoder` (T5, may be None until given)."""
 
-    # -- loading ------------------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, release: str | Path, text_encoder: str | Path | TextEncoder | bool | None = None, *,
-                        device=None, dtype=None, codec: str | Path | None = None,
-                        search_dirs: Sequence = ()) -> "MagnetModel":
-        """Load an official release folder (`state_dict.bin` + `compression_state_dict.bin`) or a file
-        made by `python -m magnet convert`.
-
-        text_encoder: a transformers T5 folder (or a loaded TextEncoder). When None, a folder named after
-            the release's T5 (`t5-base`, `t5-large`) is looked for in $MAGNET_TEXT_ENCODER_DIR, beside the
-            release and in `search_dirs`; False: none (generation needs one, encode/decode do not).
-        codec: for releases whose codec file is a pointer (`{'pretrained': 'facebook/encodec_32khz'}`),
-            the transformers EnCodec folder; else it is looked for in $MAGNET_CODEC_DIR, in and beside
-            the release folder and in `search_dirs`.
-        device/dtype: default CUDA with fp16 weights when available, else CPU float32.
-        """
-        kind_error = "{source} is a {kind} release, not MAGNeT: load it with MusicGenModel (or the MusicGen loader node)."
-        lm, codec_mod, te, r = load_parts(release, "magnet", kind_error, text_encoder=text_encoder, device=device,
-                                          dtype=dtype, codec=codec, search_dirs=search_dirs)
-        return cls(lm, codec_mod, te, source=str(r.source), generation=r.generation)
+    KIND = "magnet"
+    KIND_ERROR = "{source} is a {kind} release, not MAGNeT: load it with MusicGenModel (or the MusicGen loader node)."
 
     # -- generation ---------------------------------------------------------------------------------
     def frames_for(self, duration: float | None) -> int:
@@ -285,23 +326,21 @@ class MagnetModel(CodecLM):
                               f"the window, {self.segment_duration / 2:g} s).")
         return frames
 
-    def _params(self, **kw) -> SamplingParams:
-        return SamplingParams(**kw).check(self.cfg.n_q, self.generation_defaults)
-
-    def _with_fast(self, params: SamplingParams, fast) -> SamplingParams:
-        if fast is not None:
-            params = replace(params, fast=fast)
-        return params.check(self.cfg.n_q, self.generation_defaults)
+    def sampling_params(self, params: SamplingParams | None = None, **fields) -> SamplingParams:
+        """`params` (default: `SamplingParams` with the release's own decoding steps) with any of its fields
+        given as keywords (temperature=..., decoding_steps=..., fast=...), checked."""
+        names = {f.name for f in dataclasses.fields(SamplingParams)}
+        unknown = sorted(set(fields) - names)
+        if unknown:
+            raise TypeError(f"unexpected keyword argument {unknown[0]!r}: the sampling keywords are the fields of "
+                            f"SamplingParams ({', '.join(sorted(names))}).")
+        params = SamplingParams(decoding_steps="auto") if params is None else params
+        return replace(params, **fields).check(self.cfg.n_q, self.generation_defaults)
 
     def generate(self, prompts: Sequence[str] | str, *, duration: float | None = None,
-                 overlap: float | None = None, seed: int | None = None,
-                 use_sampling: bool = True, temperature: float = 3.0, top_k: int = 0, top_p: float = 0.9,
-                 max_cfg_coef: float = 10.0, min_cfg_coef: float = 1.0,
-                 decoding_steps: Sequence[int] | str | None = "auto", span_arrangement: str = "nonoverlap",
-                 span_scoring: str = "max", prompt: torch.Tensor | None = None,
-                 progress: sampling.Progress | None = None,
-                 rescorer: sampling.Rescorer | None = None,
-                 fast: bool | sampling.FastMode = False) -> torch.Tensor:
+                 overlap: float | None = None, seed: int | None = None, prompt: torch.Tensor | None = None,
+                 progress: sampling.Progress | None = None, rescorer: sampling.Rescorer | None = None,
+                 params: SamplingParams | None = None, **sampling_fields) -> torch.Tensor:
         """Generate codes [B, K, T] for B prompts (an empty prompt generates unconditionally).
 
         duration: seconds (default: the release's window). Within the window, one decoding; with
@@ -312,14 +351,14 @@ class MagnetModel(CodecLM):
         prompt: codes [B or 1, K, P] kept unchanged at the start (continuation; see `encode`).
         progress(done, total) is called after every step, with one total over all windows; raising
         from it cancels. rescorer: an external model whose probabilities are mixed into the span ranking
-        (see `sampling.Rescorer`). fast: True (or a `sampling.FastMode`) for fast mode: fewer steps for
-        codebooks >= 1, int8 linear layers on the CPU, no null pass where the guidance coefficient is 1;
-        the default (False) is the exact mode, token-identical to the reference in greedy decoding.
+        (see `sampling.Rescorer`).
+        Sampling: `params` (a `SamplingParams`) and/or its fields as keywords: use_sampling, temperature
+        (3.0), top_k (0), top_p (0.9), max_cfg_coef (10), min_cfg_coef (1), decoding_steps ('auto': the
+        release's own), span_arrangement ('nonoverlap'), span_scoring ('max'), fast (False = the exact
+        mode, token-identical to the reference in greedy decoding; True or a `sampling.FastMode`: see
+        `FastMode`).
         """
-        params = self._params(use_sampling=use_sampling, temperature=temperature, top_k=top_k, top_p=top_p,
-                              max_cfg_coef=max_cfg_coef, min_cfg_coef=min_cfg_coef,
-                              decoding_steps=decoding_steps, span_arrangement=span_arrangement,
-                              span_scoring=span_scoring, fast=fast)
+        params = self.sampling_params(params, **sampling_fields)
         frames = self.frames_for(duration)
         self.overlap_frames(overlap, params.span_arrangement)       # a bad overlap fails before any work
         cond = self.encode_text(prompts)
@@ -330,32 +369,29 @@ class MagnetModel(CodecLM):
                                 seed: int | None = None, prompt: torch.Tensor | None = None,
                                 progress: sampling.Progress | None = None,
                                 rescorer: sampling.Rescorer | None = None,
-                                overlap: float | None = None,
-                                fast: bool | sampling.FastMode | None = None) -> torch.Tensor:
+                                overlap: float | None = None) -> torch.Tensor:
         """The sampling core on an already encoded text (what the ComfyUI sampler node calls).
 
         frames beyond the window (`max_frames`) slide it with `overlap` seconds of context (see `generate`);
-        one seeded generator serves every window. fast: overrides `params.fast` when given (see `generate`).
+        one seeded generator serves every window.
         """
-        params = self._with_fast(params, fast)
+        params = params.check(self.cfg.n_q, self.generation_defaults)
+        self.check_condition(cond)
+        prompt = self.check_prompt_codes(prompt, cond.batch, frames)
         generator, self.last_seed = sampling.make_generator(seed, self.device)
-        prompt = self._check_prompt_codes(prompt, cond.batch)
         with self._autocast():
             if frames <= self.max_frames:
                 return sampling.generate(self.lm, cond, frames, params, prompt=prompt, generator=generator,
-                                         progress=progress, rescorer=rescorer)
+                                         progress=progress, rescorer=rescorer, fastpath=self.fastpath)
             return longform.generate_long(self.lm, cond, frames, params, window=self.max_frames,
                                           overlap=self.overlap_frames(overlap, params.span_arrangement),
                                           prompt=prompt, generator=generator, progress=progress,
-                                          rescorer=rescorer)
+                                          rescorer=rescorer, fastpath=self.fastpath)
 
     def regenerate(self, codes: torch.Tensor, start: float, end: float, prompts: Sequence[str] | str, *,
-                   seed: int | None = None, use_sampling: bool = True, temperature: float = 3.0,
-                   top_k: int = 0, top_p: float = 0.9, max_cfg_coef: float = 10.0, min_cfg_coef: float = 1.0,
-                   decoding_steps: Sequence[int] | str | None = "auto", span_arrangement: str = "nonoverlap",
-                   span_scoring: str = "max", progress: sampling.Progress | None = None,
-                   rescorer: sampling.Rescorer | None = None,
-                   fast: bool | sampling.FastMode = False) -> torch.Tensor:
+                   seed: int | None = None, progress: sampling.Progress | None = None,
+                   rescorer: sampling.Rescorer | None = None, params: SamplingParams | None = None,
+                   **sampling_fields) -> torch.Tensor:
         """Regenerate seconds [start, end) of `codes` [B, K, T] (from `generate` or `encode`) and return
         new codes [B, K, T]: that range is masked in every codebook and decoded again conditioned on the
         audio on both sides (the model is bidirectional); every code outside it is returned bit-identical.
@@ -364,14 +400,12 @@ class MagnetModel(CodecLM):
         (1 / frame_rate = 20 ms). The region must lie inside the clip and be shorter than the window by at
         least one span (3 frames) of context; when the clip is longer than the window, the window is
         centred on the region and uses the context around it that fits. prompts: the text, one per row of
-        `codes` (or one for all). Sampling arguments, `seed`, `progress` and `fast` are as in `generate`.
+        `codes` (or one for all). `seed`, `progress`, `rescorer` and the sampling (`params` and/or its
+        fields as keywords, `fast` included) are as in `generate`.
         """
         codes = self._check_codes(codes)
         B, T = codes.shape[0], codes.shape[-1]
-        params = self._params(use_sampling=use_sampling, temperature=temperature, top_k=top_k, top_p=top_p,
-                              max_cfg_coef=max_cfg_coef, min_cfg_coef=min_cfg_coef,
-                              decoding_steps=decoding_steps, span_arrangement=span_arrangement,
-                              span_scoring=span_scoring, fast=fast)
+        params = self.sampling_params(params, **sampling_fields)
         self._region_frames(start, end, T, params.span_arrangement)     # bad ranges fail before T5 runs
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -387,13 +421,12 @@ class MagnetModel(CodecLM):
     def regenerate_from_condition(self, cond: TextCondition, codes: torch.Tensor, start: float, end: float, *,
                                   params: SamplingParams, seed: int | None = None,
                                   progress: sampling.Progress | None = None,
-                                  rescorer: sampling.Rescorer | None = None,
-                                  fast: bool | sampling.FastMode | None = None) -> torch.Tensor:
-        """`regenerate` on an already encoded text (one prompt for all rows, or one per row).
-        fast: overrides `params.fast` when given."""
+                                  rescorer: sampling.Rescorer | None = None) -> torch.Tensor:
+        """`regenerate` on an already encoded text (one prompt for all rows, or one per row)."""
         codes = self._check_codes(codes)
         B, T = codes.shape[0], codes.shape[-1]
-        params = self._with_fast(params, fast)
+        params = params.check(self.cfg.n_q, self.generation_defaults)
+        self.check_condition(cond)
         if cond.batch == 1 and B > 1:
             cond = cond.select([0] * B)
         if cond.batch != B:
@@ -403,7 +436,8 @@ class MagnetModel(CodecLM):
         generator, self.last_seed = sampling.make_generator(seed, self.device)
         with self._autocast():
             return longform.regenerate_region(self.lm, cond, codes, a, b, params, window=self.max_frames,
-                                              generator=generator, progress=progress, rescorer=rescorer)
+                                              generator=generator, progress=progress, rescorer=rescorer,
+                                              fastpath=self.fastpath)
 
     def _region_frames(self, start, end, total: int, span_arrangement: str) -> tuple[int, int]:
         """Seconds [start, end) -> frames, widened outwards to whole frames, checked against the clip."""
@@ -448,20 +482,3 @@ class MagnetModel(CodecLM):
                               f"{int(codes.max())}): mask tokens or codes of another codec? Use fully "
                               f"generated codes of this model.")
         return codes.long()
-
-    def _check_prompt_codes(self, prompt, batch):
-        if prompt is None:
-            return None
-        if not isinstance(prompt, torch.Tensor) or prompt.is_floating_point():
-            raise MagnetError("prompt must be integer codes [batch, codebooks, frames] (from model.encode).")
-        if prompt.dim() == 2:
-            prompt = prompt[None]
-        if prompt.dim() != 3 or prompt.shape[1] != self.cfg.n_q:
-            raise MagnetError(f"prompt codes have shape {tuple(prompt.shape)}; expected [batch, "
-                              f"{self.cfg.n_q}, frames] from model.encode.")
-        if prompt.shape[0] == 1 and batch > 1:
-            prompt = prompt.expand(batch, -1, -1)
-        if prompt.shape[0] != batch:
-            raise MagnetError(f"{prompt.shape[0]} prompt audio clips for {batch} text prompts: give one clip, "
-                              f"or one per text prompt.")
-        return prompt

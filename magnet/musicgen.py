@@ -149,19 +149,10 @@ class MusicGenModel(CodecLM):
                               f"MagnetModel.from_pretrained.")
         super().__init__(lm, codec, text_encoder, **kw)
 
-    @classmethod
-    def from_pretrained(cls, release: str | Path, text_encoder: str | Path | TextEncoder | bool | None = None, *,
-                        device=None, dtype=None, codec: str | Path | None = None,
-                        search_dirs: Sequence = ()) -> "MusicGenModel":
-        """Load an official MusicGen release folder (`state_dict.bin` + `compression_state_dict.bin`, e.g.
-        facebook/musicgen-small) or a file made by `python -m magnet convert`. Arguments as for
-        `MagnetModel.from_pretrained`; MAGNeT releases are refused (load those with MagnetModel)."""
-        kind_error = ("{source} is a MAGNeT release (lm_model transformer_lm_magnet), not MusicGen: load it with "
-                      "MagnetModel.from_pretrained, and give MusicGenModel a MusicGen release such as "
-                      "facebook/musicgen-small.")
-        lm, codec_mod, te, r = load_parts(release, "musicgen", kind_error, text_encoder=text_encoder, device=device,
-                                          dtype=dtype, codec=codec, search_dirs=search_dirs)
-        return cls(lm, codec_mod, te, source=str(r.source), generation=r.generation)
+    KIND = "musicgen"
+    KIND_ERROR = ("{source} is a MAGNeT release (lm_model transformer_lm_magnet), not MusicGen: load it with "
+                  "MagnetModel.from_pretrained, and give MusicGenModel a MusicGen release such as "
+                  "facebook/musicgen-small.")
 
     # -- properties ---------------------------------------------------------------------------------
     @property
@@ -215,11 +206,11 @@ class MusicGenModel(CodecLM):
                                 progress: sampling.Progress | None = None) -> torch.Tensor:
         """The AR decoding loop on an already encoded text (T5 hidden states of `cond`)."""
         params = (params or ARParams()).check()
-        self._check_condition(cond)
+        self.check_condition(cond)
         if frames > self.max_frames:
             raise MagnetError(f"{frames} frames is beyond this MusicGen release's {self.segment_duration:g} s "
                               f"window ({self.max_frames} frames).")
-        prompt = _check_prompt_codes(prompt, cond.batch, self.cfg.n_q, self.cfg.card, frames)
+        prompt = self.check_prompt_codes(prompt, cond.batch, frames)
         generator, self.last_seed = sampling.make_generator(seed, self.device)
         with self._autocast(), torch.inference_mode():
             return ar_decode(self.lm, cond.to(self.device), frames, params, prompt=prompt, generator=generator,
@@ -229,7 +220,7 @@ class MusicGenModel(CodecLM):
         """Teacher forcing: codes [B, K, T] -> (logits [2B, K, T, card] for the conditional then the null
         rows, not mixed; valid mask [K, T]). logits[:, k, t] is the prediction of codes[:, k, t]; where the
         mask is False the prediction relied on steps past the end (the reference returns NaN there)."""
-        self._check_condition(cond)
+        self.check_condition(cond)
         if not isinstance(codes, torch.Tensor) or codes.dim() != 3 or codes.is_floating_point() \
                 or codes.shape[0] != cond.batch or codes.shape[1] != self.cfg.n_q:
             raise MagnetError(f"codes to score must be integer codes [{cond.batch}, {self.cfg.n_q}, frames] (one row "
@@ -241,34 +232,6 @@ class MusicGenModel(CodecLM):
             mem = self.lm.memory(*(x.to(self.device) for x in (cond.hidden, cond.mask)), null_rows=cond.batch)
             out = teacher_forced_logits(self.lm, codes.to(self.device), mem, heads=heads)
         return out.float(), valid_mask(self.delays, codes.shape[-1], out.device)
-
-    def _check_condition(self, cond: TextCondition):
-        if cond.text_dim != self.cfg.text_dim:
-            raise MagnetError(f"the conditioning comes from a text encoder of width {cond.text_dim} "
-                              f"({cond.encoder}), but MusicGen {self.source} expects {self.cfg.text_dim} "
-                              f"({self.cfg.text_encoder}). Encode the prompts with {self.cfg.text_encoder}.")
-
-
-def _check_prompt_codes(prompt, batch: int, n_q: int, card: int, frames: int):
-    if prompt is None or (isinstance(prompt, torch.Tensor) and prompt.shape[-1] == 0):
-        return None
-    if not isinstance(prompt, torch.Tensor) or prompt.is_floating_point():
-        raise MagnetError("prompt must be integer codes [batch, codebooks, frames] (from model.encode).")
-    if prompt.dim() == 2:
-        prompt = prompt[None]
-    if prompt.dim() != 3 or prompt.shape[1] != n_q:
-        raise MagnetError(f"prompt codes have shape {tuple(prompt.shape)}; expected [batch, {n_q}, frames].")
-    if prompt.shape[0] == 1 and batch > 1:
-        prompt = prompt.expand(batch, -1, -1)
-    if prompt.shape[0] != batch:
-        raise MagnetError(f"{prompt.shape[0]} prompt audio clips for {batch} text prompts: give one clip, or "
-                          f"one per text prompt.")
-    if prompt.shape[-1] >= frames:
-        raise MagnetError(f"the prompt audio ({prompt.shape[-1]} frames) is as long as the requested generation "
-                          f"({frames} frames): ask for a longer duration or a shorter prompt.")
-    if int(prompt.min()) < 0 or int(prompt.max()) >= card:
-        raise MagnetError(f"prompt codes must lie in [0, {card}); they come from a different codec.")
-    return prompt
 
 
 # -- decoding and scoring (the loops themselves) ----------------------------------------------------

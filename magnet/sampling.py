@@ -16,13 +16,9 @@ codebooks > s are all mask tokens. Each stage runs n_s steps; at step i (t = i /
 The schedule numbers are computed exactly as the reference does (float32 torch scalars), so greedy
 decoding is token-identical to it. Nothing in the step loop waits on the device.
 
-On the CPU each step asks the LM for the logits of the positions it will use only (those being
-(re)sampled); the others are filled with zeros, which never reach the result but keep the random
-stream of sampling the same as computing every position (`PRUNE_ON_CPU`).
-
-Fast mode (`SamplingParams(fast=True)` or a `FastMode`) trades exactness for speed, each change
-switchable on its own: fewer steps for codebooks >= 1, int8 linear layers on the CPU, and no null pass
-on steps whose guidance coefficient is 1. See `FastMode`.
+Each stage's forward is a `fastpath.StageForward`: the same logits as `LM.forward`, with less work (on
+the CPU only the positions a step uses are computed). Fast mode (`SamplingParams.fast`) is described in
+`FastMode`.
 """
 from __future__ import annotations
 
@@ -35,7 +31,8 @@ import torch
 
 from .errors import MagnetError
 from .text import TextCondition
-from .transformer import LM, int8_available
+from .fastpath import DEFAULT_SETTINGS, FastPathSettings, StageForward
+from .transformer import LM
 
 SPAN_ARRANGEMENTS = ("nonoverlap", "stride1")
 SPAN_SCORINGS = ("max", "prod")
@@ -44,11 +41,6 @@ DEFAULT_STEPS = (20, 10, 10, 10)
 MAX_STEPS = 1000            # per codebook
 
 Progress = Callable[[int, int], None]
-
-PRUNE_ON_CPU = True     # compute only the positions whose logits a step uses (CPU; shapes vary per step)
-UNIT_CFG_TOLERANCE = 1e-5
-CUDA_GRAPHS = True      # on CUDA, replay each stage's fixed-shape forward from a CUDA graph
-STATIC_STEPS_ON_CPU = False   # tests: run the CUDA-graph bookkeeping (static buffers) eagerly on the CPU
 
 
 @dataclass(frozen=True)
@@ -59,7 +51,7 @@ class FastMode:
         steps). None leaves the steps as given.
     int8: the transformer's linear layers run with int8 weights and dynamically quantized int8
         activations (CPU only; ignored on other devices or where the int8 kernels are missing). The
-        int8 copy is made on first use and kept beside the fp32 weights (`LM.int8_linears`).
+        int8 copy is made on first use and kept beside the fp32 weights (`fastpath.int8_copy`).
     skip_unit_cfg: on steps whose guidance coefficient is 1 to within 1e-5 (the last step of each
         stage with min_cfg_coef = 1: the schedule gives 0.9999996 there), only the conditional rows run
         and their logits are used as they are, instead of mixing in the null-condition pass.
@@ -289,8 +281,8 @@ def least_probable_spans(scores: torch.Tensor, n_target: int, span_len: int) -> 
 # -- the decoding loop ------------------------------------------------------------------------------
 
 @dataclass
-class _Job:
-    """Bookkeeping for progress across stages (and across windows, for long generations)."""
+class StepCounter:
+    """Counts decoding steps for progress across stages (and across windows, for long generations)."""
     total: int
     done: int = 0
     progress: Progress | None = None
@@ -299,6 +291,9 @@ class _Job:
         self.done += 1
         if self.progress is not None:
             self.progress(self.done, self.total)
+
+
+_Job = StepCounter       # the former name
 
 
 class Rescorer(Protocol):
@@ -318,15 +313,16 @@ class Rescorer(Protocol):
 def generate(lm: LM, cond: TextCondition, frames: int, params: SamplingParams, *,
              prompt: torch.Tensor | None = None, given: torch.Tensor | None = None,
              keep: torch.Tensor | None = None, generator: torch.Generator | None = None,
-             progress: Progress | None = None, job: _Job | None = None,
-             rescorer: Rescorer | None = None) -> torch.Tensor:
+             progress: Progress | None = None, job: StepCounter | None = None,
+             rescorer: Rescorer | None = None, fastpath: FastPathSettings | None = None) -> torch.Tensor:
     """Decode `frames` frames of codes [B, K, frames] for the prompts of `cond`.
 
     prompt [B, K, P] (P < frames): leading codes kept unchanged (continuation). More generally,
     `given` [B, K, frames] with `keep` (bool [frames]): the kept frames' codes are fixed in every
     codebook and the others generated around them (the model is bidirectional). With the `nonoverlap`
     arrangement the result is trimmed to a multiple of `span_len` frames, as the reference does.
-    progress(done, total) is called after every decoding step.
+    progress(done, total) is called after every decoding step. fastpath: how the forward runs
+    (`magnet.fastpath.FastPathSettings`; the defaults when None).
     """
     cfg = lm.cfg
     params = params.check(cfg.n_q)
@@ -362,9 +358,10 @@ def generate(lm: LM, cond: TextCondition, frames: int, params: SamplingParams, *
                           f"Encode the prompts with {cfg.text_encoder}.")
     if generator is None:
         generator, _ = make_generator(None, dev)
-    job = job or _Job(total=sum(params.decoding_steps), progress=progress)
+    job = job or StepCounter(total=sum(params.decoding_steps), progress=progress)
     if rescorer is not None and rescorer.weight == 0:
         rescorer = None
+    settings = fastpath or DEFAULT_SETTINGS
 
     cond = cond.to(dev)
     with torch.inference_mode():
@@ -379,172 +376,103 @@ def generate(lm: LM, cond: TextCondition, frames: int, params: SamplingParams, *
             given = given.to(dev)
             codes = torch.where(keep.to(dev), given, codes)
         for stage, n_steps in enumerate(params.decoding_steps):
-            codes = _decode_stage(lm, mem, guided, codes, stage, n_steps, given, keep, params, generator, job,
-                                  rescorer)
+            forward = StageForward(lm, mem, guided=guided, batch=B, stage=stage, n_steps=n_steps,
+                                   fast=params.fast or None, settings=settings)
+            codes = _decode_stage(codes, stage, n_steps, forward, lm.mask_id, lm.cfg.span_len, given, keep, params,
+                                  generator, job, rescorer)
     return codes
 
 
-class StaticStep:
-    """One stage's forward on static buffers: `step(codes)` copies the codes into its input buffer, runs
-    the forward and returns its output buffer (valid until the next call).
+class _Spans:
+    """How one stage's T positions are masked and scored: whole spans of `span_len` frames (`nonoverlap`;
+    T a multiple of span_len), or single positions (`stride1`, whose masks cover least probable
+    overlapping spans, or span_len 1). `units` = the spans or positions; kept units are never masked."""
 
-    On CUDA (`graph=True`) the forward is captured once in a CUDA graph and replayed: within a stage every
-    step has the same shapes and the same text memory, so only the codes change, and one replay replaces
-    hundreds of kernel launches. `first` is the first step's codes: that step runs eagerly and doubles as
-    the warm-up capture needs. With `graph=False` the forward is re-run eagerly into the same output
-    buffer, which exercises the same bookkeeping on any device (the tests run it on the CPU)."""
+    def __init__(self, params: SamplingParams, span_len: int, keep: torch.Tensor, batch: int, device):
+        self.L = span_len
+        self.whole_spans = span_len > 1 and params.span_arrangement == "nonoverlap"
+        self.stride1 = span_len > 1 and params.span_arrangement == "stride1"
+        self.scoring = params.span_scoring
+        self.batch, self.device = batch, device
+        fixed = keep.view(-1, span_len).all(dim=-1) if self.whole_spans else keep    # on the host
+        self.n_units = fixed.numel()
+        self.to_generate = int((~fixed).sum())
+        self.first_scores = torch.zeros((batch, self.n_units), device=device).masked_fill(fixed.to(device),
+                                                                                            DONT_REMASK)
 
-    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], first: torch.Tensor, graph: bool):
-        self.forward, self.graph = forward, None
-        self.codes = first.clone()
-        if graph:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self.first = forward(self.codes)            # warm-up = the first step's result
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with _no_autocast_cache(), torch.cuda.graph(self.graph):
-                self.out = forward(self.codes)
+    def pick(self, scores: torch.Tensor, n_mask: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The least confident `n_mask` units -> (bool [B, T] positions to mask, bool [B, units] spans
+        picked, or None when the units are positions)."""
+        if self.stride1:
+            return least_probable_spans(scores, n_mask, self.L), None
+        picked = scores.topk(n_mask, dim=-1).indices
+        if not self.whole_spans:
+            return torch.zeros_like(scores, dtype=torch.bool).scatter(1, picked, True), None
+        spans = torch.zeros((self.batch, self.n_units), dtype=torch.bool, device=self.device).scatter(1, picked, True)
+        return spans.repeat_interleave(self.L, dim=-1), spans
+
+    def score(self, p: torch.Tensor, masked: torch.Tensor, spans: torch.Tensor | None) -> torch.Tensor:
+        """Scores [B, units] from p [B, T], the probability of each position's sampled token: spans
+        (re)sampled this step are scored (`max`: 1 - the highest p in the span, `prod`: -sum log p;
+        positions: -log p); the others get DONT_REMASK."""
+        if not self.whole_spans:
+            return (-torch.log(p)).masked_fill(~masked, DONT_REMASK)
+        if self.scoring == "max":
+            scores = 1 - p.view(self.batch, self.n_units, self.L).max(dim=-1).values
         else:
-            self.first = forward(self.codes)
-            self.out = torch.empty_like(self.first)
-
-    def __call__(self, codes: torch.Tensor) -> torch.Tensor:
-        self.codes.copy_(codes)
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            self.out.copy_(self.forward(self.codes))
-        return self.out
+            scores = (-torch.log(p)).view(self.batch, self.n_units, self.L).sum(dim=-1)
+        return scores.masked_fill(~spans, DONT_REMASK)
 
 
-def _no_autocast_cache():
-    """Autocast must not cache weight casts inside a graph capture (the cache dies with the context)."""
-    try:
-        enabled, dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
-    except (TypeError, AttributeError):          # torch < 2.4
-        enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
-    return torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False)
-
-
-_INT8_OK: bool | None = None
-
-
-def _use_int8(params: SamplingParams, dev: torch.device, dtype: torch.dtype = torch.float32) -> bool:
-    """int8 linears: fast mode on the CPU with fp32 weights (the int8 kernels take fp32 activations;
-    fp16/bf16 weights on the CPU run their own dtype instead)."""
-    global _INT8_OK
-    if not (params.fast and params.fast.int8 and dev.type == "cpu" and dtype == torch.float32):
-        return False
-    if _INT8_OK is None:
-        _INT8_OK = int8_available()
-    return _INT8_OK
-
-
-def _decode_stage(lm, mem, guided, codes, stage, n_steps, given, keep, params, generator, job, rescorer):
+def _decode_stage(codes, stage: int, n_steps: int, forward: StageForward, mask_id: int, span_len: int,
+                  given, keep, params: SamplingParams, generator, job: StepCounter, rescorer):
+    """Decode codebook `stage` of codes [B, K, T] in `n_steps` steps (the five steps of the module
+    docstring); kept frames (`keep`, bool [T]) hold `given`'s codes."""
     B, K, T = codes.shape
-    L = lm.cfg.span_len
-    mask_id = lm.mask_id
     dev = codes.device
-    fast = params.fast or None
-    parallel = lm.cfg.norm_first and not lm.cfg.causal         # the forward that can prune and run int8
-    int8 = parallel and _use_int8(params, dev, next(lm.parameters()).dtype)
-    prune = parallel and PRUNE_ON_CPU and dev.type == "cpu"
-    mem_cond = mem.cond_only(B) if guided and fast is not None and fast.skip_unit_cfg else None
-    static = parallel and n_steps > 1 and (
-        (dev.type == "cuda" and CUDA_GRAPHS) or (dev.type == "cpu" and STATIC_STEPS_ON_CPU))
-    step_fn = None
-    if static:
-        prune = False                      # fixed shapes
-
-        def forward(c, mem=mem):
-            return lm(c, mem, stage=stage, heads=[stage], int8=int8)
-    chunked = L > 1 and params.span_arrangement == "nonoverlap"
-    lps = L > 1 and params.span_arrangement == "stride1"
-    if chunked and T % L:
-        T = T // L * L
+    if span_len > 1 and params.span_arrangement == "nonoverlap" and T % span_len:
+        T = T // span_len * span_len
         codes = codes[..., :T]
     keep = torch.zeros(T, dtype=torch.bool) if keep is None else keep[:T]   # on the host: sizes known here
-    if chunked:
-        n_chunks = T // L
-        fixed = keep.view(n_chunks, L).all(dim=-1)          # spans entirely given are never masked
-        scores = torch.zeros((B, n_chunks), device=dev).masked_fill(fixed.to(dev), DONT_REMASK)
-    else:
-        fixed = keep
-        scores = torch.zeros((B, T), device=dev).masked_fill(fixed.to(dev), DONT_REMASK)
-    n_to_gen = int((~fixed).sum())
+    spans = _Spans(params, span_len, keep, B, dev)
+    kept_codes = given[:, stage, :T] if bool(keep.any()) else None
+    keep_dev = keep.to(dev)
     seq = torch.full((B, T), mask_id, dtype=torch.long, device=dev)
+    scores = spans.first_scores
     nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
-    restore = bool(keep.any())
-    if restore:
-        keep_dev, given_stage = keep.to(dev), given[:, stage, :T]
 
-    for i, (m, n_mask) in enumerate(stage_schedule(n_steps, n_to_gen)):
-        # 1-2. (re)mask the least confident spans
-        if lps:
-            seq = seq.masked_fill(least_probable_spans(scores, n_mask, L), mask_id)
-        else:
-            picked = scores.topk(n_mask, dim=-1).indices
-            if chunked:
-                chunk_mask = torch.zeros((B, n_chunks), dtype=torch.bool, device=dev).scatter(1, picked, True)
-                seq = seq.masked_fill(chunk_mask.repeat_interleave(L, dim=-1), mask_id)
-            else:
-                seq = seq.scatter(1, picked, mask_id)
-        if restore:
-            seq = torch.where(keep_dev, given_stage, seq)
+    for i, (m, n_mask) in enumerate(stage_schedule(n_steps, spans.to_generate)):
+        # 1-2. mask: the least confident spans of the previous step; kept frames keep their codes
+        remask, picked_spans = spans.pick(scores, n_mask)
+        seq = seq.masked_fill(remask, mask_id)
+        if kept_codes is not None:
+            seq = torch.where(keep_dev, kept_codes, seq)
         codes[:, stage] = seq
         masked = seq == mask_id
 
-        # 3. one forward for the conditional and null rows, guidance annealed with the masking rate;
-        # logits only where they are used: the masked spans (whole chunks for `nonoverlap`, which scores
-        # a chunk from all its positions), on the CPU
-        need = None
-        if prune:
-            need = (chunk_mask.repeat_interleave(L, dim=-1) if chunked else masked).any(dim=0)
-            if bool(need.all()):
-                need = None
+        # 3. forward: the conditional and null rows together; logits where they are used (the masked
+        # positions, whole spans for `nonoverlap`, which scores a span from all its positions)
         coef = m * params.max_cfg_coef + (1 - m) * params.min_cfg_coef
-        step_mem, step_guided = mem, guided
-        if mem_cond is not None and abs(coef - 1.0) <= UNIT_CFG_TOLERANCE:      # fast mode: no null pass
-            step_mem, step_guided = mem_cond, False
-        if static and step_mem is mem:
-            if step_fn is None:
-                step_fn = StaticStep(forward, codes, graph=dev.type == "cuda")
-                out = step_fn.first
-            else:
-                out = step_fn(codes)
-            logits = out[:, 0].float()
-        else:
-            logits = lm(codes, step_mem, stage=stage, heads=[stage], need=need, int8=int8)[:, 0].float()
-        if need is not None:                                                        # [rows, n, card] -> [rows, T, card]
-            full = logits.new_zeros((logits.shape[0], T, logits.shape[-1]))
-            full[:, need] = logits
-            logits = full
-        if step_guided:
+        logits, guided = forward.logits(codes, remask if spans.whole_spans else masked, coef)
+
+        # guidance, annealed with the masking rate
+        if guided:
             logits = cfg_mix(logits, B, coef)
 
-        # 4. temperature annealed linearly to zero
+        # 4. sample, the temperature annealed linearly to zero
         temp = params.temperature * ((n_steps - 1 - i) / n_steps) if params.anneal_temp else params.temperature
         probs = torch.softmax(logits / max(temp, 1e-2), dim=-1)
         probs, nonfinite = _guard_nonfinite(probs, nonfinite)
         tokens, probs = sample_tokens(logits, probs, params, generator)
-
-        # 5. fill the masked positions, score what was sampled
         seq = torch.where(masked, tokens[..., 0], seq)
         codes[:, stage] = seq
+
+        # 5. score what was sampled (mixed with the rescorer's probabilities)
         p = torch.gather(probs, -1, tokens)[..., 0]                                    # [B, T]
         if rescorer is not None:
             w = float(rescorer.weight)
             p = w * rescorer.probs(codes, stage).to(p) + (1 - w) * p
-        if chunked:
-            if params.span_scoring == "max":
-                scores = 1 - p.view(B, n_chunks, L).max(dim=-1).values
-            else:
-                scores = (-torch.log(p)).view(B, n_chunks, L).sum(dim=-1)
-            scores = scores.masked_fill(~chunk_mask, DONT_REMASK)
-        else:
-            scores = (-torch.log(p)).masked_fill(~masked, DONT_REMASK)
+        scores = spans.score(p, masked, picked_spans)
         job.step()
     if bool(nonfinite):                     # one host sync per stage
         raise MagnetError(f"the model produced NaN or infinite values while decoding codebook {stage}: its "

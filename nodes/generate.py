@@ -44,6 +44,10 @@ class MagnetTextEncode:
             return (te.encode(split_prompts(text, variations)),)
 
 
+FAST_INPUT = {"fast": ("BOOLEAN", {"default": False, "label_on": "fast", "label_off": "exact",
+                                  "tooltip": "fast mode: at most 5 steps for codebooks 1-3, int8 layers on the "
+                                             "CPU, no null pass where guidance is 1 (see the help page)"})}
+
 SEED_TOOLTIP = ("random seed; the same seed and settings give the same audio. control_after_generate picks the "
                 "next one (randomize / increment / fixed); the seed used is the value shown in the widget")
 
@@ -102,9 +106,7 @@ class MagnetSampler:
                     "tooltip": "how a span's confidence is scored: max (the releases' setting) or prod"}),
             },
             "optional": {
-                "fast": ("BOOLEAN", {"default": False, "label_on": "fast", "label_off": "exact",
-                                     "tooltip": "fast mode: at most 5 steps for codebooks 1-3, int8 layers on "
-                                                "the CPU, no null pass where guidance is 1 (see README)"}),
+                **FAST_INPUT,
                 "prompt_tokens": (TOKENS, {"tooltip": "audio to continue (from Encode Audio or AR Prompt): kept "
                                                       "unchanged at the start"}),
                 "rescorer": (RESCORER, {"tooltip": "an autoregressive model that rescores the spans (from "
@@ -127,14 +129,13 @@ class MagnetSampler:
             overlap = finite(overlap, "overlap", minimum=0.0)
             m = model.ready()
             params = sampling_params(m, decoding_steps, temperature, top_k, top_p, max_cfg_coef, min_cfg_coef,
-                                     span_arrangement, span_scoring)
+                                     span_arrangement, span_scoring, fast)
             frames = m.frames_for(duration if duration > 0 else None)
             prompt = None if prompt_tokens is None else check_tokens(prompt_tokens, m.codec, "prompt_tokens")
             resc = ready_rescorer(rescorer, m)
             progress = comfy.Progress()
             codes = m.generate_from_condition(conditioning, frames=frames, params=params, seed=seed, prompt=prompt,
-                                              progress=progress, rescorer=resc, overlap=overlap or None,
-                                              fast=bool(fast))
+                                              progress=progress, rescorer=resc, overlap=overlap or None)
             return (tokens_payload(codes, m.codec),)
 
 
@@ -149,16 +150,16 @@ def ready_rescorer(rescorer, m):
 
 
 def sampling_params(m, decoding_steps, temperature, top_k, top_p, max_cfg_coef, min_cfg_coef, span_arrangement,
-                    span_scoring) -> SamplingParams:
+                    span_scoring, fast=False) -> SamplingParams:
     """The widgets as SamplingParams, checked early (before any model work); decoding_steps 'auto' resolves to
-    the release's own steps."""
+    the release's own steps; `fast` (the switch) becomes `SamplingParams.fast`."""
     for name, value in (("temperature", temperature), ("top_p", top_p), ("max_cfg_coef", max_cfg_coef),
                         ("min_cfg_coef", min_cfg_coef)):
         finite(value, name)
     return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_cfg_coef=max_cfg_coef,
                           min_cfg_coef=min_cfg_coef, decoding_steps=parse_steps(decoding_steps),
-                          span_arrangement=span_arrangement,
-                          span_scoring=span_scoring).check(m.cfg.n_q, getattr(m, "generation_defaults", None))
+                          span_arrangement=span_arrangement, span_scoring=span_scoring,
+                          fast=bool(fast)).check(m.cfg.n_q, getattr(m, "generation_defaults", None))
 
 
 SAMPLING_INPUTS = {k: v for k, v in MagnetSampler.INPUT_TYPES()["required"].items()
@@ -190,8 +191,11 @@ class MagnetRegenerateRegion:
                                              "one span (9.9 s for a 10 s release)"}),
                 **SAMPLING_INPUTS,
             },
-            "optional": {"rescorer": (RESCORER, {"tooltip": "an autoregressive model that rescores the spans "
-                                                            "(from Rescorer (MusicGen)); optional"})},
+            "optional": {
+                **FAST_INPUT,
+                "rescorer": (RESCORER, {"tooltip": "an autoregressive model that rescores the spans (from "
+                                                   "Rescorer (MusicGen)); optional"}),
+            },
         }
 
     RETURN_TYPES = (TOKENS,)
@@ -201,13 +205,13 @@ class MagnetRegenerateRegion:
     CATEGORY = CATEGORY
 
     def regenerate(self, model, conditioning, tokens, seed, start, end, decoding_steps, temperature, top_k, top_p,
-                   max_cfg_coef, min_cfg_coef, span_arrangement, span_scoring, rescorer=None):
+                   max_cfg_coef, min_cfg_coef, span_arrangement, span_scoring, fast=False, rescorer=None):
         with user_errors(self.DISPLAY_NAME):
             seed = seed_arg(seed)
             start, end = finite(start, "start"), finite(end, "end")
             m = model.ready()
             params = sampling_params(m, decoding_steps, temperature, top_k, top_p, max_cfg_coef, min_cfg_coef,
-                                     span_arrangement, span_scoring)
+                                     span_arrangement, span_scoring, fast)
             codes = check_tokens(tokens, m.codec)
             resc = ready_rescorer(rescorer, m)
             out = m.regenerate_from_condition(conditioning, codes, start, end, params=params, seed=seed,

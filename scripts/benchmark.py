@@ -106,8 +106,8 @@ def build(scale: str, device, dtype, seconds: float):
 
 
 def run_ours(a) -> dict:
-    from magnet import sampling
-    from magnet.sampling import FastMode, SamplingParams, _Job, generate, make_generator
+    from magnet.fastpath import FastPathSettings, int8_copy
+    from magnet.sampling import FastMode, SamplingParams, StepCounter, generate, make_generator
     from magnet.text import TextCondition
     dev = torch.device(a.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
@@ -116,7 +116,7 @@ def run_ours(a) -> dict:
     prep_s = 0.0
     if fast and dev.type == "cpu":
         t0 = time.perf_counter()
-        int8_mb = lm.int8_linears().nbytes / 2 ** 20
+        int8_mb = int8_copy(lm).nbytes / 2 ** 20
         prep_s = time.perf_counter() - t0
     else:
         int8_mb = 0.0
@@ -128,19 +128,20 @@ def run_ours(a) -> dict:
     frames = int(a.seconds * 50)
     full = SamplingParams(decoding_steps=[int(x) for x in a.steps.split(",")], fast=fast).check(4).decoding_steps
     steps = full
+    settings = FastPathSettings()
     if a.measure_steps:
         steps = SamplingParams(decoding_steps=[int(x) for x in a.measure_steps.split(",")], fast=fast).check(4)
         steps = steps.decoding_steps
-        sampling.PRUNE_ON_CPU = False          # every step of a stage then costs the same: extrapolation holds
+        settings = FastPathSettings(prune_on_cpu=False)   # every step of a stage then costs the same: extrapolation holds
     stamps = []
-    job = _Job(total=sum(steps), progress=lambda d, t: stamps.append(time.perf_counter()))
+    job = StepCounter(total=sum(steps), progress=lambda d, t: stamps.append(time.perf_counter()))
     params = SamplingParams(decoding_steps=steps, fast=fast)
     gen, _ = make_generator(0, dev)
     ac = torch.autocast(dev.type, dtype=dtype) if dev.type == "cuda" and dtype != torch.float32 else \
         torch.autocast(dev.type, enabled=False)
     t0 = time.perf_counter()
     with ac:
-        generate(lm, cond, frames, params, generator=gen, job=job)
+        generate(lm, cond, frames, params, generator=gen, job=job, fastpath=settings)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     total = time.perf_counter() - t0

@@ -21,6 +21,7 @@ release sees; the fixtures' weights are random too.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import math
 import sys
 from pathlib import Path
@@ -32,10 +33,11 @@ sys.path.insert(0, str(HERE.parent))
 
 
 def logit_report(lm, stage: int, codes, mem, B: int) -> dict:
+    from magnet.fastpath import int8_copy, parallel_forward
     from magnet.sampling import cfg_mix
     with torch.inference_mode():
-        a = lm(codes, mem, stage=stage, heads=[stage])[:, 0].float()
-        b = lm(codes, mem, stage=stage, heads=[stage], int8=True)[:, 0].float()
+        a = parallel_forward(lm, codes, mem, stage, [stage])[:, 0].float()
+        b = parallel_forward(lm, codes, mem, stage, [stage], int8=int8_copy(lm))[:, 0].float()
     out = {"rel_err": ((a - b).norm() / a.norm()).item()}
     for coef in (10.0, 1.0):
         pa = torch.log_softmax(cfg_mix(a, B, coef), -1)
@@ -47,6 +49,7 @@ def logit_report(lm, stage: int, codes, mem, B: int) -> dict:
 
 def random_model_report(scale: str, frames: int):
     from benchmark import build
+    from magnet.fastpath import parallel_forward
     lm = build(scale, "cpu", torch.float32, frames / 50)
     g = torch.Generator().manual_seed(0)
     B, L = 1, 12
@@ -68,7 +71,7 @@ def random_model_report(scale: str, frames: int):
     coef = m * 10 + (1 - m) * 1
     with torch.inference_mode():
         codes = torch.randint(0, 2048, (B, 4, frames), generator=g)
-        a = lm(codes, mem, stage=1, heads=[1])[:, 0].float()
+        a = parallel_forward(lm, codes, mem, 1, [1])[:, 0].float()
     from magnet.sampling import cfg_mix
     mixed, cond = cfg_mix(a, B, coef), a[:B]
     same = (mixed.argmax(-1) == cond.argmax(-1)).float().mean().item()
@@ -93,7 +96,7 @@ def fixture_report():
                             ("null-pass skip only", FastMode(later_steps=None, int8=False)),
                             ("steps 20,5,5,5 only", FastMode(int8=False, skip_unit_cfg=False)),
                             ("all (fast=True)", FastMode())):
-            codes = model.generate_from_condition(cond, frames=100, params=base, fast=fast)
+            codes = model.generate_from_condition(cond, frames=100, params=replace(base, fast=fast))
             agree = (codes == exact).float().mean(dim=(0, 2))
             print(f"  {label:22} " + "  ".join(f"cb{k} {100 * v:5.1f}%" for k, v in enumerate(agree.tolist())))
 

@@ -437,3 +437,21 @@ def test_fast_switch_caps_the_later_codebooks_steps(N, music, monkeypatch, pack)
     fast = sample(N, model, cond, seed=2, decoding_steps="4,8,8,8", fast=True)
     assert len(calls) == 4 + 5 + 5 + 5            # fast mode: at most 5 steps for codebooks >= 1
     assert fast["codes"].shape == exact["codes"].shape
+
+
+def test_regenerate_region_has_the_fast_switch(N, music, monkeypatch, pack):
+    model, _, te = music
+    spec = N["MagnetRegenerateRegion"].INPUT_TYPES()["optional"]["fast"]
+    assert spec == N["MagnetSampler"].INPUT_TYPES()["optional"]["fast"] and spec[1]["tooltip"]
+    cond, = N["MagnetTextEncode"]().encode(te, "x", 1)
+    clip = sample(N, model, cond, duration=2.0)
+    regen = dict(seed=3, start=0.5, end=1.0, decoding_steps="4,8,8,8", temperature=3.0, top_k=0, top_p=0.9,
+                 max_cfg_coef=10.0, min_cfg_coef=1.0, span_arrangement="nonoverlap", span_scoring="max")
+    calls = []
+    monkeypatch.setattr(pack.nodes.comfy, "check_interrupt", lambda: calls.append(1))
+    N["MagnetRegenerateRegion"]().regenerate(model, cond, clip, **regen)
+    assert len(calls) == 4 + 8 + 8 + 8
+    calls.clear()
+    out, = N["MagnetRegenerateRegion"]().regenerate(model, cond, clip, fast=True, **regen)
+    assert len(calls) == 4 + 5 + 5 + 5            # fast mode: at most 5 steps for codebooks >= 1
+    assert torch.equal(out["codes"][..., :25], clip["codes"][..., :25])

@@ -82,10 +82,10 @@ def test_temperature_anneals_linearly_to_the_floor(music_model, monkeypatch):
         return out
     monkeypatch.setattr(lm, "forward", fwd)
     monkeypatch.setattr(s.torch, "softmax", spy)
-    monkeypatch.setattr(s, "PRUNE_ON_CPU", False)        # the spy compares logits of every position
     params = SamplingParams(use_sampling=False, temperature=2.0, max_cfg_coef=1.0, min_cfg_coef=1.0,
                             decoding_steps=(4, 1, 1, 1))
-    s.generate(lm, cond, 30, params)
+    from magnet.fastpath import FastPathSettings
+    s.generate(lm, cond, 30, params, fastpath=FastPathSettings(prune_on_cpu=False))  # logits of every position
     n = 4
     for i in range(n):
         # cfg coef 1 -> guided logits == conditional logits

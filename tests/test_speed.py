@@ -1,7 +1,8 @@
-"""Speed work, checked for what it must not change: the exact mode (pruned positions, band attention
-without a [T, T] matrix, oneDNN linears, shared first self-attention) computes the same function as the
-plain layer-by-layer forward and decodes every golden token-identically; fast mode changes only what
-`FastMode` documents; converted releases load tensor by tensor."""
+"""Speed work, checked for what it must not change: the fast path (magnet.fastpath: pruned positions,
+band attention without a [T, T] matrix, oneDNN linears, shared first self-attention, static buffers)
+computes the same function as the specification, `LM.forward`, and decodes every golden
+token-identically; its int8 layers stay within a tolerance of it; fast mode changes only what `FastMode`
+documents; converted releases load tensor by tensor."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,9 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import golden_prompts
-from magnet import sampling
+from magnet import fastpath
+from magnet.fastpath import (FastPathSettings, StaticStep, active_positions, band_attention, drop_int8_copy,
+                             int8_copy, parallel_forward)
 from magnet.sampling import FastMode, SamplingParams
-from magnet.transformer import LM, LMConfig, active_positions, band_attention, band_mask, init_random
+from magnet.transformer import LM, LMConfig, band_mask, init_random
 
 
 def small_lm(seed=0, **kw) -> LM:
@@ -29,15 +32,8 @@ def small_lm(seed=0, **kw) -> LM:
 
 
 def layer_by_layer(lm: LM, codes, mem, stage):
-    """The plain forward: every row, every position, `Layer.forward` with the [T, T] band mask."""
-    x = lm.embed(codes)
-    if x.shape[0] != mem.batch:
-        x = x.repeat(mem.batch // x.shape[0], 1, 1)
-    mask = lm.attn_mask(stage, x.shape[1], x.device)
-    for layer in lm.transformer.layers:
-        x = layer(x, mem, mask, None, False)
-    x = lm.out_norm(x)
-    return torch.stack([lm.linears[k](x) for k in range(lm.cfg.n_q)], dim=1)
+    """The specification: every row, every position, `Layer.forward` with the [T, T] band mask."""
+    return lm(codes, mem, stage=stage)
 
 
 def text(B=2, L=5, dim=8, seed=0):
@@ -53,7 +49,7 @@ def text(B=2, L=5, dim=8, seed=0):
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("shared_codes", [True, False])
-def test_parallel_forward_matches_the_layer_by_layer_forward(bias, shared_codes):
+def test_fast_path_matches_the_layer_by_layer_forward(bias, shared_codes):
     lm = small_lm(bias_attn=bias, bias_ff=bias, bias_proj=bias)
     hidden, mask = text()
     g = torch.Generator().manual_seed(1)
@@ -64,7 +60,9 @@ def test_parallel_forward_matches_the_layer_by_layer_forward(bias, shared_codes)
             assert mem.rows == (2 if null_rows and not bias else 4)
             for stage in range(4):
                 ref = layer_by_layer(lm, codes, mem, stage)
-                torch.testing.assert_close(lm(codes, mem, stage=stage), ref, atol=2e-5, rtol=0)
+                torch.testing.assert_close(parallel_forward(lm, codes, mem, stage), ref, atol=2e-5, rtol=0)
+                one = parallel_forward(lm, codes, mem, stage, heads=[stage])
+                torch.testing.assert_close(one[:, 0], ref[:, stage], atol=2e-5, rtol=0)
 
 
 @pytest.mark.parametrize("stage", [0, 1, 3])
@@ -78,10 +76,11 @@ def test_pruned_forward_gives_the_same_logits_where_they_are_needed(stage):
         ref = layer_by_layer(lm, codes, mem, stage)[:, stage]
         for need in (torch.rand(60, generator=g) < 0.1, torch.rand(60, generator=g) < 0.6,
                      torch.arange(60) == 59, torch.arange(60) < 3, torch.ones(60, dtype=torch.bool)):
-            out = lm(codes, mem, stage=stage, heads=[stage], need=need)[:, 0]
+            out = parallel_forward(lm, codes, mem, stage, [stage], wanted=need)[:, 0]
             assert out.shape == (4, int(need.sum()), 16)
             torch.testing.assert_close(out, ref[:, need], atol=2e-5, rtol=0)
-        assert lm(codes, mem, stage=stage, heads=[stage], need=torch.zeros(60, dtype=torch.bool)).shape == (4, 1, 0, 16)
+        none = parallel_forward(lm, codes, mem, stage, [stage], wanted=torch.zeros(60, dtype=torch.bool))
+        assert none.shape == (4, 1, 0, 16)
 
 
 def test_only_positions_within_reach_are_computed():
@@ -116,8 +115,8 @@ def test_band_attention_equals_sdpa_with_the_band_mask(n, width):
 @pytest.mark.parametrize("prune", [True, False])
 def test_exact_mode_decodes_every_golden_with_and_without_pruning(models, golden, golden_cfg, monkeypatch, name,
                                                                   key, arrangement, scoring, prune):
-    monkeypatch.setattr(sampling, "PRUNE_ON_CPU", prune)
     model = models[name]
+    monkeypatch.setattr(model, "fastpath", FastPathSettings(prune_on_cpu=prune))
     cond = model.encode_text(golden_prompts(model, golden, name))
     params = SamplingParams(use_sampling=False, decoding_steps=golden_cfg["decoding_steps"],
                             span_arrangement=arrangement, span_scoring=scoring)
@@ -132,7 +131,7 @@ def test_sampled_codes_do_not_depend_on_pruning(music_model, monkeypatch, kw):
     a seed gives the same codes as computing every position."""
     out = []
     for prune in (True, False):
-        monkeypatch.setattr(sampling, "PRUNE_ON_CPU", prune)
+        monkeypatch.setattr(music_model, "fastpath", FastPathSettings(prune_on_cpu=prune))
         out.append(music_model.generate(["dub techno", "rain"], seed=3, duration=1.5,
                                         decoding_steps=(4, 3, 2, 2), **kw))
     assert torch.equal(out[0], out[1])
@@ -143,11 +142,11 @@ def test_pruned_steps_ask_for_the_masked_spans_only(music_model, monkeypatch):
     asked = []
     real = lm.forward
 
-    def spy(codes, mem, *a, need=None, **k):
+    def spy(codes, mem, *a, fastpath=None, **k):
         stage = k.get("stage", -1)
         masked = codes[:, stage] == lm.mask_id
-        asked.append((need, masked.any(dim=0)))
-        return real(codes, mem, *a, need=need, **k)
+        asked.append((fastpath.wanted, masked.any(dim=0)))
+        return real(codes, mem, *a, fastpath=fastpath, **k)
     monkeypatch.setattr(lm, "forward", spy)
     music_model.generate(["x"], seed=0, duration=1.2, decoding_steps=(4, 3, 3, 3))
     assert asked[0][0] is None                          # first step: everything is masked
@@ -235,18 +234,18 @@ def test_int8_linears_stay_close_and_leave_the_fp32_model_untouched():
     with torch.inference_mode():
         for stage in (0, 2):
             ref = lm(codes, mem, stage=stage)
-            q = lm(codes, mem, stage=stage, int8=True)
+            q = parallel_forward(lm, codes, mem, stage, int8=int8_copy(lm))
             assert ((q - ref).norm() / ref.norm()).item() < 0.06
     for k, v in lm.state_dict().items():
         assert torch.equal(v, before[k]), k
-    copy = lm.int8_linears()
-    assert lm.int8_linears() is copy                      # made once
+    copy = int8_copy(lm)
+    assert int8_copy(lm) is copy                          # made once
     assert copy.nbytes < 0.3 * sum(p.numel() * 4 for p in lm.transformer.parameters())
     with torch.no_grad():
         lm.transformer.layers[0].linear1.weight.mul_(2)   # weights changed: the copy is remade
-    assert lm.int8_linears() is not copy
-    lm.drop_int8()
-    assert lm._int8 is None
+    assert int8_copy(lm) is not copy
+    drop_int8_copy(lm)
+    assert lm not in fastpath._int8_copies
 
 
 def test_fast_mode_generates_through_the_api(music_model):
@@ -258,8 +257,23 @@ def test_fast_mode_generates_through_the_api(music_model):
     cond = music_model.encode_text(["dub techno"])
     via_cond = music_model.generate_from_condition(cond, frames=50, params=params, seed=0)
     assert torch.equal(via_cond, codes)
-    exact = music_model.generate_from_condition(cond, frames=50, params=params, seed=0, fast=False)
-    assert exact.shape == codes.shape
+    exact = music_model.generate(["dub techno"], seed=0, duration=1.0, params=params, fast=False)
+    want = music_model.generate_from_condition(cond, frames=50, params=SamplingParams(decoding_steps=(4, 4, 4, 4)),
+                                               seed=0)
+    assert exact.shape == want.shape
+    assert torch.equal(exact, want)                     # the override turns fast mode off
+    assert not torch.equal(exact, codes)
+
+
+def test_sampling_keywords_fold_into_one_params_object(music_model):
+    p = music_model.sampling_params(temperature=2.0, fast=True)
+    assert isinstance(p, SamplingParams) and p.temperature == 2.0 and p.fast == FastMode()
+    assert p.decoding_steps == music_model.sampling_params(params=SamplingParams(decoding_steps="auto", fast=True),
+                                                            temperature=2.0).decoding_steps
+    q = music_model.sampling_params(SamplingParams(top_k=5, decoding_steps=(3, 2, 2, 2)), top_p=0.0)
+    assert (q.top_k, q.top_p, q.decoding_steps) == (5, 0.0, (3, 2, 2, 2))
+    with pytest.raises(TypeError, match="temprature"):
+        music_model.generate(["x"], temprature=1.0)
 
 
 def test_memory_cond_only_keeps_the_conditional_rows():
@@ -276,7 +290,6 @@ def test_memory_cond_only_keeps_the_conditional_rows():
 # -- the CUDA path's bookkeeping, run on the CPU --------------------------------------------------------
 
 def test_static_step_copies_codes_in_and_reuses_its_output_buffer():
-    from magnet.sampling import StaticStep
     calls = []
 
     def forward(c):
@@ -299,14 +312,14 @@ def test_static_steps_decode_the_goldens_and_the_same_samples(models, golden, go
     cond = model.encode_text(golden_prompts(model, golden, name))
     params = SamplingParams(use_sampling=False, decoding_steps=golden_cfg["decoding_steps"])
     sampled = model.generate(["dub techno"], seed=2, duration=1.2, decoding_steps=(4, 3, 2, 1))
-    monkeypatch.setattr(sampling, "STATIC_STEPS_ON_CPU", True)
+    monkeypatch.setattr(model, "fastpath", FastPathSettings(static_steps_on_cpu=True))
     made = []
-    real = sampling.StaticStep.__init__
+    real = StaticStep.__init__
 
     def spy(self, *a, **k):
         made.append(k.get("graph"))
         real(self, *a, **k)
-    monkeypatch.setattr(sampling.StaticStep, "__init__", spy)
+    monkeypatch.setattr(StaticStep, "__init__", spy)
     codes = model.generate_from_condition(cond, frames=golden_cfg[name]["T"], params=params)
     assert torch.equal(codes, golden[f"{name}.greedy.nonoverlap.max"])
     assert made == [False] * 4                                  # one per stage (every stage has > 1 step)

@@ -1,0 +1,486 @@
+"""What makes a MAGNeT decoding step fast: the same function as `LM.forward`, with less work.
+
+`LM.forward` / `Layer.forward` (transformer.py) are the specification. This module computes the same
+logits for the decoding loop (sampling.py), skipping only work that cannot change them, plus fast mode's
+int8 layers, which change them within a tolerance:
+
+- only the stage's output head; no cross-attention for the null-condition rows (their memory is exactly
+  zero and there are no biases); the first self-attention once for rows that share their codes;
+- position pruning: when the loop names the positions whose logits it uses, only the rows that can reach
+  them through the layers are computed (`active_positions`);
+- the band attention of codebooks >= 1 in blocks, without a [T, T] matrix (`band_attention`);
+- fp32 linears on the CPU through oneDNN (`linear`), or, in fast mode, an int8 copy (`Int8Linears`);
+- static buffers and, on CUDA, a CUDA graph per stage (`StaticStep`).
+
+`StageForward` is one stage's forward, built from (model, memory, stage, fast mode, `FastPathSettings`);
+its `logits` method gives each step's logits. The settings are fields, not module switches.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+UNIT_CFG_TOLERANCE = 1e-5
+
+
+@dataclass(frozen=True)
+class FastPathSettings:
+    """How the decoding loop runs its forward (none of it changes the exact mode's result).
+
+    prune_on_cpu: compute only the positions whose logits a step uses (CPU; the shapes vary per step).
+    cuda_graphs: on CUDA, replay each stage's fixed-shape forward from a CUDA graph.
+    static_steps_on_cpu: run the CUDA-graph bookkeeping (static buffers, no pruning) eagerly on the CPU
+        (tests).
+    int8_reduce_range: int8 activations in 7 bits (PyTorch's default for fbgemm): with 8 bits, the AVX2
+        kernel's int16 pair sums saturate on this model's layer inputs (GELU outputs are one-sided), and
+        the logits' relative error of the real-size small model went from 3.5-4% to 9-11%
+        (scripts/fast_quality.py), at the same speed.
+    """
+    prune_on_cpu: bool = True
+    cuda_graphs: bool = True
+    static_steps_on_cpu: bool = False
+    int8_reduce_range: bool = True
+
+
+DEFAULT_SETTINGS = FastPathSettings()
+
+
+# -- oneDNN and int8 linears ------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def onednn_available() -> bool:
+    """Whether oneDNN's inner product runs here (probed once). On x86 CPUs it is 15-30% faster than
+    the default fp32 GEMM for this model's shapes, on the same dense weights (no packed copy)."""
+    try:
+        x, w = torch.ones(3, 8), torch.ones(4, 8)
+        return bool(torch.backends.mkldnn.is_available()) and torch.equal(
+            torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""), F.linear(x, w))
+    except Exception:       # an old torch, a build without oneDNN, an unsupported CPU
+        return False
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, computed by oneDNN for fp32 on the CPU when nothing needs gradients (same numbers up to
+    float rounding: the products are summed in another order)."""
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) and onednn_available()):
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    return F.linear(x, w, b)
+
+
+def plain_linear(x, w, b):
+    return F.linear(x, w, b)
+
+
+class Int8Linear:
+    """A linear layer with int8 weights (per output channel scales) and int8 activations quantized on
+    the fly per call, per tensor (fbgemm's dynamic quantization, CPU): about 1.7x the speed of oneDNN
+    fp32 here, at about 2% relative error per layer output. 1 byte per weight. `reduce_range`: see
+    `FastPathSettings.int8_reduce_range`."""
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None, reduce_range: bool = True):
+        w = w.detach().float().cpu().contiguous()
+        scale = (w.abs().amax(dim=1).clamp_min(1e-12) / 127).double()
+        with warnings.catch_warnings():       # the quantized tensor API is deprecated, the ops are not gone
+            warnings.simplefilter("ignore")
+            q = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
+            self.packed = torch.ops.quantized.linear_prepack(q, None if b is None else b.detach().float().cpu())
+        self.reduce_range = reduce_range
+        self.nbytes = w.numel() + (0 if b is None else 4 * b.numel()) + 12 * w.shape[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x.contiguous(), self.packed, self.reduce_range)
+
+
+@functools.lru_cache(maxsize=None)
+def int8_available() -> bool:
+    """Whether dynamic int8 linear layers run on this CPU (fbgemm on x86, qnnpack on ARM); probed once."""
+    try:
+        lin = Int8Linear(torch.ones(4, 8), None)
+        return lin(torch.ones(2, 8)).shape == (2, 4)
+    except Exception:
+        return False
+
+
+def use_int8(fast, device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
+    """int8 linears: fast mode (a `FastMode` with int8 on) on the CPU with fp32 weights (the int8 kernels
+    take fp32 activations; fp16/bf16 weights on the CPU run their own dtype instead)."""
+    if not (fast and fast.int8 and device.type == "cpu" and dtype == torch.float32):
+        return False
+    return int8_available()
+
+
+class ExactLinears:
+    """One layer's linear maps on its own weights (fp32 on the CPU through oneDNN, see `linear`).
+
+    `pruned_in` / `pruned_out`: the layer's input / output rows are a subset of the positions, whose
+    count varies from step to step; the maps on those rows then use F.linear: oneDNN keeps a compiled
+    kernel per shape in a cache of up to 1024, and hundreds of shapes would cost hundreds of MB (pruned
+    rows are a small part of the work)."""
+    __slots__ = ("sa", "ca", "l1", "l2", "dim", "f_in", "f")
+    split = True             # q and k/v can be projected separately (slices of the packed weight)
+
+    def __init__(self, layer, pruned_in: bool = False, pruned_out: bool = False):
+        self.sa, self.ca, self.l1, self.l2 = layer.self_attn, layer.cross_attention, layer.linear1, layer.linear2
+        self.dim = self.sa.in_proj_weight.shape[1]
+        self.f_in = plain_linear if pruned_in else linear                 # on the input rows (q/k/v, k/v)
+        self.f = plain_linear if pruned_in or pruned_out else linear      # on the output rows
+
+    def qkv(self, x):
+        return self.f_in(x, self.sa.in_proj_weight, self.sa.in_proj_bias)
+
+    def q(self, x):
+        b = self.sa.in_proj_bias
+        return self.f(x, self.sa.in_proj_weight[:self.dim], None if b is None else b[:self.dim])
+
+    def kv(self, x):
+        b = self.sa.in_proj_bias
+        return self.f_in(x, self.sa.in_proj_weight[self.dim:], None if b is None else b[self.dim:])
+
+    def out(self, x):
+        return self.f(x, self.sa.out_proj.weight, self.sa.out_proj.bias)
+
+    def cq(self, x):
+        b = self.ca.in_proj_bias
+        return self.f(x, self.ca.in_proj_weight[:self.dim], None if b is None else b[:self.dim])
+
+    def cout(self, x):
+        return self.f(x, self.ca.out_proj.weight, self.ca.out_proj.bias)
+
+    def fc1(self, x):
+        return self.f(x, self.l1.weight, self.l1.bias)
+
+    def fc2(self, x):
+        return self.f(x, self.l2.weight, self.l2.bias)
+
+
+class Int8Layer:
+    """One layer's linear maps on int8 copies of its weights."""
+    split = False            # one packed q/k/v copy only
+
+    def __init__(self, layer, reduce_range: bool = True):
+        sa, ca = layer.self_attn, layer.cross_attention
+        d = sa.in_proj_weight.shape[1]
+
+        def int8(w, b):
+            return Int8Linear(w, b, reduce_range)
+        self.qkv = int8(sa.in_proj_weight, sa.in_proj_bias)
+        self.out = int8(sa.out_proj.weight, sa.out_proj.bias)
+        self.cq = int8(ca.in_proj_weight[:d], None if ca.in_proj_bias is None else ca.in_proj_bias[:d])
+        self.cout = int8(ca.out_proj.weight, ca.out_proj.bias)
+        self.fc1 = int8(layer.linear1.weight, layer.linear1.bias)
+        self.fc2 = int8(layer.linear2.weight, layer.linear2.bias)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, n).nbytes for n in ("qkv", "out", "cq", "cout", "fc1", "fc2"))
+
+
+class Int8Linears:
+    """Int8 copies of every transformer layer's linear maps (fast mode, CPU). Embeddings, norms, the
+    output heads and the text projection stay fp32; the fp32 LM is not modified."""
+
+    def __init__(self, lm, reduce_range: bool = True):
+        self.layers = [Int8Layer(layer, reduce_range) for layer in lm.transformer.layers]
+        self._key = self._fingerprint(lm, reduce_range)
+
+    @staticmethod
+    def _fingerprint(lm, reduce_range: bool):
+        w = lm.transformer.layers[0].linear1.weight
+        # weights made under inference_mode (ComfyUI runs nodes in it) have no version counter
+        return (w.device, w.dtype, w.data_ptr(), None if w.is_inference() else w._version, reduce_range)
+
+    def matches(self, lm, reduce_range: bool = True) -> bool:
+        return self._key == self._fingerprint(lm, reduce_range)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)
+
+
+_int8_copies: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def int8_copy(lm, reduce_range: bool = True) -> Int8Linears:
+    """The int8 copy of `lm`'s transformer linear layers, made on first use and kept beside the fp32
+    weights (which stay untouched) for as long as the LM lives: about 1 byte per transformer weight
+    (14 * dim^2 bytes per layer: 0.34 GiB for the small model, 1.5 GiB for medium). Remade when the
+    weights change."""
+    copy = _int8_copies.get(lm)
+    if copy is None or not copy.matches(lm, reduce_range):
+        _int8_copies.pop(lm, None)
+        copy = _int8_copies[lm] = Int8Linears(lm, reduce_range)
+    return copy
+
+
+def drop_int8_copy(lm) -> None:
+    """Free the int8 copy of `lm` (it is rebuilt on the next fast generation)."""
+    _int8_copies.pop(lm, None)
+
+
+# -- position pruning and the band ------------------------------------------------------------------
+
+def dilate(positions: torch.Tensor, width: int) -> torch.Tensor:
+    """bool [T] -> bool [T]: True within `width` positions of a True."""
+    if width <= 0:
+        return positions
+    x = positions.to(torch.float32).view(1, 1, -1)
+    return F.max_pool1d(x, 2 * width + 1, stride=1, padding=width).view(-1) > 0
+
+
+def active_positions(wanted: torch.Tensor | None, num_layers: int, band: int | None) -> list:
+    """Which positions each layer must compute so that the last layer's outputs are right at `wanted`
+    (bool [T]; None = all): `act[l]` = sorted positions (LongTensor) or None for all, for l = -1..L-1
+    (index l + 1 in the returned list; act[-1] = the inputs of layer 0).
+
+    The last layer needs its outputs only at `wanted`. A layer with full attention needs every position
+    of its input; with a band of half-width `band` (MAGNeT's codebooks >= 1) only positions within
+    `band` of a wanted output. So with the band the set grows by `band` per layer going down."""
+    acts: list = [None] * (num_layers + 1)
+    cur = wanted
+    for i in range(num_layers, -1, -1):
+        if cur is None or bool(cur.all()):
+            break
+        acts[i] = cur.nonzero().view(-1)
+        cur = dilate(cur, band) if band is not None else None
+    return acts
+
+
+_BAND_BLOCK = 20
+_band_blocks_cache: dict = {}
+
+
+def band_blocks(n: int, pos: torch.Tensor | None, width: int, device, dtype):
+    """Blocks of the band attention over n rows at sorted positions `pos` (None: 0..n-1).
+
+    Queries go in blocks of C consecutive rows; block b reads the L = C + 2*width keys around it (the
+    window is moved inside [0, n) at the ends, so it never repeats a key), and an additive mask [nb, C, L]
+    keeps exactly the keys within `width` positions. Any key of a query at row j lies in rows
+    [j - width, j + width] (positions are increasing), so it is in the window. Cached per length when
+    the rows are 0..n-1."""
+    key = (n, width, str(device), dtype) if pos is None else None
+    if key is not None and key in _band_blocks_cache:
+        return _band_blocks_cache[key]
+    C = n if n <= _BAND_BLOCK + 2 * width else _BAND_BLOCK
+    L = min(C + 2 * width, n)
+    nb = -(-n // C)
+    starts = (torch.arange(nb) * C - width).clamp(0, n - L)
+    kidx = starts.view(-1, 1) + torch.arange(L).view(1, -1)                      # [nb, L]
+    qidx = torch.arange(nb * C).clamp(max=n - 1).view(nb, C)                      # [nb, C]
+    p = torch.arange(n) if pos is None else pos.cpu()
+    ok = (p[qidx].unsqueeze(-1) - p[kidx].unsqueeze(1)).abs() <= width            # [nb, C, L]
+    bias = torch.zeros(ok.shape, dtype=dtype).masked_fill_(~ok, float("-inf")).to(device)
+    blocks = (kidx.view(-1).to(device), None if nb * C == n else qidx.view(-1).to(device), bias, nb, C, L)
+    if key is not None:
+        if len(_band_blocks_cache) > 8:
+            _band_blocks_cache.clear()
+        _band_blocks_cache[key] = blocks
+    return blocks
+
+
+def band_attention(q, k, v, width: int, pos: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of q, k, v [R, H, n, D] where a row attends only the rows within `width` positions
+    (`pos`: the rows' sorted positions, None = 0..n-1): the same numbers as SDPA with the boolean band
+    mask, at about (C + 2 * width) / n of its cost: no [n, n] matrix is formed."""
+    R, H, n, D = q.shape
+    kidx, qidx, bias, nb, C, L = band_blocks(n, pos, width, q.device, q.dtype)
+    q = q * (1.0 / math.sqrt(D))
+    if qidx is not None:
+        q = q.index_select(2, qidx)
+    kw = k.index_select(2, kidx).view(R, H, nb, L, D)
+    vw = v.index_select(2, kidx).view(R, H, nb, L, D)
+    scores = torch.matmul(q.view(R, H, nb, C, D), kw.transpose(-1, -2)).add_(bias)
+    out = torch.matmul(torch.softmax(scores, dim=-1), vw).view(R, H, nb * C, D)
+    return out[:, :, :n] if qidx is not None else out
+
+
+# -- the forward ------------------------------------------------------------------------------------
+
+def parallel_forward(lm, codes, mem, stage: int, heads=None, wanted: torch.Tensor | None = None,
+                     int8: Int8Linears | None = None) -> torch.Tensor:
+    """MAGNeT's forward (pre-norm, non-causal): the same function as `LM.forward`, without the work that
+    cannot change its result (see the module docstring). codes [b, K, T] -> logits [B, len(heads), T, card];
+    with `wanted` (bool [T]) the logits of those positions only, [B, len(heads), wanted.sum(), card].
+    `int8`: the layers' linear maps run on this int8 copy instead of the fp32 weights."""
+    cfg, layers = lm.cfg, lm.transformer.layers
+    R, D, H = mem.batch, cfg.dim, cfg.num_heads
+    band = cfg.subcodes_context if stage > 0 and cfg.subcodes_context >= 0 else None
+    x = lm.embed(codes)                                                        # [b, T, D]
+    T = x.shape[1]
+    if x.shape[0] != R and R % x.shape[0]:
+        raise ValueError(f"codes batch {x.shape[0]} does not divide the memory's {R} rows")
+    acts = active_positions(None if wanted is None else wanted.to(torch.bool).cpu(), len(layers), band)
+    n_heads = cfg.n_q if heads is None else len(heads)
+    if acts[-1] is not None and acts[-1].numel() == 0:             # nothing wanted
+        return x.new_zeros((R, n_heads, 0, cfg.card))
+    if acts[0] is not None:
+        x = x[:, acts[0].to(x.device)]
+    band_mask = None
+    if band is not None and x.device.type != "cpu" and acts[0] is None:
+        band_mask = lm.attn_mask(stage, T, x.device)                # CUDA: SDPA with a boolean band mask
+    for i, layer in enumerate(layers):
+        pos_in, pos_out = acts[i], acts[i + 1]
+        out_rows = None                    # rows of this layer's input that it must output (None: all)
+        if pos_out is not None:
+            out_rows = pos_out if pos_in is None else torch.searchsorted(pos_in, pos_out)
+            out_rows = out_rows.to(x.device)
+        lin = int8.layers[i] if int8 is not None else ExactLinears(layer, pos_in is not None, out_rows is not None)
+        # self-attention (rows that share their codes share it in the first layer)
+        h = F.layer_norm(x, (D,), layer.norm1.weight, layer.norm1.bias, layer.norm1.eps)
+        if band is None and out_rows is not None and lin.split:   # full attention: keys everywhere, queries where wanted
+            kv = lin.kv(h)
+            q = lin.q(h.index_select(1, out_rows))
+            k, v = kv.view(*kv.shape[:2], 2, H, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            a = F.scaled_dot_product_attention(q.view(*q.shape[:2], H, -1).transpose(1, 2), k, v)
+        else:
+            qkv = lin.qkv(h)
+            q, k, v = qkv.view(*qkv.shape[:2], 3, H, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            if band is None:
+                a = F.scaled_dot_product_attention(q, k, v)
+            elif band_mask is not None and pos_in is None:
+                a = F.scaled_dot_product_attention(q, k, v, attn_mask=band_mask)
+            else:
+                a = band_attention(q, k, v, band, pos_in)
+            if out_rows is not None:
+                a = a.index_select(2, out_rows)
+        res = x if out_rows is None else x.index_select(1, out_rows)
+        x = res + lin.out(a.transpose(1, 2).reshape(res.shape))
+        if x.shape[0] != R:
+            x = x.repeat(R // x.shape[0], 1, 1)
+        # cross-attention to the text (rows with a memory only: the others add exactly zero)
+        x_text = x if mem.rows == R else x[:mem.rows]
+        h = F.layer_norm(x_text, (D,), layer.norm_cross.weight, layer.norm_cross.bias, layer.norm_cross.eps)
+        mk, mv = mem.kv[i]
+        q = lin.cq(h)
+        a = F.scaled_dot_product_attention(q.view(*q.shape[:2], H, -1).transpose(1, 2), mk, mv)
+        x_text += lin.cout(a.transpose(1, 2).reshape(x_text.shape))
+        # feed-forward
+        h = F.layer_norm(x, (D,), layer.norm2.weight, layer.norm2.bias, layer.norm2.eps)
+        x += lin.fc2(torch.ops.aten.gelu_(lin.fc1(h)))
+    x = F.layer_norm(x, (D,), lm.out_norm.weight, lm.out_norm.bias, lm.out_norm.eps)
+    heads = range(cfg.n_q) if heads is None else heads
+    head = plain_linear if acts[-1] is not None else linear
+    return torch.stack([head(x, lm.linears[k].weight, lm.linears[k].bias) for k in heads], dim=1)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What `LM.forward(..., fastpath=plan)` hands to `parallel_forward`: the positions whose logits are
+    wanted (bool [T], None = all) and whether the int8 copy runs."""
+    wanted: torch.Tensor | None = None
+    int8: bool = False
+    int8_reduce_range: bool = True
+
+    def run(self, lm, codes, mem, stage: int, heads) -> torch.Tensor:
+        copy = int8_copy(lm, self.int8_reduce_range) if self.int8 else None
+        return parallel_forward(lm, codes, mem, stage, heads, self.wanted, copy)
+
+
+# -- static buffers and CUDA graphs -----------------------------------------------------------------
+
+class StaticStep:
+    """One stage's forward on static buffers: `step(codes)` copies the codes into its input buffer, runs
+    the forward and returns its output buffer (valid until the next call).
+
+    On CUDA (`graph=True`) the forward is captured once in a CUDA graph and replayed: within a stage every
+    step has the same shapes and the same text memory, so only the codes change, and one replay replaces
+    hundreds of kernel launches. `first` is the first step's codes: that step runs eagerly and doubles as
+    the warm-up capture needs. With `graph=False` the forward is re-run eagerly into the same output
+    buffer, which exercises the same bookkeeping on any device (the tests run it on the CPU)."""
+
+    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], first: torch.Tensor, graph: bool):
+        self.forward, self.graph = forward, None
+        self.codes = first.clone()
+        if graph:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.first = forward(self.codes)            # warm-up = the first step's result
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with _no_autocast_cache(), torch.cuda.graph(self.graph):
+                self.out = forward(self.codes)
+        else:
+            self.first = forward(self.codes)
+            self.out = torch.empty_like(self.first)
+
+    def __call__(self, codes: torch.Tensor) -> torch.Tensor:
+        self.codes.copy_(codes)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.out.copy_(self.forward(self.codes))
+        return self.out
+
+
+def _no_autocast_cache():
+    """Autocast must not cache weight casts inside a graph capture (the cache dies with the context)."""
+    try:
+        enabled, dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    except (TypeError, AttributeError):          # torch < 2.4
+        enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+    return torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False)
+
+
+# -- one stage's forward ----------------------------------------------------------------------------
+
+class StageForward:
+    """The forward of one decoding stage: `logits(codes, used, coef)` -> (logits [rows, T, card] float32,
+    guided), `guided` telling whether the rows are [conditional; null] to be mixed by guidance.
+
+    `lm` is the LM (or anything called like it, e.g. a wrapper that adds codebooks); `mem` its text memory
+    for the conditional and null rows when `guided`; `fast` the `FastMode` or None (exact mode). On the
+    CPU, the logits at positions outside `used` (bool [B, T]: the positions the step samples and scores)
+    are not computed and come back as zeros (`settings.prune_on_cpu`); they never reach the result, and
+    keep the random stream of sampling the same as computing every position."""
+
+    def __init__(self, lm, mem, *, guided: bool, batch: int, stage: int, n_steps: int, fast=None,
+                 settings: FastPathSettings = DEFAULT_SETTINGS):
+        param = next(lm.parameters())
+        device = param.device
+        self.lm, self.mem, self.guided, self.stage = lm, mem, guided, stage
+        parallel = lm.cfg.norm_first and not lm.cfg.causal         # the forward that can prune and run int8
+        self.int8 = parallel and use_int8(fast, device, param.dtype)
+        self.reduce_range = settings.int8_reduce_range
+        self.static = parallel and n_steps > 1 and (
+            (device.type == "cuda" and settings.cuda_graphs) or (device.type == "cpu" and settings.static_steps_on_cpu))
+        self.prune = parallel and settings.prune_on_cpu and device.type == "cpu" and not self.static   # fixed shapes
+        self.parallel = parallel
+        self.graph = device.type == "cuda"
+        self.mem_cond = mem.cond_only(batch) if guided and fast and fast.skip_unit_cfg else None
+        self._static_step: StaticStep | None = None
+
+    def _forward(self, codes, mem, wanted=None):
+        plan = StepPlan(wanted, self.int8, self.reduce_range) if self.parallel else None
+        kw = {} if plan is None else {"fastpath": plan}
+        return self.lm(codes, mem, stage=self.stage, heads=[self.stage], **kw)
+
+    def logits(self, codes: torch.Tensor, used: torch.Tensor, coef: float) -> tuple[torch.Tensor, bool]:
+        mem, guided = self.mem, self.guided
+        if self.mem_cond is not None and abs(coef - 1.0) <= UNIT_CFG_TOLERANCE:    # fast mode: no null pass
+            mem, guided = self.mem_cond, False
+        if self.static and mem is self.mem:
+            if self._static_step is None:
+                self._static_step = StaticStep(lambda c: self._forward(c, self.mem), codes, graph=self.graph)
+                out = self._static_step.first
+            else:
+                out = self._static_step(codes)
+            return out[:, 0].float(), guided
+        wanted = None
+        if self.prune:
+            wanted = used.any(dim=0)
+            if bool(wanted.all()):
+                wanted = None
+        logits = self._forward(codes, mem, wanted)[:, 0].float()
+        if wanted is not None:                                          # [rows, n, card] -> [rows, T, card]
+            full = logits.new_zeros((logits.shape[0], codes.shape[-1], logits.shape[-1]))
+            full[:, wanted] = logits
+            logits = full
+        return logits, guided
