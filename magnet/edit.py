@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Sequence
 
 import torch
@@ -41,8 +41,7 @@ from .text import TextCondition
 # progress over several decodings: one counter handed to each (named StepCounter in newer engines)
 _Job = getattr(sampling, "StepCounter", None) or getattr(sampling, "_Job")
 
-SAMPLING_KEYS = ("use_sampling", "temperature", "top_k", "top_p", "max_cfg_coef", "min_cfg_coef",
-                 "decoding_steps", "span_arrangement", "span_scoring")
+SAMPLING_KEYS = tuple(f.name for f in fields(SamplingParams))      # what sampling keyword arguments may set
 
 
 # -- shared helpers ---------------------------------------------------------------------------------

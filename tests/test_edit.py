@@ -151,6 +151,7 @@ def test_tail_model_sees_the_kept_codebooks_in_front(music_model, clip):
     ({"strength": -0.1}, "between 0"), ({"strength": 1.5}, "between 0"), ({"strength": float("nan")}, "finite"),
     ({"strength": "lots"}, "number"), ({"keep_codebooks": 4}, "0 to 3"), ({"keep_codebooks": -1}, "0 to 3"),
     ({"keep_codebooks": 1.5}, "whole number"), ({"decoding_steps": (1, 2)}, "per codebook"),
+    ({"temprature": 3.0}, "unknown sampling argument"),
 ])
 def test_bad_vary_arguments_are_clear_errors(music_model, clip, kw, needle):
     with pytest.raises(MagnetError, match=needle):
