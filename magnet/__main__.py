@@ -8,7 +8,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from .errors import MagnetError
+from .errors import MagnetError, first_line
 
 MAX_SECONDS = 600.0     # longer asks run out of memory when the codec decodes the whole clip at once
 MAX_STEPS = 1000        # per codebook; the releases use 10..60
@@ -182,7 +182,7 @@ def _output_folder(path: Path, option: str) -> None:
 def _reason(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = first_line(e)
     if "I/O error: " in text:                    # safetensors: 'Error while serializing: I/O error: X at path "..."'
         text = text.split("I/O error: ", 1)[1].split(" at path ")[0]
     return text

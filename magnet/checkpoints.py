@@ -1,79 +1,27 @@
 """Reading official releases safely.
 
-`load_torch_file` opens a `.bin` written by `torch.save` with `weights_only=True`: tensors, dicts,
-lists and plain values only, so a file that carries code is refused, never run.
+Every `.bin` is opened by `compat.load_torch_file` with `weights_only=True`: tensors, dicts, lists and
+plain values only, so a file that carries code is refused, never run.
 """
 from __future__ import annotations
 
-import pickle
-import zipfile
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 
-from .errors import MagnetError
-
-
-def load_torch_file(path: str | Path, what: str = "checkpoint") -> dict:
-    """Load a torch.save'd dict without running pickled code; clear errors for every failure."""
-    path = Path(path)
-    if not path.exists():
-        raise MagnetError(f"{what} not found: {path}. Check the path, or download the release "
-                          f"files into that folder.")
-    if not path.is_file():
-        raise MagnetError(f"{what} is not a file: {path}. Point to the file itself.")
-    if path.stat().st_size == 0:
-        raise MagnetError(f"{what} is empty (0 bytes): {path}. The download was interrupted: "
-                          f"download the file again.")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
-    except pickle.UnpicklingError as e:
-        if "global" not in str(e).lower():     # not a refused class: the bytes are simply not a pickle
-            raise MagnetError(f"{what} {path} is truncated or corrupt ({_first_line(e)}). Download the "
-                              f"file again.") from None
-        raise MagnetError(
-            f"{what} {path} contains Python objects other than tensors and plain values, so it was not "
-            f"loaded (loading it could run code hidden in the file). Use the official release file from "
-            f"its publisher. Detail: {_unsupported_global(e)}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
-        raise MagnetError(f"{what} {path} is truncated or corrupt ({_first_line(e)}). Download the "
-                          f"file again.") from None
-    if not isinstance(obj, dict):
-        raise MagnetError(f"{what} {path} does not hold a dict of weights (found {type(obj).__name__}): "
-                          f"this is not an official MAGNeT/MusicGen release file.")
-    return obj
-
-
-def _is_zip(path: Path) -> bool:
-    try:
-        return zipfile.is_zipfile(path)
-    except OSError:
-        return False
-
-
-def _unsupported_global(e: BaseException) -> str:
-    for line in str(e).splitlines():
-        if "global" in line.lower():
-            return line.strip()[:200]
-    return _first_line(e)
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return s[0][:300] if s else type(e).__name__
+from .codec import Codec
+from .compat import is_zip_file, load_torch_file
+from .errors import MagnetError, first_line
+from .transformer import LM, LMConfig
 
 
 # -- LM configs -------------------------------------------------------------------------------------
-
-import json  # noqa: E402
-import math  # noqa: E402
-from collections.abc import Mapping  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Any  # noqa: E402
-
-import yaml  # noqa: E402
-
-from .transformer import LM, LMConfig  # noqa: E402
 
 TEXT_PROJ_KEY = "condition_provider.conditioners.description.output_proj."
 LM_FILE, CODEC_FILE = "state_dict.bin", "compression_state_dict.bin"
@@ -92,7 +40,7 @@ def parse_xp_cfg(text: Any, where: str) -> dict:
     try:
         cfg = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise MagnetError(f"{where}: its xp.cfg is not valid YAML ({_first_line(e)}). The file is "
+        raise MagnetError(f"{where}: its xp.cfg is not valid YAML ({first_line(e)}). The file is "
                           f"damaged: download it again.") from None
     if not isinstance(cfg, dict):
         raise MagnetError(f"{where}: its xp.cfg is not a mapping. The file is damaged: download it again.")
@@ -355,7 +303,6 @@ def resolve_release(release: str | Path) -> Path:
 
 def load_release(release: str | Path, *, codec_dir=None, search_dirs=()) -> Release:
     """Read a release folder (official `.bin` files) or a converted `.safetensors` file."""
-    from .codec import Codec
     p = resolve_release(release)
     if p.is_file():
         return _load_converted(p)
@@ -445,7 +392,6 @@ def convert_release(release: str | Path, out: str | Path, *, codec_dir=None, sea
 def _load_converted(path: Path) -> Release:
     from safetensors import SafetensorError, safe_open
 
-    from .codec import Codec
     try:
         f = safe_open(str(path), "pt")      # kept open by the LazyState: the LM is read tensor by tensor
         meta = f.metadata() or {}
@@ -456,9 +402,9 @@ def _load_converted(path: Path) -> Release:
         lm_state = LazyState(f, "lm.", keys)
         codec_state = {k.split(".", 1)[1]: f.get_tensor(k) for k in keys if not k.startswith("lm.")}
     except SafetensorError as e:
-        raise MagnetError(f"{path} is truncated or corrupt ({_first_line(e)}). Convert the release again.") from None
+        raise MagnetError(f"{path} is truncated or corrupt ({first_line(e)}). Convert the release again.") from None
     except (OSError, RuntimeError) as e:
-        raise MagnetError(f"{path} could not be read ({_first_line(e)}). Convert the release again.") from None
+        raise MagnetError(f"{path} could not be read ({first_line(e)}). Convert the release again.") from None
     try:
         cfg = LMConfig.from_dict(json.loads(meta["lm_config"]))
         codec_cfg = json.loads(meta["codec_config"])
@@ -467,7 +413,7 @@ def _load_converted(path: Path) -> Release:
             raise ValueError("codec_config/generation is not a JSON object")
     except (KeyError, TypeError, ValueError) as e:
         raise MagnetError(f"{path}: its metadata is incomplete or damaged ({type(e).__name__}: "
-                          f"{_first_line(e)}). Convert the release again with `python -m magnet convert`.") from None
+                          f"{first_line(e)}). Convert the release again with `python -m magnet convert`.") from None
     codec = Codec.from_config_and_state(codec_cfg, codec_state)
     check_codec_matches(cfg, codec, str(path), str(path))
     return Release(cfg, lm_state, codec, path, generation)
@@ -502,7 +448,7 @@ def _read_kind(target: Path) -> str | None:
             if meta.get("format") != FORMAT:
                 return None
             return LMConfig.from_dict(json.loads(meta["lm_config"])).kind
-        if target.name != LM_FILE or not _is_zip(target):
+        if target.name != LM_FILE or not is_zip_file(target):
             return None
         pkg = torch.load(target, map_location="cpu", weights_only=True, mmap=True)
         xp = yaml.safe_load(pkg["xp.cfg"]) if isinstance(pkg, dict) else None

@@ -40,7 +40,7 @@ import torch
 from . import compat
 from .audio import _rate, check_waveform, resample
 from .deps import require
-from .errors import MagnetError
+from .errors import MagnetError, first_line
 
 PAPER_LOUDNESS_LUFS = -14.0
 """audiocraft's evaluation normalises generated audio to -14 LUFS before computing metrics."""
@@ -97,7 +97,7 @@ class ClapScorer:
         except MagnetError:
             raise
         except Exception as e:
-            raise MagnetError(f"CLAP folder {folder} could not be loaded as a CLAP model ({_short(e)}). "
+            raise MagnetError(f"CLAP folder {folder} could not be loaded as a CLAP model ({first_line(e)}). "
                               f"The download may be incomplete: get it again with "
                               f"{_DOWNLOAD_HINT.format(folder=folder)}.") from None
         params = {n for n, _ in model.named_parameters()}
@@ -115,7 +115,7 @@ class ClapScorer:
         except MagnetError:
             raise
         except Exception as e:
-            raise MagnetError(f"CLAP folder {folder} has no usable processor/tokenizer files ({_short(e)}). "
+            raise MagnetError(f"CLAP folder {folder} has no usable processor/tokenizer files ({first_line(e)}). "
                               f"It needs preprocessor_config.json and the tokenizer (tokenizer.json or "
                               f"vocab.json + merges.txt) beside the weights: download the whole folder with "
                               f"{_DOWNLOAD_HINT.format(folder=folder)}.") from None
@@ -338,8 +338,3 @@ def _check_folder(folder: Path) -> list[Path]:
         raise MagnetError(f"{folder} has no model.safetensors.{extra} Download the safetensors weights, e.g. "
                           f"{_DOWNLOAD_HINT.format(folder=folder)}.")
     return weights
-
-
-def _short(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return s[0][:200] if s else type(e).__name__

@@ -26,9 +26,8 @@ import torch
 from torch import nn
 
 from . import compat
-from .checkpoints import load_torch_file
 from .deps import require
-from .errors import MagnetError
+from .errors import MagnetError, first_line
 
 CODEC_DIR_ENV = "MAGNET_CODEC_DIR"
 WHAT = "codec file (compression_state_dict.bin)"
@@ -54,7 +53,7 @@ class Codec(nn.Module):
         component (e.g. `encodec_32khz`) in the release folder, its parent and each of `search_dirs`.
         """
         path = Path(path)
-        obj = load_torch_file(path, WHAT)
+        obj = compat.load_torch_file(path, WHAT)
         if "best_state" in obj and "xp.cfg" in obj:
             return cls._from_audiocraft(obj["best_state"], obj["xp.cfg"], path)
         if "pretrained" in obj:
@@ -126,7 +125,7 @@ class Codec(nn.Module):
             raise
         except Exception as e:
             raise MagnetError(f"The EnCodec configuration of {source} is not usable with transformers "
-                              f"{transformers.__version__} ({_first_line(e)}). Use the codec file that came with "
+                              f"{transformers.__version__} ({first_line(e)}). Use the codec file that came with "
                               f"the release; if it is one, upgrade transformers: `{compat.PIP_TRANSFORMERS}`.") from None
         _load_strict(model, state, source)
         return cls(model)
@@ -214,7 +213,7 @@ def _config_from_xp_cfg(text: str, path: Path) -> dict:
     try:
         cfg = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise MagnetError(f"{WHAT} {path}: its 'xp.cfg' is not valid YAML ({_first_line(e)}). Download the "
+        raise MagnetError(f"{WHAT} {path}: its 'xp.cfg' is not valid YAML ({first_line(e)}). Download the "
                           f"release file again.") from None
     if not isinstance(cfg, dict):
         raise MagnetError(f"{WHAT} {path}: its 'xp.cfg' is not a mapping. Download the release file again.")
@@ -398,8 +397,3 @@ def _find_pointer_folder(pretrained: Any, release_file: Path, codec_dir: str | P
         f"Searched for a folder named '{name}' in: {', '.join(str(d) for d in searched)}. Get it with "
         f"`python -m magnet download {name} --dir {release_dir.parent / name}` (next to the "
         f"release folder), or set {CODEC_DIR_ENV} to the folder holding config.json and model.safetensors.")
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return s[0][:300] if s else type(e).__name__

@@ -14,6 +14,9 @@ weights under the key names of the installed version:
 - `adapt_encodec_state()` renames EnCodec weights between the naming schemes of transformers
   versions (weight norm as `weight_g`/`weight_v` or as `parametrizations.weight.original0/1`;
   codebook buffers `inited`/`cluster_size`/`embed_avg`, which inference never reads).
+- `load_torch_file()`: a `torch.save`d dict (an official release's `.bin`) loaded with `weights_only=True`:
+  tensors and plain values only, never pickled code; a missing, empty, truncated or unsafe file is a
+  MagnetError saying what to do.
 - `dtype_kwargs()`, `no_init_weights()`, `tokenizer_kwargs()`: what differs between versions'
   constructors and loaders.
 """
@@ -21,14 +24,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 import re
+import zipfile
 from importlib import metadata
 from pathlib import Path
 from typing import Iterable
 
 import torch
 
-from .errors import MagnetError
+from .errors import MagnetError, first_line
 
 MIN_TRANSFORMERS = "4.37.2"
 """The oldest transformers the text encoder, codec and CLAP loaders are tested with (ComfyUI's own minimum).
@@ -196,7 +201,7 @@ def load_safetensors(paths: Path | Iterable[Path], what: str, fix: str) -> dict[
         try:
             state.update(load_file(str(path)))
         except Exception as e:  # SafetensorError (truncated, bad header), OSError, ...
-            raise MagnetError(f"{path} ({what}) is truncated or damaged ({_first_line(e)}): an interrupted "
+            raise MagnetError(f"{path} ({what}) is truncated or damaged ({first_line(e)}): an interrupted "
                               f"download? Download it again. {fix}") from None
     return state
 
@@ -210,7 +215,7 @@ def check_safetensors(paths: Iterable[Path], what: str, fix: str) -> None:
             with safe_open(str(path), framework="pt"):
                 pass
         except Exception as e:
-            raise MagnetError(f"{path} ({what}) is truncated or damaged ({_first_line(e)}): an interrupted "
+            raise MagnetError(f"{path} ({what}) is truncated or damaged ({first_line(e)}): an interrupted "
                               f"download? Download it again. {fix}") from None
 
 
@@ -235,7 +240,7 @@ def _read_json(path: Path, what: str, fix: str):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise MagnetError(f"{path} is not readable JSON ({_first_line(e)}): the {what} {path.parent} is "
+        raise MagnetError(f"{path} is not readable JSON ({first_line(e)}): the {what} {path.parent} is "
                           f"damaged. {fix}") from None
 
 
@@ -282,6 +287,45 @@ def same_shapes(a: dict, b: dict) -> bool:
     return shapes(a) == shapes(b)
 
 
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return s[0][:200] if s else type(e).__name__
+def load_torch_file(path: str | Path, what: str = "checkpoint") -> dict:
+    """Load a torch.save'd dict without running pickled code; clear errors for every failure."""
+    path = Path(path)
+    if not path.exists():
+        raise MagnetError(f"{what} not found: {path}. Check the path, or download the release "
+                          f"files into that folder.")
+    if not path.is_file():
+        raise MagnetError(f"{what} is not a file: {path}. Point to the file itself.")
+    if path.stat().st_size == 0:
+        raise MagnetError(f"{what} is empty (0 bytes): {path}. The download was interrupted: "
+                          f"download the file again.")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip_file(path))
+    except pickle.UnpicklingError as e:
+        if "global" not in str(e).lower():     # not a refused class: the bytes are simply not a pickle
+            raise MagnetError(f"{what} {path} is truncated or corrupt ({first_line(e)}). Download the "
+                              f"file again.") from None
+        raise MagnetError(
+            f"{what} {path} contains Python objects other than tensors and plain values, so it was not "
+            f"loaded (loading it could run code hidden in the file). Use the official release file from "
+            f"its publisher. Detail: {_unsupported_global(e)}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
+        raise MagnetError(f"{what} {path} is truncated or corrupt ({first_line(e)}). Download the "
+                          f"file again.") from None
+    if not isinstance(obj, dict):
+        raise MagnetError(f"{what} {path} does not hold a dict of weights (found {type(obj).__name__}): "
+                          f"this is not an official MAGNeT/MusicGen release file.")
+    return obj
+
+
+def is_zip_file(path: Path) -> bool:
+    try:
+        return zipfile.is_zipfile(path)
+    except OSError:
+        return False
+
+
+def _unsupported_global(e: BaseException) -> str:
+    for line in str(e).splitlines():
+        if "global" in line.lower():
+            return line.strip()[:200]
+    return first_line(e)

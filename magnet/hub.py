@@ -6,7 +6,7 @@ import errno
 
 from pathlib import Path
 
-from .errors import MagnetError
+from .errors import MagnetError, first_line
 
 RELEASES = ["facebook/magnet-small-10secs", "facebook/magnet-medium-10secs", "facebook/magnet-small-30secs",
             "facebook/magnet-medium-30secs", "facebook/audio-magnet-small", "facebook/audio-magnet-medium",
@@ -66,10 +66,10 @@ def download(name: str, dest: str | Path | None = None, models_dir: str | Path =
     except OSError as e:
         if getattr(e, "errno", None) not in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
             raise MagnetError(f"could not download {repo} into {dest} ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200] if str(e) else ''}). Offline? {by_hand}") from None
+                              f"{first_line(e)}). Offline? {by_hand}") from None
         raise MagnetError(f"could not write {repo} into {dest} ({e.strerror or e}): check free space and "
                           f"permissions, or choose another folder.") from None
     except Exception as e:  # offline, DNS, HTTP errors, missing repo: all end the same way for the user
         raise MagnetError(f"could not download {repo} into {dest} ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:200] if str(e) else ''}). Offline? {by_hand}") from None
+                          f"{first_line(e)}). Offline? {by_hand}") from None
     return dest

@@ -15,7 +15,7 @@ import torch
 
 from . import compat
 from .deps import require
-from .errors import MagnetError
+from .errors import MagnetError, first_line
 
 
 @dataclass
@@ -180,7 +180,7 @@ def _build_t5(config: dict, state: dict, source: str):
             model = transformers.T5EncoderModel(hf_config)
     except Exception as e:
         raise MagnetError(f"The T5 configuration of {source} is not usable with transformers "
-                          f"{transformers.__version__} ({_short(e)}). {_T5_FIX}") from None
+                          f"{transformers.__version__} ({first_line(e)}). {_T5_FIX}") from None
     model.set_input_embeddings(model.shared)  # the encoder's token embedding is the shared one
     embed = state.get("shared.weight", state.get("encoder.embed_tokens.weight"))
     weights = {k: v for k, v in state.items() if k.startswith("encoder.") and k != "encoder.embed_tokens.weight"}
@@ -213,7 +213,7 @@ def _load_tokenizer(folder: Path):
         try:
             return _auto_tokenizer(transformers, folder, use_fast=True)
         except Exception as e:
-            errors.append(f"tokenizer.json: {_short(e)}")
+            errors.append(f"tokenizer.json: {first_line(e)}")
     if has_spm:
         require("sentencepiece")
         if compat.transformers_version() >= (5, 0, 0) and not _has_protobuf():
@@ -227,7 +227,7 @@ def _load_tokenizer(folder: Path):
             try:
                 return _auto_tokenizer(transformers, folder, use_fast=False)
             except Exception as e:
-                errors.append(f"spiece.model: {_short(e)}")
+                errors.append(f"spiece.model: {first_line(e)}")
     raise MagnetError(f"The tokenizer files of {folder} could not be read by transformers {transformers.__version__} "
                       f"({'; '.join(errors)}). They are damaged or not a T5 tokenizer: copy tokenizer.json and "
                       f"spiece.model again from the same T5 model. If they came from a newer transformers, "
@@ -257,7 +257,7 @@ def _check_tokenizer(tokenizer, model, folder: Path) -> None:
         unk = tokenizer.unk_token_id
         back = tokenizer.decode(ids, skip_special_tokens=True)
     except Exception as e:
-        ids, size, unk, back = [], 0, None, f"<{_short(e)}>"
+        ids, size, unk, back = [], 0, None, f"<{first_line(e)}>"
     problem = None
     if not ids:
         problem = "turns a prompt into no tokens"
@@ -271,8 +271,3 @@ def _check_tokenizer(tokenizer, model, folder: Path) -> None:
         raise MagnetError(f"The tokenizer of the text encoder folder {folder} {problem}; the tokenizer files "
                           f"(tokenizer.json, spiece.model) are missing, damaged or from another model. Copy them "
                           f"from the same T5 model into the folder, or download it again. {_T5_FIX}")
-
-
-def _short(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return s[0][:200] if s else type(e).__name__

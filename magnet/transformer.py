@@ -14,7 +14,6 @@ less work and is tested against them.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -276,21 +275,3 @@ class LM(nn.Module):
             x = self.out_norm(x)
         heads = range(self.cfg.n_q) if heads is None else heads
         return torch.stack([self.linears[k](x) for k in heads], dim=1)
-
-
-def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def init_random(lm: LM, seed: int = 0) -> LM:
-    """Random weights of the right scale, for benchmarks and tests (no download)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in lm.named_parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * (1.0 / math.sqrt(p.shape[-1])))
-            elif "norm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            else:
-                p.zero_()
-    return lm

@@ -111,10 +111,8 @@ class Progress:
 
     def __init__(self, total: int = 0):
         self.bar = comfy.utils.ProgressBar(total) if mm is not None else None
-        self.calls = 0
 
     def __call__(self, done: int, total: int):
-        self.calls += 1
         if self.bar is not None:
             self.bar.update_absolute(done, total)
         check_interrupt()

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..magnet.errors import MagnetError
+from ..magnet.errors import MagnetError, first_line
 from ..magnet.sampling import check_seed
 from . import comfy
 
@@ -133,7 +133,7 @@ def audio_in(audio: Mapping, what: str = "audio") -> tuple[torch.Tensor, int]:
     except Exception as e:  # VHS's lazy audio runs ffmpeg on first access and raises when there is no track
         if comfy.is_interrupt(e):
             raise
-        raise MagnetError(f"input `{what}` could not be read ({str(e).splitlines()[0][:200] if str(e) else e!r}). "
+        raise MagnetError(f"input `{what}` could not be read ({first_line(e)}). "
                           f"If it comes from a video, the video may have no audio track.") from None
     raw_sr = sr
     try:

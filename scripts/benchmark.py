@@ -94,7 +94,9 @@ def step_gflop(scale: str, batch: int, frames: int, stage: int, context: int = 5
 
 
 def build(scale: str, device, dtype, seconds: float):
-    from magnet.transformer import LM, LMConfig, init_random
+    from magnet.transformer import LM, LMConfig
+    sys.path.insert(0, str(HERE.parents[1] / "tests"))
+    from random_weights import init_random
     s = SCALES[scale]
     cfg = LMConfig(kind="magnet", ffn_dim=4 * s["dim"], n_q=4, card=2048, text_dim=768, segment_duration=seconds,
                    **s)

@@ -10,7 +10,7 @@ Modes (batch 1, classifier-free guidance on, as in real use):
   rescored   MAGNeT with the MusicGen rescorer (one teacher-forced MusicGen pass per step, w = 0.5)
 
 Both LMs are built from an LMConfig (the release architecture; no weights needed) and filled by
-`magnet.transformer.init_random`; the text memory is a random T5-like hidden state, so this times the
+`tests/random_weights.py`; the text memory is a random T5-like hidden state, so this times the
 LMs and the decoding loops only (T5 and the codec are the same for every mode). The default --steps is
 small so that the whole run stays around 10-15 minutes on a 2-core CPU; every MAGNeT step costs the
 same, so the table also gives the wall time extrapolated to the releases' 20,10,10,10 steps.
@@ -32,7 +32,10 @@ from magnet import sampling
 from magnet.musicgen import ARParams, MusicGenModel, MusicGenRescorer, ar_decode
 from magnet.sampling import SamplingParams
 from magnet.text import TextCondition
-from magnet.transformer import LM, LMConfig, count_params, init_random
+from magnet.transformer import LM, LMConfig
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
+from random_weights import init_random  # noqa: E402
 
 SCALES = {"tiny": dict(dim=64, num_heads=4, num_layers=2),     # a smoke test of the script itself
           "small": dict(dim=1024, num_heads=16, num_layers=24),
@@ -126,7 +129,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     magnet = build("magnet", a.scale, a.seconds, dev, dtype, seed=0)
     musicgen = build("musicgen", a.scale, a.seconds, dev, dtype, seed=1)
-    print(f"# {a.scale}: MAGNeT {count_params(magnet) / 1e6:.0f}M + MusicGen {count_params(musicgen) / 1e6:.0f}M "
+    print(f"# {a.scale}: MAGNeT {sum(p.numel() for p in magnet.parameters()) / 1e6:.0f}M + MusicGen {sum(p.numel() for p in musicgen.parameters()) / 1e6:.0f}M "
           f"params (random), {a.dtype} on {dev}, {threads} thread(s) of {cores} cores, load average {load:.1f}, "
           f"batch 1, {a.seconds:g} s = {frames} frames, MAGNeT steps {','.join(map(str, steps))}; "
           f"models built in {time.perf_counter() - t0:.0f} s", flush=True)

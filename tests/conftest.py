@@ -67,7 +67,8 @@ def make_release(src: Path, dst: Path, seed: int = 0, **transformer_lm) -> Path:
     """Copy the official-format release `src` to `dst`, changing transformer_lm fields in its xp.cfg
     (plus `segment_duration`, `span_len`) and filling the LM with random weights of the new shape."""
     from magnet.checkpoints import TEXT_PROJ_KEY, lm_config_from_xp, parse_xp_cfg
-    from magnet.transformer import LM, init_random
+    from magnet.transformer import LM
+    from random_weights import init_random
     dst.mkdir(parents=True, exist_ok=True)
     shutil.copy(src / "compression_state_dict.bin", dst / "compression_state_dict.bin")
     pkg = torch.load(src / "state_dict.bin", weights_only=True)

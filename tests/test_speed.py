@@ -16,7 +16,8 @@ from magnet import fastpath
 from magnet.fastpath import (FastPathSettings, StaticStep, active_positions, band_attention, drop_int8_copy,
                              int8_copy, parallel_forward)
 from magnet.sampling import FastMode, SamplingParams
-from magnet.transformer import LM, LMConfig, band_mask, init_random
+from magnet.transformer import LM, LMConfig, band_mask
+from random_weights import init_random
 
 
 def small_lm(seed=0, **kw) -> LM:
