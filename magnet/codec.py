@@ -185,6 +185,29 @@ class Codec(nn.Module):
             codes = self.model.quantizer.encode(embeddings)  # [n_q, B, T], all n_q quantizers
         return codes.transpose(0, 1).long()
 
+    def encode_audio(self, wav: torch.Tensor, sample_rate: int, *, start: float = 0.0,
+                     length: float | None = None) -> torch.Tensor:
+        """Waveform [B, C, S] or [C, S] at any rate and channel count -> codes [B, n_q, T]: seconds
+        [start, start + length) (the rest when `length` is None or 0) are resampled to the codec's rate and
+        mixed to its channels, then encoded."""
+        from .audio import check_waveform, convert_audio
+        wav = check_waveform(wav, "audio to encode")
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) or not sample_rate > 0 \
+                or not float(sample_rate).is_integer():
+            raise MagnetError(f"sample_rate {sample_rate!r} of the audio to encode must be a whole number of Hz > 0.")
+        sr = int(sample_rate)
+        if wav.dim() == 2:
+            wav = wav[None]
+        a = int(round(start * sr))
+        b = wav.shape[-1] if not length or length <= 0 else min(wav.shape[-1], a + int(round(length * sr)))
+        if a >= b:
+            raise MagnetError(f"start {start:g} s is at or beyond the end of the audio ({wav.shape[-1] / sr:.2f} s): "
+                              f"lower it.")
+        if a > 0 or b < wav.shape[-1]:
+            wav = wav[..., a:b]
+        wav = convert_audio(wav.float(), sr, self.sample_rate, self.channels)
+        return self.encode(wav.to(next(self.parameters()).device))
+
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes [B, K, T] (K <= n_q, values in [0, card)) -> float32 waveform [B, C, T * hop length]."""
         if not isinstance(codes, torch.Tensor) or codes.dim() != 3 or codes.is_floating_point():

@@ -22,10 +22,10 @@ from typing import Iterable, Sequence
 import torch
 
 from . import longform, sampling
-from .audio import check_waveform, convert_audio, fit_length, seconds_to_samples
+from .audio import fit_length, seconds_to_samples
 from .checkpoints import Release, build_lm, load_release
 from .codec import Codec
-from .devices import default_device, default_dtype, parse_device, parse_dtype
+from .devices import parse_device, parse_dtype
 from .errors import MagnetError
 from .fastpath import FastPathSettings
 from .sampling import SamplingParams
@@ -271,14 +271,7 @@ class CodecLM:
     def encode(self, wav: torch.Tensor, sample_rate: int) -> torch.Tensor:
         """Waveform [B, C, S] or [C, S] at any rate and channel count -> codes [B, K, T]
         (resampled to the codec's rate and mixed to its channels first)."""
-        wav = check_waveform(wav, "audio to encode")
-        if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) or not sample_rate > 0 \
-                or not float(sample_rate).is_integer():
-            raise MagnetError(f"sample_rate {sample_rate!r} of the audio to encode must be a whole number of Hz > 0.")
-        if wav.dim() == 2:
-            wav = wav[None]
-        wav = convert_audio(wav.float(), int(sample_rate), self.sample_rate, self.channels)
-        return self.codec.encode(wav.to(next(self.codec.parameters()).device))
+        return self.codec.encode_audio(wav, sample_rate)
 
 
 class MagnetModel(CodecLM):

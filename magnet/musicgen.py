@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -60,7 +59,7 @@ import torch
 from . import sampling
 from .codec import Codec
 from .errors import MagnetError
-from .model import CodecLM, MagnetModel, load_parts, seconds_arg
+from .model import CodecLM, MagnetModel, seconds_arg
 from .text import TextCondition, TextEncoder
 from .transformer import LM, KVCache, Memory
 
@@ -430,11 +429,8 @@ def generate_hybrid(magnet: MagnetModel, musicgen: MusicGenModel, prompts: Seque
                                  rescorer=rescorer)
 
 
-def hybrid_prompt_frames(magnet: MagnetModel, frames: int, ar_seconds: float | None) -> int:
-    """Frames MusicGen writes for a hybrid generation of `frames` frames."""
-    seconds = frames / magnet.frame_rate
-    if ar_seconds is None:
-        ar_seconds = default_ar_seconds(seconds)
+def ar_seconds_to_frames(magnet: MagnetModel, ar_seconds) -> int:
+    """Seconds MusicGen writes -> frames (whole frames, rounded down; at least one)."""
     try:
         ar_seconds = float(ar_seconds)
     except (TypeError, ValueError):
@@ -445,6 +441,16 @@ def hybrid_prompt_frames(magnet: MagnetModel, frames: int, ar_seconds: float | N
     if not ar_frames >= 1:
         raise MagnetError(f"ar_seconds {ar_seconds:g} is shorter than one frame: give at least "
                           f"{1 / magnet.frame_rate:g} s (or use MAGNeT alone).")
+    return ar_frames
+
+
+def hybrid_prompt_frames(magnet: MagnetModel, frames: int, ar_seconds: float | None) -> int:
+    """Frames MusicGen writes for a hybrid generation of `frames` frames."""
+    seconds = frames / magnet.frame_rate
+    if ar_seconds is None:
+        ar_seconds = default_ar_seconds(seconds)
+    ar_frames = ar_seconds_to_frames(magnet, ar_seconds)
+    ar_seconds = float(ar_seconds)
     if ar_frames >= frames:
         raise MagnetError(f"ar_seconds {ar_seconds:g} s leaves nothing for MAGNeT in a {seconds:g} s generation: "
                           f"give fewer AR seconds than the duration (or use MusicGen alone).")

@@ -1,8 +1,8 @@
 """The autoregressive side: a MusicGen release as an AR prompt writer (hybrid MAGNeT) and as a rescorer."""
 from __future__ import annotations
 
-from ..magnet.errors import MagnetError
-from ..magnet.musicgen import ARParams, MusicGenModel, MusicGenRescorer, ar_prompt_from_condition
+from ..magnet.musicgen import (ARParams, MusicGenModel, MusicGenRescorer, ar_prompt_from_condition,
+                               ar_seconds_to_frames)
 from . import comfy
 from .common import (AR_MODEL, CATEGORY, CONDITIONING, MODEL, RESCORER, TOKENS, Handle, check_tokens, finite,
                      seed_arg, tokens_payload, user_errors)
@@ -92,13 +92,10 @@ class MagnetARPrompt:
         with user_errors(self.DISPLAY_NAME):
             seed = seed_arg(seed)
             seconds = finite(seconds, "seconds")
-            if seconds <= 0:
-                raise MagnetError(f"input `seconds` is {seconds:g}: MusicGen must write at least one frame "
-                                  f"(e.g. 3 seconds).")
             m, ar = model.ready(), ar_model.ready()
             prompt = None if prompt_tokens is None else check_tokens(prompt_tokens, m.codec, "prompt_tokens")
             params = ARParams(temperature=temperature, top_k=top_k, top_p=top_p, cfg_coef=cfg_coef)
-            codes = ar_prompt_from_condition(m, ar, conditioning, ar_frames=max(1, int(round(seconds * m.frame_rate))),
+            codes = ar_prompt_from_condition(m, ar, conditioning, ar_frames=ar_seconds_to_frames(m, seconds),
                                              ar_params=params, seed=seed, prompt=prompt, progress=comfy.Progress())
             return (tokens_payload(codes, m.codec),)
 
@@ -132,7 +129,5 @@ class MagnetRescorer:
     def build(self, ar_model, weight, cfg_coef):
         with user_errors(self.DISPLAY_NAME):
             cfg_coef = finite(cfg_coef, "cfg_coef")
-            if not 0.0 <= weight <= 1.0:
-                raise MagnetError(f"input `weight` {weight} must be between 0 and 1.")
             rescorer = MusicGenRescorer(ar_model.obj, weight=weight, cfg_coef=cfg_coef)
             return (Handle(rescorer, ar_model.name, ar_model.patchers),)

@@ -1,8 +1,7 @@
 """EnCodec encode/decode between ComfyUI AUDIO and MAGNET_TOKENS, and loudness normalisation."""
 from __future__ import annotations
 
-from ..magnet.audio import convert_audio, normalize_loudness
-from ..magnet.errors import MagnetError
+from ..magnet.audio import normalize_loudness
 from .common import (CATEGORY, CODEC, TOKENS, audio_in, audio_out, check_tokens, finite, tokens_payload,
                      user_errors)
 
@@ -39,14 +38,8 @@ class MagnetEncodeAudio:
             start = finite(start, "start", minimum=0.0)
             length = finite(length, "length", minimum=0.0)
             wav, sr = audio_in(audio)
-            a = int(round(start * sr))
-            b = wav.shape[-1] if length <= 0 else min(wav.shape[-1], a + int(round(length * sr)))
-            if a >= b:
-                raise MagnetError(f"input `start` ({start:g} s) is at or beyond the end of the audio "
-                                  f"({wav.shape[-1] / sr:.2f} s): lower it.")
             c = codec.ready()
-            wav = convert_audio(wav[..., a:b], sr, c.sample_rate, c.channels)
-            return (tokens_payload(c.encode(wav), c),)
+            return (tokens_payload(c.encode_audio(wav, sr, start=start, length=length), c),)
 
 
 class MagnetDecodeAudio:

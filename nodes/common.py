@@ -63,6 +63,9 @@ NODE_WORDING = [
     (re.compile(r"^codes (must|have)"), r"input `tokens`: codes \1"),
     (re.compile(r"^prompt codes have"), "input `prompt_tokens` has codes of"),
     (re.compile(r"^prompt must be integer codes"), "input `prompt_tokens` must be integer codes"),
+    (re.compile(r"^start (\S+ s) is at or beyond"), r"input `start` (\1) is at or beyond"),
+    (re.compile(r"^ar_seconds (\S+)"), r"input `seconds` \1"),
+    (re.compile(r"^rescorer weight"), "input `weight`"),
 ]
 
 
