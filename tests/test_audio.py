@@ -32,6 +32,7 @@ def _noise_burst(amp, sr=16000, seconds=2.0, channels=1, seed=0):
 def test_resample_identity_when_rates_equal():
     wav = torch.randn(1, 100)
     assert resample(wav, 32000, 32000) is wav
+    assert torch.equal(convert_audio(wav[None], 32000, 32000, 1), wav[None])     # same rate and channels: unchanged
 
 
 def test_resample_keeps_a_sine_and_scales_length():

@@ -218,11 +218,16 @@ def test_export_roundtrip_identical(music_codec, golden, tmp_path):
     assert torch.equal(rebuilt.decode(codes), music_codec.decode(codes))
 
 
-def test_codec_follows_module_dtype(ref, golden):
+def test_codec_follows_module_dtype(ref, golden, music_codec):
     codec = Codec.from_release_file(ref / "magnet-music" / "compression_state_dict.bin").to(torch.float64)
-    wav = codec.decode(golden["music.greedy.nonoverlap.max"][:, :, :10])
+    assert all(p.dtype == torch.float64 for p in codec.parameters())
+    codes = golden["music.greedy.nonoverlap.max"][:, :, :10]
+    wav = codec.decode(codes)
     assert wav.dtype == torch.float32 and wav.shape == (2, 1, 10 * 640)
-    assert codec.encode(golden["music.sine_wav"]).shape == (1, 4, 100)
+    torch.testing.assert_close(wav, music_codec.decode(codes), atol=1e-4, rtol=1e-3)   # the same codec, in float64
+    sine = codec.encode(golden["music.sine_wav"])
+    assert sine.shape == (1, 4, 100)
+    assert (sine == golden["music.sine_codes"]).float().mean() > 0.95
 
 
 def test_decode_rejects_mask_token_codes(music_codec):

@@ -77,6 +77,9 @@ def workflow(stem: str) -> Path:
 
 def test_the_promised_workflows_exist():
     assert REQUIRED <= {re.sub(r"^magnet_\d\d_", "", p.stem) for p in WORKFLOWS}
+    for stem in REQUIRED:                        # each is a graph that runs the pack's sampler
+        types = {n["type"] for n in load(workflow(stem))["nodes"]}
+        assert "MagnetSampler" in types and "MagnetDecodeAudio" in types, (stem, types)
 
 
 def test_every_template_name_carries_the_pack_prefix_and_a_unique_number():
