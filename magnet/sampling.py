@@ -293,8 +293,6 @@ class StepCounter:
             self.progress(self.done, self.total)
 
 
-_Job = StepCounter       # the former name
-
 
 class Rescorer(Protocol):
     """An external model that rescores MAGNeT's samples (see DESIGN.md, "Rescoring").
