@@ -59,6 +59,12 @@ def usable_window(window: int, span_len: int, span_arrangement: str) -> int:
     return window
 
 
+def window_room(window: int, span_len: int) -> int:
+    """The most frames of a `window` that can be fixed context (an overlap, or the frames around a region) or
+    a regenerated region: all but one span, so that each decoding has at least one span of each."""
+    return window - max(span_len, 1)
+
+
 def default_overlap(window: int) -> int:
     """The default overlap: half the window (5 s of context for the 10 s releases, 15 s for 30 s)."""
     return window // 2
@@ -69,7 +75,7 @@ def check_overlap(overlap: int, window: int, span_len: int) -> int:
     overlap = int(overlap)
     if overlap < 0:
         raise MagnetError(f"overlap {overlap} frames must be >= 0.")
-    if overlap > window - max(span_len, 1):
+    if overlap > window_room(window, span_len):
         raise MagnetError(f"overlap {overlap} frames must be less than the window ({window} frames) by at "
                           f"least {max(span_len, 1)} frames, so that each window adds new audio: lower it.")
     return overlap
@@ -162,7 +168,7 @@ def check_region(total: int, start: int, end: int, window: int, span_len: int) -
     if not 0 <= start < end <= total:
         raise MagnetError(f"region frames [{start}, {end}) must be a non-empty range inside the clip's "
                           f"{total} frames.")
-    room = min(window, total) - max(span_len, 1)
+    room = window_room(min(window, total), span_len)
     if end - start > room:
         raise MagnetError(f"region of {end - start} frames is longer than the window ({min(window, total)} "
                           f"frames) minus {max(span_len, 1)} frames of context: regenerate at most {max(room, 0)} "

@@ -308,12 +308,13 @@ class MagnetModel(CodecLM):
             seconds = float(overlap)
         except (TypeError, ValueError):
             raise MagnetError(f"overlap {overlap!r} must be a number of seconds.") from None
-        most = (window - max(self.cfg.span_len, 1)) / self.frame_rate
+        room = longform.window_room(window, self.cfg.span_len)
+        most = room / self.frame_rate
         if not (math.isfinite(seconds) and seconds >= 0):
             raise MagnetError(f"overlap {overlap!r} must be a number of seconds >= 0 (default: half the "
                               f"{self.segment_duration:g} s window).")
         frames = int(round(seconds * self.frame_rate))
-        if frames > window - max(self.cfg.span_len, 1):
+        if frames > room:
             raise MagnetError(f"overlap {seconds:g} s leaves no new audio in this release's "
                               f"{self.segment_duration:g} s window: use at most {most:g} s (default: half "
                               f"the window, {self.segment_duration / 2:g} s).")
@@ -454,7 +455,7 @@ class MagnetModel(CodecLM):
         a = int(math.floor(start * fr + 1e-6))
         b = min(int(math.ceil(end * fr - 1e-6)), total)
         window = longform.usable_window(min(self.max_frames, total), self.cfg.span_len, span_arrangement)
-        room = window - max(self.cfg.span_len, 1)
+        room = longform.window_room(window, self.cfg.span_len)
         if b - a > room:
             raise MagnetError(f"region {start:g}-{end:g} s ({(b - a) / fr:g} s) is longer than the window minus "
                               f"context: with this {'clip' if total < self.max_frames else 'release'} at most "
