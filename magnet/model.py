@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from . import longform, sampling
+from . import edit, longform, sampling
 from .audio import fit_length, seconds_to_samples
 from .checkpoints import Release, build_lm, load_release
 from .codec import Codec
@@ -281,6 +281,28 @@ class MagnetModel(CodecLM):
     KIND = "magnet"
     KIND_ERROR = "{source} is a {kind} release, not MAGNeT: load it with MusicGenModel (or the MusicGen loader node)."
 
+    # -- editing (magnet/edit.py: audio to audio, seamless loops, prompt timelines) -----------------------
+    def vary(self, codes: torch.Tensor, prompts: Sequence[str] | str, **kw) -> torch.Tensor:
+        """Audio to audio: redraw a fraction `strength` of the spans with the prompt (see `edit.vary`)."""
+        return edit.vary(self, codes, prompts, **kw)
+
+    def generate_loop(self, prompts: Sequence[str] | str, **kw) -> torch.Tensor:
+        """Codes whose end flows into their start (see `edit.generate_loop`)."""
+        return edit.generate_loop(self, prompts, **kw)
+
+    def loopify(self, codes: torch.Tensor, prompts: Sequence[str] | str, **kw) -> torch.Tensor:
+        """Make an existing clip loop seamlessly (see `edit.loopify`)."""
+        return edit.loopify(self, codes, prompts, **kw)
+
+    def decode_loop(self, codes: torch.Tensor, *, duration: float | None = None, repeats: int = 1) -> torch.Tensor:
+        """Decode loop codes circularly: exactly round(duration * sample_rate) samples per repetition."""
+        return edit.decode_loop(self, codes, duration=duration, repeats=repeats)
+
+    def generate_timeline(self, timeline, *, duration: float, **kw) -> torch.Tensor:
+        """Prompts that change at given times, each a continuation of the music before it (see
+        `edit.generate_timeline`)."""
+        return edit.generate_timeline(self, timeline, duration=duration, **kw)
+
     # -- generation ---------------------------------------------------------------------------------
     def frames_for(self, duration: float | None) -> int:
         """Frames for `duration` seconds: int(duration * frame_rate), the release's window when None.
@@ -369,6 +391,10 @@ class MagnetModel(CodecLM):
         frames beyond the window (`max_frames`) slide it with `overlap` seconds of context (see `generate`);
         one seeded generator serves every window.
         """
+        if getattr(cond, "timeline", None):      # a prompt timeline (edit.TimelineCondition, the Timeline node)
+            return edit.generate_timeline_from_condition(self, cond, frames=frames, params=params, seed=seed,
+                                                         prompt=prompt, progress=progress, rescorer=rescorer,
+                                                         overlap=overlap)
         params = params.check(self.cfg.n_q, self.generation_defaults)
         self.check_condition(cond)
         prompt = self.check_prompt_codes(prompt, cond.batch, frames)
