@@ -41,7 +41,7 @@ from .text import TextCondition
 # progress over several decodings: one counter handed to each (named StepCounter in newer engines)
 _Job = getattr(sampling, "StepCounter", None) or getattr(sampling, "_Job")
 
-SAMPLING_KEYS = tuple(f.name for f in fields(SamplingParams))      # what sampling keyword arguments may set
+SAMPLING_KEYS = tuple(f.name for f in fields(SamplingParams) if f.init)    # what sampling keyword arguments may set
 
 
 # -- shared helpers ---------------------------------------------------------------------------------

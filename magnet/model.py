@@ -345,7 +345,7 @@ class MagnetModel(CodecLM):
     def sampling_params(self, params: SamplingParams | None = None, **fields) -> SamplingParams:
         """`params` (default: `SamplingParams` with the release's own decoding steps) with any of its fields
         given as keywords (temperature=..., decoding_steps=..., fast=...), checked."""
-        names = {f.name for f in dataclasses.fields(SamplingParams)}
+        names = {f.name for f in dataclasses.fields(SamplingParams) if f.init}
         unknown = sorted(set(fields) - names)
         if unknown:
             raise TypeError(f"unexpected keyword argument {unknown[0]!r}: the sampling keywords are the fields of "

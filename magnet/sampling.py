@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable, Protocol, Sequence
 
 import torch
@@ -80,10 +80,20 @@ class SamplingParams:
     span_scoring: str = "max"
     anneal_temp: bool = True
     fast: bool | FastMode = False    # True = FastMode(); `check` applies its step cap to decoding_steps
+    _checked: tuple | None = field(default=None, init=False, repr=False, compare=False)
+
+    def _values(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in fields(self) if f.init)
 
     def check(self, n_q: int, defaults: dict | None = None) -> "SamplingParams":
         """Validated copy. decoding_steps None or 'auto': the release's own (`defaults`, read from its
-        xp.cfg `generate.lm`), else `default_steps(n_q)`."""
+        xp.cfg `generate.lm`), else `default_steps(n_q)`.
+
+        Validation runs once: the copy remembers what it was checked for, so the inner layers a checked
+        object passes through (the model, the window loop, the decoding loop) return it as it is. A copy
+        made with `dataclasses.replace`, or a field changed since, is checked again."""
+        if self._checked is not None and self._checked == (n_q, self._values()):
+            return self
         steps = self.decoding_steps
         if isinstance(steps, str):
             steps = parse_steps(steps)
@@ -140,10 +150,12 @@ class SamplingParams:
             if fast.later_steps is not None and int(fast.later_steps) < 1:
                 raise MagnetError(f"FastMode.later_steps {fast.later_steps} must be at least 1 (or None).")
             steps = list(fast.steps(steps))
-        return replace(self, decoding_steps=tuple(steps), fast=fast, temperature=num["temperature"],
-                       top_p=num["top_p"], top_k=int(num["top_k"]), max_cfg_coef=num["max_cfg_coef"],
-                       min_cfg_coef=num["min_cfg_coef"], use_sampling=bool(self.use_sampling),
-                       anneal_temp=bool(self.anneal_temp))
+        out = replace(self, decoding_steps=tuple(steps), fast=fast, temperature=num["temperature"],
+                      top_p=num["top_p"], top_k=int(num["top_k"]), max_cfg_coef=num["max_cfg_coef"],
+                      min_cfg_coef=num["min_cfg_coef"], use_sampling=bool(self.use_sampling),
+                      anneal_temp=bool(self.anneal_temp))
+        out._checked = (n_q, out._values())
+        return out
 
 
 def default_steps(n_q: int) -> tuple[int, ...]:

@@ -199,3 +199,24 @@ def test_prompt_longer_than_duration_is_a_clear_error(music_model):
     prompt = torch.zeros(1, 4, 60, dtype=torch.long)
     with pytest.raises(MagnetError, match="shorter prompt"):
         music_model.generate(["x"], duration=1.0, prompt=prompt, decoding_steps=STEPS)
+
+
+def test_sampling_params_are_validated_once_and_again_after_a_change(music_model, monkeypatch):
+    """The node path (node -> model -> window loop -> decoding loop) validates the parameters once: a
+    checked object passes the inner layers as it is; a changed copy or field is checked again."""
+    from dataclasses import replace
+
+    from magnet import sampling
+    calls = []
+    original = sampling.replace           # a full check ends in replace(self, ...) with the normalised values
+    monkeypatch.setattr(sampling, "replace", lambda obj, **kw: calls.append(type(obj).__name__) or original(obj, **kw))
+    p = sampling.SamplingParams(decoding_steps="auto").check(4, music_model.generation_defaults)
+    assert calls.count("SamplingParams") == 1
+    assert p.check(4) is p
+    music_model.generate_from_condition(music_model.encode_text(["x"]), frames=30, params=p, seed=0)
+    assert calls.count("SamplingParams") == 1          # not validated again inside
+    with pytest.raises(MagnetError):
+        replace(p, temperature=float("nan")).check(4)
+    p.top_p = 7.0
+    with pytest.raises(MagnetError):
+        p.check(4)
