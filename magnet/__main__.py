@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 
 from .errors import MagnetError, first_line
+from .sampling import FastMode
 
 MAX_SECONDS = 600.0     # longer asks run out of memory when the codec decodes the whole clip at once
 MAX_STEPS = 1000        # per codebook; the releases use 10..60
@@ -47,8 +48,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="decoding steps per codebook, e.g. 20,10,10,10 (default auto: the release's own, "
                         "60,10,10,10 for the 30 s music releases, else 20,10,10,10)")
     g.add_argument("--fast", action="store_true",
-                   help="fast mode: fewer steps for codebooks >= 1, int8 linear layers on the CPU, no null pass "
-                        "where guidance is 1 (default: the exact mode, identical to the reference)")
+                   help=FastMode().summary() + " (default: exact)")
     g.add_argument("--temperature", default="3.0")
     g.add_argument("--top-k", default="0")
     g.add_argument("--top-p", default="0.9")

@@ -60,6 +60,17 @@ class FastMode:
     int8: bool = True
     skip_unit_cfg: bool = True
 
+    def summary(self) -> str:
+        """One line for tooltips and help texts, made from these fields (so it cannot drift from them)."""
+        parts = []
+        if self.later_steps is not None:
+            parts.append(f"at most {self.later_steps} decoding steps for codebooks after the first")
+        if self.int8:
+            parts.append("int8 linear layers on the CPU")
+        if self.skip_unit_cfg:
+            parts.append("no null-prompt pass where guidance is 1")
+        return "fast mode: " + ", ".join(parts) + "; off = the exact mode, identical to the reference"
+
     def steps(self, steps: Sequence[int]) -> tuple[int, ...]:
         if self.later_steps is None:
             return tuple(steps)

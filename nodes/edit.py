@@ -5,11 +5,9 @@ from ..magnet import edit
 from . import comfy
 from .common import (CATEGORY, CODEC, CONDITIONING, MODEL, RESCORER, TEXT_ENCODER, TOKENS, audio_out, check_tokens,
                      finite, seed_arg, tokens_payload, user_errors)
-from .generate import SAMPLING_INPUTS, SEED_TOOLTIP, ready_rescorer, sampling_params
+from .generate import FAST_INPUT, SAMPLING_INPUTS, SEED_TOOLTIP, ready_rescorer, sampling_params
 
-FAST = ("BOOLEAN", {"default": False, "label_on": "fast", "label_off": "exact",
-                    "tooltip": "fast mode: at most 5 steps for codebooks 1-3, int8 layers on the CPU, no null pass "
-                               "where guidance is 1 (see README)"})
+FAST = FAST_INPUT["fast"]
 RESCORER_INPUT = (RESCORER, {"tooltip": "an autoregressive model that rescores the spans (from Rescorer "
                                         "(MusicGen)); optional, slower"})
 LOOP_KEY = "loop_duration"    # MAGNET_TOKENS of a loop carry its exact length in seconds

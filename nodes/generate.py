@@ -1,7 +1,7 @@
 """Text conditioning and the non-autoregressive sampler."""
 from __future__ import annotations
 
-from ..magnet.sampling import SPAN_ARRANGEMENTS, SPAN_SCORINGS, SamplingParams, parse_steps
+from ..magnet.sampling import SPAN_ARRANGEMENTS, SPAN_SCORINGS, FastMode, SamplingParams, parse_steps
 from . import comfy
 from .common import (CATEGORY, CONDITIONING, MODEL, RESCORER, TEXT_ENCODER, TOKENS, check_tokens, finite, seed_arg,
                      tokens_payload, user_errors)
@@ -45,8 +45,7 @@ class MagnetTextEncode:
 
 
 FAST_INPUT = {"fast": ("BOOLEAN", {"default": False, "label_on": "fast", "label_off": "exact",
-                                  "tooltip": "fast mode: at most 5 steps for codebooks 1-3, int8 layers on the "
-                                             "CPU, no null pass where guidance is 1 (see the help page)"})}
+                                  "tooltip": FastMode().summary()})}
 
 SEED_TOOLTIP = ("random seed; the same seed and settings give the same audio. control_after_generate picks the "
                 "next one (randomize / increment / fixed); the seed used is the value shown in the widget")
