@@ -30,7 +30,7 @@ from .deps import require
 from .errors import MagnetError, first_line
 
 CODEC_DIR_ENV = "MAGNET_CODEC_DIR"
-WHAT = "codec file (compression_state_dict.bin)"
+CODEC_FILE_LABEL = "codec file (compression_state_dict.bin)"
 
 
 class Codec(nn.Module):
@@ -53,14 +53,14 @@ class Codec(nn.Module):
         component (e.g. `encodec_32khz`) in the release folder, its parent and each of `search_dirs`.
         """
         path = Path(path)
-        obj = compat.load_torch_file(path, WHAT)
+        obj = compat.load_torch_file(path, CODEC_FILE_LABEL)
         if "best_state" in obj and "xp.cfg" in obj:
             return cls._from_audiocraft(obj["best_state"], obj["xp.cfg"], path)
         if "pretrained" in obj:
             folder = _find_pointer_folder(obj["pretrained"], path, codec_dir, search_dirs)
             return cls.from_transformers_folder(folder)
         raise MagnetError(
-            f"{WHAT} {path} holds neither codec weights ('best_state' + 'xp.cfg') nor a pointer "
+            f"{CODEC_FILE_LABEL} {path} holds neither codec weights ('best_state' + 'xp.cfg') nor a pointer "
             f"('pretrained'); found keys {sorted(map(str, obj))[:8]}. Use the "
             f"compression_state_dict.bin from the same release as state_dict.bin.")
 
@@ -101,7 +101,7 @@ class Codec(nn.Module):
     @classmethod
     def _from_audiocraft(cls, best_state: Any, xp_cfg: Any, path: Path) -> "Codec":
         if not isinstance(best_state, dict) or not isinstance(xp_cfg, str):
-            raise MagnetError(f"{WHAT} {path} is malformed ('best_state' must be a dict of tensors and "
+            raise MagnetError(f"{CODEC_FILE_LABEL} {path} is malformed ('best_state' must be a dict of tensors and "
                               f"'xp.cfg' a YAML string). Download the release file again.")
         config = _config_from_xp_cfg(xp_cfg, path)
         state = {_rename_audiocraft_key(k): v for k, v in best_state.items()}
@@ -236,10 +236,10 @@ def _config_from_xp_cfg(text: str, path: Path) -> dict:
     try:
         cfg = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise MagnetError(f"{WHAT} {path}: its 'xp.cfg' is not valid YAML ({first_line(e)}). Download the "
+        raise MagnetError(f"{CODEC_FILE_LABEL} {path}: its 'xp.cfg' is not valid YAML ({first_line(e)}). Download the "
                           f"release file again.") from None
     if not isinstance(cfg, dict):
-        raise MagnetError(f"{WHAT} {path}: its 'xp.cfg' is not a mapping. Download the release file again.")
+        raise MagnetError(f"{CODEC_FILE_LABEL} {path}: its 'xp.cfg' is not a mapping. Download the release file again.")
 
     def get(dotted: str, default: Any = ...):
         node: Any = cfg
@@ -247,14 +247,14 @@ def _config_from_xp_cfg(text: str, path: Path) -> dict:
             if not isinstance(node, dict) or part not in node:
                 if default is not ...:
                     return default
-                raise MagnetError(f"{WHAT} {path}: 'xp.cfg' lacks '{dotted}', so the codec cannot be "
+                raise MagnetError(f"{CODEC_FILE_LABEL} {path}: 'xp.cfg' lacks '{dotted}', so the codec cannot be "
                                   f"built. Use the compression_state_dict.bin of an official release.")
             node = node[part]
         match = re.fullmatch(r"\$\{([\w.]+)\}", node) if isinstance(node, str) else None
         return get(match.group(1), default) if match else node
 
     def unsupported(what: str) -> MagnetError:
-        return MagnetError(f"{WHAT} {path}: {what} is not supported (only the EnCodec of MAGNeT/MusicGen "
+        return MagnetError(f"{CODEC_FILE_LABEL} {path}: {what} is not supported (only the EnCodec of MAGNeT/MusicGen "
                            f"releases is). Use the codec file that came with an official release.")
 
     if get("compression_model", "encodec") != "encodec" or get("encodec.autoencoder", "seanet") != "seanet" \
@@ -393,7 +393,7 @@ def _tf_version() -> str:
 def _find_pointer_folder(pretrained: Any, release_file: Path, codec_dir: str | Path | None,
                          search_dirs: Iterable[str | Path]) -> Path:
     if not isinstance(pretrained, str) or not pretrained.strip("/"):
-        raise MagnetError(f"{WHAT} {release_file}: its 'pretrained' entry is not a model name "
+        raise MagnetError(f"{CODEC_FILE_LABEL} {release_file}: its 'pretrained' entry is not a model name "
                           f"({pretrained!r}). Download the release file again.")
     name = pretrained.rstrip("/").split("/")[-1]
 

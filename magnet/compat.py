@@ -126,6 +126,15 @@ CONFIG_FILES = ("config.json", "tokenizer_config.json", "preprocessor_config.jso
                 "feature_extractor_config.json", "generation_config.json")
 
 
+def model_type_of(folder: Path) -> str:
+    """The `model_type` a transformers folder's config.json names ('t5', 'clap', 'encodec'), '' for anything
+    unreadable: cheap enough for listing a models folder (loading reads the config again, with checks)."""
+    try:
+        return str(json.loads((Path(folder) / "config.json").read_text()).get("model_type", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
 def read_config(folder: Path, what: str, model_types: Iterable[str], kind: str, fix: str) -> dict:
     """config.json of a transformers folder as a dict, after refusing custom code and other models.
 

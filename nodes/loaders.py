@@ -1,13 +1,13 @@
 """Loader nodes: a MAGNeT release (-> model + codec) and a T5 text encoder, through the shared cache."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from ..magnet.cache import CACHE, file_key
 from ..magnet.checkpoints import release_kind
+from ..magnet.compat import model_type_of
 from ..magnet.devices import available_devices, parse_device, parse_dtype
 from ..magnet.errors import MagnetError
 from ..magnet.model import MagnetModel
@@ -47,13 +47,6 @@ def list_releases(kind: str = "magnet") -> list[str]:
     return sorted(set(names))
 
 
-def _config_model_type(folder: Path) -> str:
-    try:
-        return str(json.loads((folder / "config.json").read_text()).get("model_type", ""))
-    except (OSError, ValueError, AttributeError):
-        return ""
-
-
 def list_folders(kind: str, model_type: str) -> list[str]:
     """Folders under models/<kind> whose transformers config.json has this model_type."""
     names = []
@@ -61,7 +54,7 @@ def list_folders(kind: str, model_type: str) -> list[str]:
         if not root.is_dir():
             continue
         for p in sorted(root.iterdir()):
-            if p.is_dir() and _config_model_type(p) == model_type:
+            if p.is_dir() and model_type_of(p) == model_type:
                 names.append(p.name)
     return sorted(set(names))
 
