@@ -221,16 +221,7 @@ def _generate(a) -> int:
     print(f"loading {a.model} ...", file=sys.stderr)
     model = MagnetModel.from_pretrained(a.model, text_encoder=a.text_encoder, device=device, dtype=dtype,
                                         codec=a.codec)
-    from tqdm import tqdm
-    bars = []       # made at the first step, so a refused argument prints no empty bar
-
-    def progress(done, total):
-        if not bars:
-            bars.append(tqdm(total=total, unit="step", desc="decoding", file=sys.stderr))
-        bars[0].total = total
-        bars[0].n = done
-        bars[0].refresh()
-
+    progress = _ProgressBar()
     try:
         codes = model.generate(a.prompts, duration=a.seconds, overlap=a.overlap, seed=a.seed,
                                use_sampling=not a.greedy, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -238,8 +229,7 @@ def _generate(a) -> int:
                                span_arrangement=a.span_arrangement, span_scoring=a.span_scoring,
                                progress=progress, fast=a.fast)
     finally:
-        for bar in bars:    # ends the bar's line: an error then prints on a line of its own
-            bar.close()
+        progress.close()
     wav = model.decode(codes)
     if loudness is not None:
         wav = audio.normalize_loudness(wav, model.sample_rate, loudness)
@@ -274,22 +264,12 @@ def _vary(a) -> int:
     if keep >= model.cfg.n_q:
         raise MagnetError(f"--keep-codebooks {keep}: this model has {model.cfg.n_q} codebooks; give at most "
                           f"{model.cfg.n_q - 1} (keeping all would change nothing).")
-    from tqdm import tqdm
-    bars = []
-
-    def progress(done, total):
-        if not bars:
-            bars.append(tqdm(total=total, unit="step", desc="decoding", file=sys.stderr))
-        bars[0].total = total
-        bars[0].n = done
-        bars[0].refresh()
-
+    progress = _ProgressBar()
     try:
         codes = edit.vary(model, model.encode(wav, sr), a.prompt, strength=strength, keep_codebooks=keep,
                           seed=a.seed, decoding_steps=steps, progress=progress, fast=a.fast)
     finally:
-        for bar in bars:
-            bar.close()
+        progress.close()
     result = model.decode(codes, duration=seconds)
     audio.write_wav(out, result[0], model.sample_rate)
     print(f"wrote {out} ({result.shape[-1] / model.sample_rate:.2f} s, {model.sample_rate} Hz)")
@@ -383,6 +363,26 @@ def _download(a) -> int:
     from .hub import download
     print(f"downloaded into {download(a.name, a.dir, a.models_dir)}")
     return 0
+
+
+class _ProgressBar:
+    """progress(done, total) as a tqdm bar on stderr, made at the first step (a refused argument prints no
+    empty bar); close() ends its line, so an error then prints on a line of its own."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, done, total):
+        if self.bar is None:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, unit="step", desc="decoding", file=sys.stderr)
+        self.bar.total = total
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
 
 
 def main(argv=None) -> int:
