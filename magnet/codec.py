@@ -363,14 +363,8 @@ def _load_strict(model: nn.Module, state: dict, source: str) -> None:
     Key names are first adapted to the installed transformers (weight norm, codebook buffers)."""
     expected = model.state_dict()
     renamed, keep = compat.adapt_encodec_state(state, expected)
-    missing = sorted(set(expected) - set(renamed) - set(keep))
-    unexpected = sorted(set(renamed) - set(expected))
-    misshaped = [f"{k} {tuple(renamed[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
-                 if k in renamed and renamed[k].shape != v.shape]
-    if missing or unexpected or misshaped:
-        parts = [f"{label} {len(keys)} key(s), e.g. {', '.join(keys[:3])}"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped))
-                 if keys]
+    missing, unexpected, misshaped, parts = compat.state_mismatch(renamed, expected, allowed_missing=keep)
+    if parts:
         if (missing or unexpected) and not misshaped and compat.same_shapes(renamed, expected):
             # the same tensors under other names: this transformers names EnCodec's weights differently
             raise MagnetError(f"The codec weights in {source} are complete, but transformers {_tf_version()} names "

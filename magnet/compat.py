@@ -126,6 +126,18 @@ CONFIG_FILES = ("config.json", "tokenizer_config.json", "preprocessor_config.jso
                 "feature_extractor_config.json", "generation_config.json")
 
 
+def state_mismatch(weights: dict, expected: dict, allowed_missing: Iterable[str] = ()):
+    """(missing, unexpected, misshaped, parts) between weights and a model's state dict; `parts` reads
+    e.g. ['missing 2 key(s), e.g. a, b'] for a message (empty when they match)."""
+    missing = sorted(set(expected) - set(weights) - set(allowed_missing))
+    unexpected = sorted(set(weights) - set(expected))
+    misshaped = [f"{k} {tuple(weights[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
+                 if k in weights and weights[k].shape != v.shape]
+    parts = [f"{label} {len(keys)} key(s), e.g. {', '.join(keys[:3])}"
+             for label, keys in (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped)) if keys]
+    return missing, unexpected, misshaped, parts
+
+
 def model_type_of(folder: Path) -> str:
     """The `model_type` a transformers folder's config.json names ('t5', 'clap', 'encodec'), '' for anything
     unreadable: cheap enough for listing a models folder (loading reads the config again, with checks)."""

@@ -187,14 +187,8 @@ def _build_t5(config: dict, state: dict, source: str):
     if embed is not None:
         weights["shared.weight"] = embed
     expected = {k: v for k, v in model.state_dict().items() if k != "encoder.embed_tokens.weight"}
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    misshaped = [f"{k} {tuple(weights[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
-                 if k in weights and weights[k].shape != v.shape]
-    if missing or unexpected or misshaped:
-        parts = [f"{label} {len(keys)}, e.g. {', '.join(keys[:3])}"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped))
-                 if keys]
+    missing, unexpected, misshaped, parts = compat.state_mismatch(weights, expected)
+    if parts:
         raise MagnetError(f"The T5 weights in {source} do not match its config.json ({'; '.join(parts)}): the "
                           f"files do not belong together or the download is incomplete. {_T5_FIX}")
     model.load_state_dict(weights, strict=False)
