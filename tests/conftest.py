@@ -89,3 +89,20 @@ def make_release(src: Path, dst: Path, seed: int = 0, **transformer_lm) -> Path:
     torch.save({"best_state": state, "xp.cfg": yaml.safe_dump(xp), "version": "1.3.0", "exported": True},
                dst / "state_dict.bin")
     return dst
+
+
+class Spy:
+    """Records every call of the decoding loop (`magnet.sampling.generate`): its keyword arguments, the
+    conditioning's prompts, the length and what it returned."""
+
+    def __init__(self, monkeypatch):
+        import magnet.sampling as sampling_mod
+        self.calls = []
+        real = sampling_mod.generate
+
+        def spy(lm, cond, frames, params, **kw):
+            out = real(lm, cond, frames, params, **kw)
+            self.calls.append(dict(kw, prompts=list(getattr(cond, "prompts", []) or []), frames=frames,
+                                   out=out.clone()))
+            return out
+        monkeypatch.setattr(sampling_mod, "generate", spy)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import magnet.sampling as sampling_mod
+from conftest import Spy
 from magnet import edit, longform
 from magnet.errors import MagnetError
 from pack import load_pack
@@ -20,18 +21,6 @@ def clip(music_model):
     return music_model.generate(["x", "y"], seed=0, decoding_steps=STEPS, duration=3.0)      # 150 frames > window
 
 
-class Spy:
-    """Records every call of the decoding loop: its conditioning's prompts, length, context and result."""
-
-    def __init__(self, monkeypatch):
-        self.calls = []
-        real = sampling_mod.generate
-
-        def spy(lm, cond, frames, params, **kw):
-            out = real(lm, cond, frames, params, **kw)
-            self.calls.append(dict(kw, prompts=list(cond.prompts), frames=frames, out=out.clone()))
-            return out
-        monkeypatch.setattr(sampling_mod, "generate", spy)
 
 
 def _jumps(wav, hop, frames):

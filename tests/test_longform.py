@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import magnet.sampling as sampling_mod
+from conftest import Spy
 from magnet import longform
 from magnet.audio import fit_length, seconds_to_samples
 from magnet.errors import MagnetError
@@ -14,18 +15,6 @@ from magnet.errors import MagnetError
 STEPS = (3, 2, 2, 2)
 
 
-class Spy:
-    """Records every call of the decoding loop (and what it returned)."""
-
-    def __init__(self, monkeypatch):
-        self.calls = []
-        real = sampling_mod.generate
-
-        def spy(lm, cond, frames, params, **kw):
-            out = real(lm, cond, frames, params, **kw)
-            self.calls.append(dict(kw, frames=frames, out=out.clone()))
-            return out
-        monkeypatch.setattr(sampling_mod, "generate", spy)
 
 
 def _count_forwards(monkeypatch, lm):
