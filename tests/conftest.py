@@ -106,3 +106,32 @@ class Spy:
                                    out=out.clone()))
             return out
         monkeypatch.setattr(sampling_mod, "generate", spy)
+
+
+# -- the seam measure (long-form joins, loop wrap-arounds, timeline prompt changes) -----------------
+
+def frame_jumps(wav, hop, frames):
+    """Per frame boundary f (1..frames-1): the largest sample-to-sample step within +-hop/4 of f*hop, on the
+    channel mean. wav [B, C, S] -> [B, frames-1]."""
+    x = wav.mean(dim=-2)
+    d = (x[:, 1:] - x[:, :-1]).abs()
+    q = hop // 4
+    return torch.stack([d[:, f * hop - q: f * hop + q].amax(-1) for f in range(1, frames)], dim=-1)
+
+
+def seam_ranks(jumps, joins, guard=2):
+    """Each join's statistic as a percentile among the boundaries inside (those within `guard` frames of a
+    join or of the clip's ends left out), and its ratio to the largest of them: (ranks, ratios) arrays."""
+    import numpy as np
+    F = jumps.shape[-1] + 1
+    b = np.arange(1, F)
+    inside = (b > guard) & (b < F - guard)
+    for j in joins:
+        inside &= np.abs(b - j) > guard
+    ranks, ratios = [], []
+    for row in jumps.numpy():
+        ref = row[inside]
+        for j in joins:
+            ranks.append(float((ref < row[j - 1]).mean()))
+            ratios.append(float(row[j - 1] / ref.max()))
+    return np.array(ranks), np.array(ratios)

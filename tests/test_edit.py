@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import magnet.sampling as sampling_mod
-from conftest import Spy
+from conftest import Spy, frame_jumps, seam_ranks
 from magnet import edit, longform
 from magnet.errors import MagnetError
 from pack import load_pack
@@ -21,32 +21,6 @@ def clip(music_model):
     return music_model.generate(["x", "y"], seed=0, decoding_steps=STEPS, duration=3.0)      # 150 frames > window
 
 
-
-
-def _jumps(wav, hop, frames):
-    """Per frame boundary f (1..frames-1): the largest sample-to-sample step within +-hop/4 of f*hop
-    (the measure of tests/test_longform.py)."""
-    x = wav.mean(dim=-2)
-    d = (x[:, 1:] - x[:, :-1]).abs()
-    q = hop // 4
-    return torch.stack([d[:, f * hop - q: f * hop + q].amax(-1) for f in range(1, frames)], dim=-1)
-
-
-def _ranks(jumps, joins, guard=2):
-    """Each join's statistic as a percentile among the boundaries away from joins and ends, and its ratio to
-    the largest of them."""
-    F = jumps.shape[-1] + 1
-    b = np.arange(1, F)
-    inside = (b > guard) & (b < F - guard)
-    for j in joins:
-        inside &= np.abs(b - j) > guard
-    ranks, ratios = [], []
-    for row in jumps.numpy():
-        ref = row[inside]
-        for j in joins:
-            ranks.append(float((ref < row[j - 1]).mean()))
-            ratios.append(float(row[j - 1] / ref.max()))
-    return np.array(ranks), np.array(ratios)
 
 
 # --- audio to audio -------------------------------------------------------------------------------
@@ -193,17 +167,17 @@ def test_the_wrap_join_is_like_any_join_inside_the_loop(music_model):
     for seed in range(6):
         codes = edit.generate_loop(m, "x", duration=F / m.frame_rate, seed=seed, decoding_steps=STEPS)
         loop = edit.decode_loop(m, codes)
-        r, q = _ranks(_jumps(torch.cat([loop, loop], -1), hop, 2 * F), [F])
+        r, q = seam_ranks(frame_jumps(torch.cat([loop, loop], -1), hop, 2 * F), [F])
         ranks += list(r)
         ratios += list(q)
         three = edit.decode_loop(m, codes, repeats=3)
-        _, q3 = _ranks(_jumps(three, hop, 3 * F), [F, 2 * F])
+        _, q3 = seam_ranks(frame_jumps(three, hop, 3 * F), [F, 2 * F])
         assert q3.max() <= 1.1, q3
         plain = m.decode(codes)
-        naive += list(_ranks(_jumps(torch.cat([plain, plain], -1), hop, 2 * F), [F])[0])
+        naive += list(seam_ranks(frame_jumps(torch.cat([plain, plain], -1), hop, 2 * F), [F])[0])
         other = m.decode(edit.generate_loop(m, "y", duration=F / m.frame_rate, seed=100 + seed,
                                             decoding_steps=STEPS))
-        cut += list(_ranks(_jumps(torch.cat([loop, other], -1), hop, 2 * F), [F])[0])
+        cut += list(seam_ranks(frame_jumps(torch.cat([loop, other], -1), hop, 2 * F), [F])[0])
     ranks, ratios = np.array(ranks), np.array(ratios)
     print("loop wrap-join ranks", ranks.round(2), "ratios", ratios.round(2), "naive", np.round(naive, 2),
           "cut", np.round(cut, 2))
@@ -326,7 +300,7 @@ def test_prompt_changes_join_like_the_boundaries_inside_a_window(music_model, mo
             if done:
                 joins.append(done)
             done += call["out"].shape[-1] - context
-        r, q = _ranks(_jumps(m.decode(codes), hop, codes.shape[-1]), joins)
+        r, q = seam_ranks(frame_jumps(m.decode(codes), hop, codes.shape[-1]), joins)
         ranks += list(r)
         ratios += list(q)
         monkeypatch.undo()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import magnet.sampling as sampling_mod
-from conftest import Spy
+from conftest import Spy, frame_jumps, seam_ranks
 from magnet import longform
 from magnet.audio import fit_length, seconds_to_samples
 from magnet.errors import MagnetError
@@ -174,32 +174,6 @@ def test_bad_long_generation_parameters_are_clear_errors(music_model, kw, needle
         music_model.generate(["x"], **{"duration": 10.0, "decoding_steps": STEPS, **kw})
 
 
-def _jumps(wav, hop, frames):
-    """Per frame boundary f (1..frames-1): the largest sample-to-sample step within +-hop/4 of f*hop."""
-    x = wav.mean(dim=-2)                                            # [B, S]
-    d = (x[:, 1:] - x[:, :-1]).abs()
-    q = hop // 4
-    return torch.stack([d[:, f * hop - q: f * hop + q].amax(-1) for f in range(1, frames)], dim=-1)  # [B, F-1]
-
-
-def _seam_ranks(jumps, joins, guard=2):
-    """Each join's statistic as a percentile of the same statistic at boundaries inside windows
-    (boundaries within `guard` frames of a join or of the clip's ends left out)."""
-    F = jumps.shape[-1] + 1
-    b = np.arange(1, F)
-    inside = np.ones(F - 1, dtype=bool)
-    for j in joins:
-        inside &= np.abs(b - j) > guard
-    inside &= (b > guard) & (b < F - guard)
-    ranks, ratios = [], []
-    for row in jumps.numpy():
-        ref = row[inside]
-        for j in joins:
-            ranks.append(float((ref < row[j - 1]).mean()))
-            ratios.append(float(row[j - 1] / ref.max()))
-    return np.array(ranks), np.array(ratios)
-
-
 def test_seams_are_no_larger_than_the_discontinuities_inside_a_window(music_model):
     """The sample-to-sample step around each window join, ranked among the same measure at every frame
     boundary inside the windows. The fixtures are random models (their audio is noise), so what the test
@@ -214,7 +188,7 @@ def test_seams_are_no_larger_than_the_discontinuities_inside_a_window(music_mode
     W = longform.usable_window(m.max_frames, m.cfg.span_len, "nonoverlap")
     plan = longform.plan_windows(F, W, m.overlap_frames(None))
     joins = [w.start + w.context for w in plan[1:]]
-    ranks, ratios = _seam_ranks(_jumps(m.decode(codes), hop, F), joins)
+    ranks, ratios = seam_ranks(frame_jumps(m.decode(codes), hop, F), joins)
     assert len(ranks) >= 10
     assert ranks.mean() <= 0.8, ranks
     assert ratios.max() <= 1.1, ratios
@@ -226,7 +200,7 @@ def test_seams_are_no_larger_than_the_discontinuities_inside_a_window(music_mode
         pieces.append(clip[..., : (j - prev) * hop])
         prev = j
     spliced = torch.cat(pieces, dim=-1)
-    c_ranks, _ = _seam_ranks(_jumps(spliced, hop, F), joins)
+    c_ranks, _ = seam_ranks(frame_jumps(spliced, hop, F), joins)
     assert c_ranks.mean() > 0.95
 
 
