@@ -74,19 +74,8 @@ def _params(model, params: SamplingParams | None, fast, kw: dict) -> SamplingPar
 
 
 def _check_codes(model, codes) -> torch.Tensor:
-    if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.dim() not in (2, 3):
-        raise MagnetError("codes must be integer codes [batch, codebooks, frames] (from model.generate "
-                          "or model.encode).")
-    if codes.dim() == 2:
-        codes = codes[None]
-    K, card = model.cfg.n_q, model.cfg.card
-    if codes.shape[1] != K or codes.shape[-1] == 0 or codes.shape[0] == 0:
-        raise MagnetError(f"codes have shape {tuple(codes.shape)}; expected [batch, {K}, frames] from "
-                          f"model.generate or model.encode (of this model's codec).")
-    if int(codes.min()) < 0 or int(codes.max()) >= card:
-        raise MagnetError(f"codes must lie in [0, {card}) (min {int(codes.min())}, max {int(codes.max())}): "
-                          f"mask tokens or codes of another codec? Use codes of this model's codec.")
-    return codes.long()
+    """The model's own check of finished codes (integer [B, K, T] of its codec)."""
+    return model._check_codes(codes)
 
 
 def _cond_rows(cond: TextCondition, B: int) -> TextCondition:

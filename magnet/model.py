@@ -494,9 +494,9 @@ class MagnetModel(CodecLM):
                               "or model.encode).")
         if codes.dim() == 2:
             codes = codes[None]
-        if codes.shape[1] != self.cfg.n_q or codes.shape[-1] == 0:
+        if codes.shape[1] != self.cfg.n_q or codes.shape[-1] == 0 or codes.shape[0] == 0:
             raise MagnetError(f"codes have shape {tuple(codes.shape)}; expected [batch, {self.cfg.n_q}, "
-                              f"frames] from model.generate or model.encode.")
+                              f"frames] from model.generate or model.encode (of this model's codec).")
         if int(codes.min()) < 0 or int(codes.max()) >= self.cfg.card:
             raise MagnetError(f"codes must lie in [0, {self.cfg.card}) (min {int(codes.min())}, max "
                               f"{int(codes.max())}): mask tokens or codes of another codec? Use fully "
