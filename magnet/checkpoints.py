@@ -18,7 +18,7 @@ import yaml
 from .codec import Codec
 from .compat import is_zip_file, load_torch_file
 from .errors import MagnetError, first_line
-from .transformer import LM, LMConfig
+from .transformer import LM, LMConfig, official_name
 
 
 # -- LM configs -------------------------------------------------------------------------------------
@@ -225,9 +225,10 @@ def build_lm(cfg: LMConfig, state: Mapping, where: str, device=None, dtype=None)
             raise MagnetError(f"{where}: weight {k} has shape {_shape(state, k)}, its xp.cfg implies "
                               f"{tuple(v.shape)}. The file is damaged or not an official release.")
     modules = dict(lm.named_modules())
+    inner = {official_name(n): n for n, _ in lm.named_parameters()}      # checkpoint name -> module tree
     sums = []
     for k in expected:
-        owner, _, name = k.rpartition(".")
+        owner, _, name = inner.get(k, k).rpartition(".")
         t, total = _convert_checked(state[k], torch.device(device or "cpu"), dtype)
         sums.append(total)
         setattr(modules[owner], name, torch.nn.Parameter(t, requires_grad=False))

@@ -90,14 +90,29 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Multi-head attention with packed q/k/v weights (`in_proj_weight`), as in the checkpoints."""
+    """Multi-head attention with packed q/k/v weights, saved and loaded as in the checkpoints
+    (`in_proj_weight`, `in_proj_bias`, `out_proj.*`).
+
+    The packed projection is a child module (`in_proj`) rather than a direct parameter, so that every
+    module holding weights is a leaf: memory managers that move a model module by module (ComfyUI's
+    partial loads move only leaf modules with direct parameters) then move all of it. `state_dict` and
+    `load_state_dict` use the checkpoints' names (see `official_name`)."""
 
     def __init__(self, dim: int, num_heads: int, bias: bool):
         super().__init__()
         self.num_heads = num_heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim)) if bias else None
+        self.in_proj = nn.Linear(dim, 3 * dim, bias=bias)
         self.out_proj = nn.Linear(dim, dim, bias=bias)
+        self._register_state_dict_hook(_save_official_names)
+        self._register_load_state_dict_pre_hook(_load_official_names)
+
+    @property
+    def in_proj_weight(self) -> torch.Tensor:
+        return self.in_proj.weight
+
+    @property
+    def in_proj_bias(self) -> torch.Tensor | None:
+        return self.in_proj.bias
 
     def _heads(self, x):  # [B, T, H*D] -> [B, H, T, D]
         B, T, _ = x.shape
@@ -134,6 +149,30 @@ class Attention(nn.Module):
         bq = None if self.in_proj_bias is None else self.in_proj_bias[:dim]
         q = self._heads(F.linear(x, self.in_proj_weight[:dim], bq))
         return self.out_proj(self._merge(F.scaled_dot_product_attention(q, k, v)))
+
+
+_OFFICIAL = {"in_proj.weight": "in_proj_weight", "in_proj.bias": "in_proj_bias"}
+
+
+def official_name(name: str) -> str:
+    """A parameter's name in the checkpoints (`...self_attn.in_proj_weight`) from its name in the module
+    tree (`...self_attn.in_proj.weight`); other names are the same in both."""
+    for inner, outer in _OFFICIAL.items():
+        if name == inner or name.endswith("." + inner):
+            return name[: len(name) - len(inner)] + outer
+    return name
+
+
+def _save_official_names(module, state_dict, prefix, local_metadata):
+    for inner, outer in _OFFICIAL.items():
+        if prefix + inner in state_dict:
+            state_dict[prefix + outer] = state_dict.pop(prefix + inner)
+
+
+def _load_official_names(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    for inner, outer in _OFFICIAL.items():
+        if prefix + outer in state_dict:
+            state_dict[prefix + inner] = state_dict.pop(prefix + outer)
 
 
 class Layer(nn.Module):
