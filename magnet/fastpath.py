@@ -18,16 +18,32 @@ its `logits` method gives each step's logits. The settings are fields, not modul
 from __future__ import annotations
 
 import functools
+import logging
 import math
+import os
+import threading
 import warnings
 import weakref
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from .errors import first_line
+from .transformer import activation_dtype
+
 UNIT_CFG_TOLERANCE = 1e-5
+
+
+GRAPHS_ENV = "MAGNET_CUDA_GRAPHS"
+
+
+def graphs_allowed_by_env() -> bool:
+    """False when the environment variable MAGNET_CUDA_GRAPHS is 0 / false / off / no (read on every
+    generation, so it can be set at any time)."""
+    return os.environ.get(GRAPHS_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 @dataclass(frozen=True)
@@ -35,9 +51,14 @@ class FastPathSettings:
     """How the decoding loop runs its forward (none of it changes the exact mode's result).
 
     prune_on_cpu: compute only the positions whose logits a step uses (CPU; the shapes vary per step).
-    cuda_graphs: on CUDA, replay each stage's fixed-shape forward from a CUDA graph.
-    static_steps_on_cpu: run the CUDA-graph bookkeeping (static buffers, no pruning) eagerly on the CPU
-        (tests).
+    cuda_graphs: on CUDA, replay each stage's fixed-shape forward from a CUDA graph (also off when
+        $MAGNET_CUDA_GRAPHS is 0, or once a graph of the model failed its check: see `GraphState`).
+    graph_min_steps: capture a stage only when it has at least this many steps (its first step runs
+        eagerly, a capture costs about one more, and every further step saves most of the launch time).
+    verify_graphs: compare the first replay of each captured shape with an eager forward; a mismatch
+        turns the model's graphs off (with one warning) and the eager result is used.
+    static_steps_on_cpu: run the CUDA-graph bookkeeping (static buffers, no pruning, the capture policy,
+        the check and the fallback) eagerly on the CPU (tests).
     int8_reduce_range: int8 activations in 7 bits (PyTorch's default for fbgemm): with 8 bits, the AVX2
         kernel's int16 pair sums saturate on this model's layer inputs (GELU outputs are one-sided), and
         the logits' relative error of the real-size small model went from 3.5-4% to 9-11%
@@ -45,6 +66,8 @@ class FastPathSettings:
     """
     prune_on_cpu: bool = True
     cuda_graphs: bool = True
+    graph_min_steps: int = 4
+    verify_graphs: bool = True
     static_steps_on_cpu: bool = False
     int8_reduce_range: bool = True
 
@@ -324,7 +347,8 @@ def parallel_forward(lm, codes, mem, stage: int, heads=None, wanted: torch.Tenso
         x = x[:, acts[0].to(x.device)]
     band_mask = None
     if band is not None and x.device.type != "cpu" and acts[0] is None:
-        band_mask = lm.attn_mask(stage, T, x.device)                # CUDA: SDPA with a boolean band mask
+        band_mask = lm.attn_mask(stage, T, x.device, activation_dtype(x))   # off the CPU: SDPA, cached mask
+        hold(band_mask)                                              # a captured graph reads it
     for i, layer in enumerate(layers):
         pos_in, pos_out = acts[i], acts[i + 1]
         out_rows = None                    # rows of this layer's input that it must output (None: all)
@@ -385,39 +409,96 @@ class StepPlan:
 
 # -- static buffers and CUDA graphs -----------------------------------------------------------------
 
+log = logging.getLogger("magnet")
+DOCTOR_HINT = "python -m magnet doctor --device cuda"
+
+_held = threading.local()
+
+
+def hold(t: torch.Tensor) -> None:
+    """Record a tensor the forward reads but does not own (the cached band mask) while a `StaticStep` is
+    being made: the step keeps it alive, since a captured graph reads it by address."""
+    held = getattr(_held, "tensors", None)
+    if held is not None:
+        held.append(t)
+
+
 class StaticStep:
-    """One stage's forward on static buffers: `step(codes)` copies the codes into its input buffer, runs
-    the forward and returns its output buffer (valid until the next call).
+    """One stage's forward on static buffers: `step(codes)` copies the codes (and, when the step is reused
+    for a new text memory, the memory's keys and values) into its input buffers, replays the forward and
+    returns its output buffer (valid until the next call).
 
     On CUDA (`graph=True`) the forward is captured once in a CUDA graph and replayed: within a stage every
     step has the same shapes and the same text memory, so only the codes change, and one replay replaces
     hundreds of kernel launches. `first` is the first step's codes: that step runs eagerly and doubles as
-    the warm-up capture needs. With `graph=False` the forward is re-run eagerly into the same output
-    buffer, which exercises the same bookkeeping on any device (the tests run it on the CPU)."""
+    the warm-up capture needs. Capture and replay run under the device's own context and streams (the
+    model may be on another GPU than the current one), with `capture_begin`/`capture_end` on a side
+    stream (no synchronize / garbage collection / cache flush per capture, as `torch.cuda.graph` does)
+    and errors from other threads' CUDA calls left to them (`capture_error_mode="thread_local"`).
 
-    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], first: torch.Tensor, graph: bool):
-        self.forward, self.graph = forward, None
+    With `graph=False` the forward is re-run eagerly into the same output buffer, which exercises the same
+    bookkeeping on any device (the tests run it on the CPU)."""
+
+    def __init__(self, forward: Callable[[torch.Tensor, object], torch.Tensor], first: torch.Tensor, mem,
+                 graph: bool):
+        self.forward, self.graph, self.mem = forward, None, mem
         self.codes = first.clone()
-        if graph:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self.first = forward(self.codes)            # warm-up = the first step's result
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with _no_autocast_cache(), torch.cuda.graph(self.graph):
-                self.out = forward(self.codes)
-        else:
-            self.first = forward(self.codes)
-            self.out = torch.empty_like(self.first)
+        self.error: Exception | None = None      # why the capture failed (`first` is still the first step's result)
+        self.held: list = []
+        _held.tensors = self.held
+        try:
+            if graph:
+                dev = first.device
+                with torch.cuda.device(dev):
+                    side = torch.cuda.Stream(device=dev)
+                    side.wait_stream(torch.cuda.current_stream(dev))
+                    with torch.cuda.stream(side):
+                        self.first = forward(self.codes, self.mem)     # warm-up = the first step's result
+                    torch.cuda.current_stream(dev).wait_stream(side)
+                    try:
+                        self.out = self._capture(side)
+                    except Exception as exc:     # out of memory, a CUDA call that cannot be captured, ...
+                        self.error = exc
+            else:
+                self.first = forward(self.codes, self.mem)
+                self.out = torch.empty_like(self.first)
+        finally:
+            _held.tensors = None
 
-    def __call__(self, codes: torch.Tensor) -> torch.Tensor:
+    def _capture(self, side) -> torch.Tensor:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(side), _no_autocast_cache():
+            try:
+                g.capture_begin(capture_error_mode="thread_local")
+            except TypeError:                                   # torch < 2.1
+                g.capture_begin()
+            try:
+                out = self.forward(self.codes, self.mem)
+            finally:
+                g.capture_end()
+        torch.cuda.current_stream(self.codes.device).wait_stream(side)
+        self.graph = g
+        return out
+
+    def load(self, codes: torch.Tensor, mem=None) -> None:
+        """Copy the inputs of the next replay into the static buffers (`mem`: a new memory of the same shapes)."""
         self.codes.copy_(codes)
+        if mem is not None and mem is not self.mem:
+            for (k, v), (nk, nv) in zip(self.mem.kv, mem.kv):
+                k.copy_(nk)
+                v.copy_(nv)
+
+    def replay(self) -> torch.Tensor:
         if self.graph is not None:
-            self.graph.replay()
+            with torch.cuda.device(self.codes.device):
+                self.graph.replay()
         else:
-            self.out.copy_(self.forward(self.codes))
+            self.out.copy_(self.forward(self.codes, self.mem))
         return self.out
+
+    def __call__(self, codes: torch.Tensor, mem=None) -> torch.Tensor:
+        self.load(codes, mem)
+        return self.replay()
 
 
 def _no_autocast_cache():
@@ -427,6 +508,62 @@ def _no_autocast_cache():
     except (TypeError, AttributeError):          # torch < 2.4
         enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
     return torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False)
+
+
+class GraphState:
+    """A model's CUDA graphs: whether they are on (`off`: why not), which shapes passed their check, and
+    the last captured step of each stage, reused by the next window or generation of the same shapes
+    while the model's weights have not moved (at most `keep` steps, the oldest dropped first)."""
+
+    def __init__(self, keep: int = 8):
+        self.off: str | None = None
+        self.verified: set = set()
+        self.steps: OrderedDict = OrderedDict()
+        self.keep = keep
+
+    def turn_off(self, why: str) -> None:
+        if self.off is None:
+            self.off = why
+            self.steps.clear()
+            log.warning("MAGNeT: CUDA graphs are now off for this model (%s); it runs eagerly, with the same "
+                        "result. Run `%s` and include its output in a bug report; set %s=0 to skip graphs "
+                        "from the start.", why, DOCTOR_HINT, GRAPHS_ENV)
+
+    def get(self, key):
+        step = self.steps.get(key)
+        if step is not None:
+            self.steps.move_to_end(key)
+        return step
+
+    def put(self, key, step: StaticStep) -> None:
+        self.steps[key] = step
+        while len(self.steps) > self.keep:
+            self.steps.popitem(last=False)
+
+
+_graph_states: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def graph_state(model) -> GraphState:
+    """The `GraphState` of a model (an LM module; for a wrapper such as the one that adds given codebooks,
+    of the LM it wraps, `.lm`)."""
+    owner = model if isinstance(model, torch.nn.Module) else getattr(model, "lm", model)
+    state = _graph_states.get(owner)
+    if state is None:
+        state = _graph_states[owner] = GraphState()
+    return state
+
+
+def drop_graphs(model) -> None:
+    """Free a model's kept CUDA graphs (they are captured again when needed)."""
+    graph_state(model).steps.clear()
+
+
+def _same(out: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Whether a replay's logits equal the eager forward's, up to the rounding of the dtype."""
+    tol = 1e-4 if out.dtype == torch.float32 else 2e-2
+    scale = max(1.0, float(ref.abs().amax())) if ref.numel() else 1.0
+    return bool(out.shape == ref.shape and torch.isfinite(out).all() and (out - ref).abs().amax() <= tol * scale)
 
 
 # -- one stage's forward ----------------------------------------------------------------------------
@@ -439,21 +576,29 @@ class StageForward:
     for the conditional and null rows when `guided`; `fast` the `FastMode` or None (exact mode). On the
     CPU, the logits at positions outside `used` (bool [B, T]: the positions the step samples and scores)
     are not computed and come back as zeros (`settings.prune_on_cpu`); they never reach the result, and
-    keep the random stream of sampling the same as computing every position."""
+    keep the random stream of sampling the same as computing every position.
+
+    On CUDA a stage of at least `settings.graph_min_steps` steps runs from a `StaticStep` (a CUDA graph),
+    taken from the model's `GraphState` when one of the same shapes was captured before (the previous
+    window of a long generation); its first replay of each shape is checked against the eager forward,
+    and a failed capture or check turns the model's graphs off: the step's result is then the eager one."""
 
     def __init__(self, lm, mem, *, guided: bool, batch: int, stage: int, n_steps: int, fast=None,
                  settings: FastPathSettings = DEFAULT_SETTINGS):
         param = next(lm.parameters())
         device = param.device
         self.lm, self.mem, self.guided, self.stage = lm, mem, guided, stage
+        self.settings = settings
         parallel = lm.cfg.norm_first and not lm.cfg.causal         # the forward that can prune and run int8
         self.int8 = parallel and use_int8(fast, device, param.dtype)
         self.reduce_range = settings.int8_reduce_range
-        self.static = parallel and n_steps > 1 and (
-            (device.type == "cuda" and settings.cuda_graphs) or (device.type == "cpu" and settings.static_steps_on_cpu))
+        self.graph = device.type == "cuda"
+        self.graphs = graph_state(lm)
+        self.static = (parallel and n_steps > 1 and n_steps >= settings.graph_min_steps and self.graphs.off is None
+                       and ((self.graph and settings.cuda_graphs and graphs_allowed_by_env())
+                            or (device.type == "cpu" and settings.static_steps_on_cpu)))
         self.prune = parallel and settings.prune_on_cpu and device.type == "cpu" and not self.static   # fixed shapes
         self.parallel = parallel
-        self.graph = device.type == "cuda"
         self.mem_cond = mem.cond_only(batch) if guided and fast and fast.skip_unit_cfg else None
         self._static_step: StaticStep | None = None
 
@@ -462,17 +607,54 @@ class StageForward:
         kw = {} if plan is None else {"fastpath": plan}
         return self.lm(codes, mem, stage=self.stage, heads=[self.stage], **kw)
 
+    def _keys(self, codes: torch.Tensor) -> tuple[tuple, tuple]:
+        """(shape key: what a replay's check covers, step key: what a kept step may be reused for). A kept
+        step reads the weights, the band mask and the wrapper it was captured with by address: it is reused
+        only by the same forward while every weight is where it was."""
+        k0 = self.mem.kv[0][0] if self.mem.kv else None
+        shape = (self.stage, tuple(codes.shape), self.mem.rows, self.mem.batch, self.int8,
+                 None if k0 is None else (tuple(k0.shape), k0.dtype, str(k0.device)))
+        weights = tuple(p.data_ptr() for p in self.lm.parameters())
+        return shape, (shape, id(self.lm), weights)
+
+    def _static(self, codes: torch.Tensor) -> torch.Tensor | None:
+        """The step's logits [rows, 1, T, card] from static buffers (a CUDA graph on CUDA), or None when the
+        static path is off for this model (the caller then runs the step eagerly)."""
+        step, first = self._static_step, None
+        if step is None:
+            shape_key, step_key = self._keys(codes)
+            step = self.graphs.get(step_key)
+            if step is None:
+                step = StaticStep(lambda c, m: self._forward(c, m), codes, self.mem, graph=self.graph)
+                if step.error is not None:
+                    self.graphs.turn_off(f"capturing a CUDA graph failed: {first_line(step.error)}")
+                    self.static = False
+                    return step.first
+                self.graphs.put(step_key, step)
+                first = step.first
+            self._static_step, self._shape_key = step, shape_key
+            if first is not None:
+                return first
+            out = step(codes, self.mem)
+        else:
+            out = step(codes)
+        if self.settings.verify_graphs and self._shape_key not in self.graphs.verified:
+            ref = self._forward(codes, self.mem)
+            if not _same(out, ref):
+                self.graphs.turn_off("a graph replay differed from the eager forward")
+                self.static = False
+                return ref
+            self.graphs.verified.add(self._shape_key)
+        return out
+
     def logits(self, codes: torch.Tensor, used: torch.Tensor, coef: float) -> tuple[torch.Tensor, bool]:
         mem, guided = self.mem, self.guided
         if self.mem_cond is not None and abs(coef - 1.0) <= UNIT_CFG_TOLERANCE:    # fast mode: no null pass
             mem, guided = self.mem_cond, False
-        if self.static and mem is self.mem:
-            if self._static_step is None:
-                self._static_step = StaticStep(lambda c: self._forward(c, self.mem), codes, graph=self.graph)
-                out = self._static_step.first
-            else:
-                out = self._static_step(codes)
-            return out[:, 0].float(), guided
+        if self.static and mem is self.mem and self.graphs.off is None:
+            out = self._static(codes)
+            if out is not None:
+                return out[:, 0].float(), guided
         wanted = None
         if self.prune:
             wanted = used.any(dim=0)

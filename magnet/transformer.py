@@ -66,10 +66,34 @@ def sin_embedding(T: int, dim: int, max_period: float, device, dtype=torch.float
 
 
 def band_mask(T: int, context: int, device) -> torch.Tensor:
-    """Boolean [T, T], True where |query - key| <= context: the attention of MAGNeT's stages >= 1.
-    Broadcast over batch and heads by the attention call; built once per length (see `LM.attn_mask`)."""
+    """Boolean [T, T], True where |query - key| <= context: the attention of MAGNeT's stages >= 1."""
     pos = torch.arange(T, device=device)
     return (pos.view(-1, 1) - pos.view(1, -1)).abs() <= context
+
+
+def additive_band_mask(T: int, context: int, device, dtype) -> torch.Tensor:
+    """The band as an additive attention mask [T, T] of `dtype` (0 inside, -inf outside), the form SDPA
+    uses internally. Its rows are stored padded to a multiple of 16 elements and sliced to T: attention
+    kernels that need aligned rows (the memory-efficient one) then use it as it is instead of padding a
+    copy on every call."""
+    width = -(-T // 16) * 16
+    storage = torch.full((T, width), float("-inf"), device=device, dtype=dtype)
+    storage[:, :T].masked_fill_(band_mask(T, context, device), 0.0)
+    return storage[:, :T]
+
+
+def activation_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer's output will have for input `x`: autocast's where it is on for x's device."""
+    kind = x.device.type
+    try:
+        if torch.is_autocast_enabled(kind):
+            return torch.get_autocast_dtype(kind)
+    except (TypeError, AttributeError, RuntimeError):      # torch < 2.4: only CUDA and CPU have autocast
+        if kind == "cuda" and torch.is_autocast_enabled():
+            return torch.get_autocast_gpu_dtype()
+        if kind == "cpu" and torch.is_autocast_cpu_enabled():
+            return torch.get_autocast_cpu_dtype()
+    return x.dtype
 
 
 class KVCache:
@@ -123,7 +147,8 @@ class Attention(nn.Module):
         return x.transpose(1, 2).reshape(B, T, H * D)
 
     def forward(self, x, mask=None, cache: KVCache | None = None, layer: int = 0, causal: bool = False):
-        """Self-attention. `mask`: boolean [T, T] (True = attend) or None (full, or causal if `causal`)."""
+        """Self-attention. `mask`: [T, T], boolean (True = attend) or additive, or None (full, or causal if
+        `causal`)."""
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
         if cache is not None:
@@ -272,14 +297,20 @@ class LM(nn.Module):
         return Memory(kv=kv, rows=rows, batch=B)
 
     # -- forward ------------------------------------------------------------------------------------
-    def attn_mask(self, stage: int, T: int, device) -> torch.Tensor | None:
-        """Self-attention mask for a MAGNeT stage: None (full) for codebook 0, the band otherwise."""
+    def attn_mask(self, stage: int, T: int, device, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+        """Self-attention mask for a MAGNeT stage: None (full) for codebook 0, the band otherwise, as an
+        additive mask of `dtype` (the attention's dtype). Made once per (length, device, dtype) and kept:
+        every layer of every step of a generation uses the same one. The oldest of more than 8 is dropped
+        (a captured CUDA graph uses its stage's mask, which is the newest while the stage runs)."""
         if self.cfg.causal or stage <= 0 or self.cfg.subcodes_context < 0:
             return None
-        key = (T, str(device))
-        if key not in self._masks:
-            self._masks = {key: band_mask(T, self.cfg.subcodes_context, device)}
-        return self._masks[key]
+        key = (T, str(device), dtype)
+        mask = self._masks.get(key)
+        if mask is None:
+            while len(self._masks) >= 8:
+                self._masks.pop(next(iter(self._masks)))
+            mask = self._masks[key] = additive_band_mask(T, self.cfg.subcodes_context, device, dtype)
+        return mask
 
     def embed(self, codes: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """codes [B, K, T] -> summed embeddings + positions [B, T, dim]."""
@@ -305,7 +336,7 @@ class LM(nn.Module):
         x = self.embed(codes, offset=cache.length if cache is not None else 0)
         if x.shape[0] != mem.batch:
             x = x.repeat(mem.batch // x.shape[0], 1, 1)
-        mask = self.attn_mask(stage, x.shape[1], x.device)
+        mask = self.attn_mask(stage, x.shape[1], x.device, activation_dtype(x))
         for layer in self.transformer.layers:
             x = layer(x, mem, mask, cache, self.cfg.causal)
         if cache is not None:

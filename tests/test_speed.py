@@ -293,11 +293,11 @@ def test_memory_cond_only_keeps_the_conditional_rows():
 def test_static_step_copies_codes_in_and_reuses_its_output_buffer():
     calls = []
 
-    def forward(c):
+    def forward(c, mem):
         calls.append(c)
         return c.float() * 2
     a, b = torch.arange(6).view(1, 2, 3), torch.arange(6, 12).view(1, 2, 3)
-    step = StaticStep(forward, a, graph=False)
+    step = StaticStep(forward, a, None, graph=False)
     assert torch.equal(step.first, a.float() * 2)
     out = step(b)
     assert torch.equal(out, b.float() * 2) and calls[-1] is step.codes and step.codes is not b
@@ -313,7 +313,7 @@ def test_static_steps_decode_the_goldens_and_the_same_samples(models, golden, go
     cond = model.encode_text(golden_prompts(model, golden, name))
     params = SamplingParams(use_sampling=False, decoding_steps=golden_cfg["decoding_steps"])
     sampled = model.generate(["dub techno"], seed=2, duration=1.2, decoding_steps=(4, 3, 2, 1))
-    monkeypatch.setattr(model, "fastpath", FastPathSettings(static_steps_on_cpu=True))
+    monkeypatch.setattr(model, "fastpath", FastPathSettings(static_steps_on_cpu=True, graph_min_steps=2))
     made = []
     real = StaticStep.__init__
 
