@@ -313,6 +313,9 @@ def band_attention(q, k, v, width: int, pos: torch.Tensor | None = None) -> torc
     (`pos`: the rows' sorted positions, None = 0..n-1): the same numbers as SDPA with the boolean band
     mask, at about (C + 2 * width) / n of its cost: no [n, n] matrix is formed."""
     R, H, n, D = q.shape
+    dtype = q.dtype
+    if dtype in (torch.float16, torch.bfloat16):           # scores and softmax in float32, as SDPA's kernels do
+        q, k, v = q.float(), k.float(), v.float()
     kidx, qidx, bias, nb, C, L = band_blocks(n, pos, width, q.device, q.dtype)
     q = q * (1.0 / math.sqrt(D))
     if qidx is not None:
@@ -321,7 +324,7 @@ def band_attention(q, k, v, width: int, pos: torch.Tensor | None = None) -> torc
     vw = v.index_select(2, kidx).view(R, H, nb, L, D)
     scores = torch.matmul(q.view(R, H, nb, C, D), kw.transpose(-1, -2)).add_(bias)
     out = torch.matmul(torch.softmax(scores, dim=-1), vw).view(R, H, nb * C, D)
-    return out[:, :, :n] if qidx is not None else out
+    return (out[:, :, :n] if qidx is not None else out).to(dtype)
 
 
 # -- the forward ------------------------------------------------------------------------------------
@@ -347,7 +350,7 @@ def parallel_forward(lm, codes, mem, stage: int, heads=None, wanted: torch.Tenso
         x = x[:, acts[0].to(x.device)]
     band_mask = None
     if band is not None and x.device.type != "cpu" and acts[0] is None:
-        band_mask = lm.attn_mask(stage, T, x.device, activation_dtype(x))   # off the CPU: SDPA, cached mask
+        band_mask = lm.attn_mask(stage, T, x.device, activation_dtype(x.device, lm.linears[0].weight.dtype))
         hold(band_mask)                                              # a captured graph reads it
     for i, layer in enumerate(layers):
         pos_in, pos_out = acts[i], acts[i + 1]
@@ -357,7 +360,7 @@ def parallel_forward(lm, codes, mem, stage: int, heads=None, wanted: torch.Tenso
             out_rows = out_rows.to(x.device)
         lin = int8.layers[i] if int8 is not None else ExactLinears(layer, pos_in is not None, out_rows is not None)
         # self-attention (rows that share their codes share it in the first layer)
-        h = F.layer_norm(x, (D,), layer.norm1.weight, layer.norm1.bias, layer.norm1.eps)
+        h = layer.norm1(x)
         if band is None and out_rows is not None and lin.split:   # full attention: keys everywhere, queries where wanted
             kv = lin.kv(h)
             q = lin.q(h.index_select(1, out_rows))
@@ -380,15 +383,15 @@ def parallel_forward(lm, codes, mem, stage: int, heads=None, wanted: torch.Tenso
             x = x.repeat(R // x.shape[0], 1, 1)
         # cross-attention to the text (rows with a memory only: the others add exactly zero)
         x_text = x if mem.rows == R else x[:mem.rows]
-        h = F.layer_norm(x_text, (D,), layer.norm_cross.weight, layer.norm_cross.bias, layer.norm_cross.eps)
+        h = layer.norm_cross(x_text)
         mk, mv = mem.kv[i]
         q = lin.cq(h)
         a = F.scaled_dot_product_attention(q.view(*q.shape[:2], H, -1).transpose(1, 2), mk, mv)
         x_text += lin.cout(a.transpose(1, 2).reshape(x_text.shape))
         # feed-forward
-        h = F.layer_norm(x, (D,), layer.norm2.weight, layer.norm2.bias, layer.norm2.eps)
+        h = layer.norm2(x)
         x += lin.fc2(torch.ops.aten.gelu_(lin.fc1(h)))
-    x = F.layer_norm(x, (D,), lm.out_norm.weight, lm.out_norm.bias, lm.out_norm.eps)
+    x = lm.out_norm(x)
     heads = range(cfg.n_q) if heads is None else heads
     head = plain_linear if acts[-1] is not None else linear
     return torch.stack([head(x, lm.linears[k].weight, lm.linears[k].bias) for k in heads], dim=1)

@@ -82,9 +82,10 @@ def additive_band_mask(T: int, context: int, device, dtype) -> torch.Tensor:
     return storage[:, :T]
 
 
-def activation_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a linear layer's output will have for input `x`: autocast's where it is on for x's device."""
-    kind = x.device.type
+def activation_dtype(device, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a linear layer's output on `device` with weights of `weight_dtype`: autocast's where
+    it is on for that device."""
+    kind = torch.device(device).type
     try:
         if torch.is_autocast_enabled(kind):
             return torch.get_autocast_dtype(kind)
@@ -93,7 +94,18 @@ def activation_dtype(x: torch.Tensor) -> torch.dtype:
             return torch.get_autocast_gpu_dtype()
         if kind == "cpu" and torch.is_autocast_cpu_enabled():
             return torch.get_autocast_cpu_dtype()
-    return x.dtype
+    return weight_dtype
+
+
+class Norm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the weights' dtype, returning the weights' dtype (the input of
+    the next linear layer). With half-precision weights the residual stream stays float32 (see `LM`):
+    its values grow layer after layer and pass fp16's largest value (65504) in long models."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight, self.bias
+        return F.layer_norm(x.float(), self.normalized_shape, w.float(), None if b is None else b.float(),
+                            self.eps).to(w.dtype)
 
 
 class KVCache:
@@ -208,9 +220,9 @@ class Layer(nn.Module):
         self.cross_attention = Attention(cfg.dim, cfg.num_heads, cfg.bias_attn)
         self.linear1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.bias_ff)
         self.linear2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.bias_ff)
-        self.norm1 = nn.LayerNorm(cfg.dim, eps=1e-5)
-        self.norm_cross = nn.LayerNorm(cfg.dim, eps=1e-5)
-        self.norm2 = nn.LayerNorm(cfg.dim, eps=1e-5)
+        self.norm1 = Norm(cfg.dim, eps=1e-5)
+        self.norm_cross = Norm(cfg.dim, eps=1e-5)
+        self.norm2 = Norm(cfg.dim, eps=1e-5)
 
     def _cross(self, x, mem):
         """Cross-attention over the rows that have a memory. `mem.rows` < len(x) when the trailing
@@ -228,6 +240,7 @@ class Layer(nn.Module):
             x = x + self.self_attn(self.norm1(x), mask, cache, self._index, causal)
             x = x + self._cross(self.norm_cross(x), mem)
             return x + self.linear2(F.gelu(self.linear1(self.norm2(x))))
+        x = x.to(self.norm1.weight.dtype)     # post-norm: every layer's output is normalised, no growth
         src = x
         x = self.norm1(x + self.self_attn(x, mask, cache, self._index, causal))
         x = self.norm_cross(x + self._cross(src, mem))  # the reference feeds the layer input here
@@ -268,7 +281,7 @@ class LM(nn.Module):
         self.text_proj = nn.Linear(cfg.text_dim, cfg.dim)
         self.emb = nn.ModuleList(nn.Embedding(cfg.card + 1, cfg.dim) for _ in range(cfg.n_q))
         self.transformer = Transformer(cfg)
-        self.out_norm = nn.LayerNorm(cfg.dim, eps=1e-5) if cfg.norm_first else None
+        self.out_norm = Norm(cfg.dim, eps=1e-5) if cfg.norm_first else None
         self.linears = nn.ModuleList(nn.Linear(cfg.dim, cfg.card, bias=cfg.bias_proj) for _ in range(cfg.n_q))
         self._masks: dict = {}
 
@@ -313,8 +326,10 @@ class LM(nn.Module):
         return mask
 
     def embed(self, codes: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """codes [B, K, T] -> summed embeddings + positions [B, T, dim]."""
-        x = self.emb[0](codes[:, 0])
+        """codes [B, K, T] -> summed embeddings + positions [B, T, dim], float32 whatever the weights' dtype:
+        the residual stream. Each layer's sublayers compute in the weights' dtype (autocast's on CUDA) and
+        add their output to it in float32; the norms read it in float32 (`Norm`)."""
+        x = self.emb[0](codes[:, 0]).float()
         for k in range(1, codes.shape[1]):
             x = x + self.emb[k](codes[:, k])
         return x + sin_embedding(codes.shape[-1], self.cfg.dim, self.cfg.max_period, x.device, x.dtype, offset)
@@ -336,12 +351,11 @@ class LM(nn.Module):
         x = self.embed(codes, offset=cache.length if cache is not None else 0)
         if x.shape[0] != mem.batch:
             x = x.repeat(mem.batch // x.shape[0], 1, 1)
-        mask = self.attn_mask(stage, x.shape[1], x.device, activation_dtype(x))
+        mask = self.attn_mask(stage, x.shape[1], x.device, activation_dtype(x.device, self.linears[0].weight.dtype))
         for layer in self.transformer.layers:
             x = layer(x, mem, mask, cache, self.cfg.causal)
         if cache is not None:
             cache.length += codes.shape[-1]
-        if self.out_norm is not None:
-            x = self.out_norm(x)
+        x = self.out_norm(x) if self.out_norm is not None else x.to(self.linears[0].weight.dtype)
         heads = range(self.cfg.n_q) if heads is None else heads
         return torch.stack([self.linears[k](x) for k in heads], dim=1)
