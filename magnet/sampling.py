@@ -14,7 +14,16 @@ codebooks > s are all mask tokens. Each stage runs n_s steps; at step i (t = i /
    sampled; positions not re-masked this step get a score that never wins again.
 
 The schedule numbers are computed exactly as the reference does (float32 torch scalars), so greedy
-decoding is token-identical to it. Nothing in the step loop waits on the device.
+decoding is token-identical to it.
+
+Nothing in the step loop waits on the device: every size and count a step needs (the schedule and the
+number of spans to mask, made before the stage starts; the stride1 search bounds) is a Python number on
+the host, sampling is `exponential_race` (not `torch.multinomial`, which checks its input on the host on
+every call), and the check for NaN / infinite logits stays on the device until it is read once per stage,
+after the stage's last step (`bool(nonfinite)`). The forward adds no wait on CUDA and MPS; only the CPU's
+position pruning (`fastpath.FastPathSettings.prune_on_cpu`) reads which positions to compute, on the CPU,
+where there is no device to wait for. No float64 tensor is made either (MPS has no float64).
+tests/test_device_safety.py checks all three on the CPU.
 
 Each stage's forward is a `fastpath.StageForward`: the same logits as `LM.forward`, with less work (on
 the CPU only the positions a step uses are computed). Fast mode (`SamplingParams.fast`) is described in
@@ -242,19 +251,51 @@ def sample_tokens(logits, probs, params: SamplingParams, generator):
         p_sort, idx = torch.sort(flat, dim=-1, descending=True)
         keep = (torch.cumsum(p_sort, dim=-1) - p_sort) <= params.top_p
         p_sort = p_sort * keep
-        pick = torch.multinomial(p_sort / p_sort.sum(-1, keepdim=True), 1, generator=generator)
+        pick = exponential_race(p_sort / p_sort.sum(-1, keepdim=True), generator)
         tok = torch.gather(idx, -1, pick)
     elif params.top_k > 0:
         k = min(params.top_k, flat.shape[-1])
         kth = torch.topk(flat, k, dim=-1).values[:, -1:]
         flat = flat * (flat >= kth)
         flat = flat / flat.sum(-1, keepdim=True)
-        tok = torch.multinomial(flat, 1, generator=generator)
+        tok = exponential_race(flat, generator)
         # the reference scores spans with these renormalised top-k probabilities
         probs = flat.view_as(probs)
     else:
-        tok = torch.multinomial(flat, 1, generator=generator)
+        tok = exponential_race(flat, generator)
     return tok.view(*probs.shape[:-1], 1), probs
+
+
+def exponential_race(p: torch.Tensor, generator) -> torch.Tensor:
+    """One token per row of p [N, V] (probabilities, rows summing to 1): [N, 1] long.
+
+    This is `torch.multinomial(p, 1, generator=generator)` without its input checks: ATen's multinomial
+    draws one sample as argmax(p / q) with q ~ Exp(1) drawn by `exponential_` on a tensor like p
+    (aten/src/ATen/native/Distributions.cpp, the `n_sample == 1` fast path), after checking p on the host
+    (a device sync on every call on CUDA). Here the same draw and the same division run without the
+    checks, so on the CPU the tokens and the generator's state afterwards are bit-identical to
+    multinomial's (tests/test_device_safety.py).
+
+    q is clamped away from 0 (`race_floor`): MPS's `exponential_` can return 0 (as -0.0), and multinomial
+    there then lets a zero-probability token win (0 / -0.0 is NaN, which argmax takes); clamped, a zero
+    probability never wins. No CPU draw lies below the floor, so there the clamp changes nothing."""
+    q = torch.empty_like(p).exponential_(1, generator=generator)
+    return race_winner(p, q)
+
+
+def race_floor(dtype: torch.dtype) -> float:
+    """The least q `race_winner` divides by: the smallest positive normal number of `dtype` (a device that
+    flushes subnormals to zero cannot turn it into 0); for float16, whose normal range starts at 6e-5,
+    where the CPU's draws do fall, the smallest subnormal (2^-24), which only replaces an exact 0. The
+    decoding loop's probabilities are float32."""
+    info = torch.finfo(dtype)
+    return 2.0 ** -24 if dtype == torch.float16 else info.tiny
+
+
+def race_winner(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """argmax(p / q) along the last dim, keepdim, q clamped to at least `race_floor` (see
+    `exponential_race`)."""
+    return torch.argmax(p / q.clamp_min(race_floor(q.dtype)), dim=-1, keepdim=True)
 
 
 def cfg_mix(logits: torch.Tensor, batch: int, coef: float) -> torch.Tensor:
@@ -295,10 +336,18 @@ def least_probable_spans(scores: torch.Tensor, n_target: int, span_len: int) -> 
         over = n > n_target
         hi_t = torch.where(active & over, mid_t, hi_t)
         lo_t = torch.where(active & ~over, mid_t, lo_t)
-        new_mid = torch.round((lo_t + hi_t).double() * 0.5).long()       # Python's round: half to even
+        new_mid = half_to_even_midpoint(lo_t + hi_t)
         mid_t = torch.where(active, new_mid, mid_t)
         active = active & (mid_t > lo_t) & (mid_t < hi_t)
     return tok_rank < last[:, None]
+
+
+def half_to_even_midpoint(s: torch.Tensor) -> torch.Tensor:
+    """round(s / 2) for integer tensors s >= 0, rounding halves to even as Python's `round` does, in
+    integer arithmetic (no float64, which MPS lacks): floor(s / 2), plus 1 where s is odd and floor(s / 2)
+    is odd."""
+    half = torch.div(s, 2, rounding_mode="floor")
+    return half + (s & half & 1)
 
 
 # -- the decoding loop ------------------------------------------------------------------------------
