@@ -1,4 +1,4 @@
-"""Command line: `python -m magnet generate|vary|convert|evaluate ...` (see `python -m magnet -h`)."""
+"""Command line: `python -m magnet generate|vary|convert|download|evaluate|doctor ...` (see `python -m magnet -h`)."""
 from __future__ import annotations
 
 import argparse
@@ -108,6 +108,25 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--sort", action="store_true", help="list the files best first")
     e.add_argument("--batch-size", default="16", help="CLAP windows per forward pass (default 16)")
     e.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+
+    dr = sub.add_parser("doctor", help="check this machine: versions, device, kernels, correctness, speed",
+                        description="Print the environment (versions, device, default dtype, kernels), check the "
+                                    "decoding path on the device against the specification on a tiny random "
+                                    "model (and on a release's real LM with --release), and time one decoding "
+                                    "step of the small release's architecture. Ends with one verdict line; exit "
+                                    "status 0 when every check passed, 1 otherwise. Paste the whole output (or "
+                                    "--json) into a bug report.")
+    dr.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: the one generate picks)")
+    dr.add_argument("--dtype", default="auto", help="weights: auto (the device's default), fp32, fp16, bf16")
+    dr.add_argument("--release", default=None, metavar="DIR",
+                    help="also check this release's real LM (a few steps of 1 s): folder or converted .safetensors")
+    dr.add_argument("--text-encoder", default=None, metavar="DIR",
+                    help="T5 folder for --release (default: found beside it; none found = random text states)")
+    dr.add_argument("--codec", default=None, metavar="DIR", help="EnCodec folder, for a release whose codec "
+                                                                 "file is a pointer")
+    dr.add_argument("--json", action="store_true", help="print one JSON object on stdout (progress on stderr)")
+    dr.add_argument("--no-speed", action="store_true", help="skip the step-time measurement (on a CPU, most of "
+                                                            "the doctor's time)")
     return ap
 
 
@@ -359,6 +378,18 @@ def _evaluate(a) -> int:
     return 0
 
 
+def _doctor(a) -> int:
+    from . import doctor
+    if a.codec is not None and a.release is None:
+        raise MagnetError("--codec needs --release: give the release folder whose codec file points to it.")
+    echo = (lambda line: print(line, file=sys.stderr, flush=True)) if a.json else (lambda line: print(line, flush=True))
+    report = doctor.run(a.device, a.dtype, release=a.release, text_encoder=a.text_encoder, codec=a.codec,
+                        speed=not a.no_speed, echo=echo)
+    if a.json:
+        print(doctor.to_json(report), flush=True)
+    return 0 if report["ok"] else 1
+
+
 def _download(a) -> int:
     from .hub import download
     print(f"downloaded into {download(a.name, a.dir, a.models_dir)}")
@@ -391,7 +422,7 @@ def main(argv=None) -> int:
     try:
         a = _parser().parse_args(argv)
         return {"generate": _generate, "download": _download, "convert": _convert, "evaluate": _evaluate,
-                "vary": _vary}[a.cmd](a)
+                "vary": _vary, "doctor": _doctor}[a.cmd](a)
     except SystemExit as e:          # -h / --help
         return e.code if isinstance(e.code, int) else 0
     except MagnetError as e:
