@@ -14,6 +14,7 @@ from .sampling import FastMode
 MAX_SECONDS = 600.0     # longer asks run out of memory when the codec decodes the whole clip at once
 MAX_STEPS = 1000        # per codebook; the releases use 10..60
 LUFS_RANGE = (-70.0, 0.0)
+DEVICE_HELP = "cpu, cuda, cuda:1, mps ... (default: cuda, else mps, else cpu)"
 
 
 class _UsageError(MagnetError):
@@ -57,9 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--span-scoring", default="max", choices=["max", "prod"])
     g.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
     g.add_argument("--loudness", default=None, help="normalise to this LUFS target, -70..0, e.g. -14")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    g.add_argument("--dtype", default=None, help="weights: fp32, fp16 (half), bf16 (default: fp16 on CUDA, "
-                                                 "fp32 elsewhere)")
+    g.add_argument("--device", default=None, help=DEVICE_HELP)
+    g.add_argument("--dtype", default=None, help="weights: fp32, fp16 (half), bf16 (default: fp16 on CUDA GPUs of "
+                                                 "compute capability 7.0 or newer except GTX 16xx, else fp32)")
 
     v = sub.add_parser("vary", help="audio to audio: redraw a share of an audio file with a prompt",
                        description="Encode an audio file, redraw --strength of its spans with the prompt (the rest "
@@ -77,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", default=None, help="random seed, a whole number (default: random, printed)")
     v.add_argument("--steps", default="auto", help="decoding steps per codebook, e.g. 20,10,10,10 (default auto)")
     v.add_argument("--fast", action="store_true", help="fast mode (see generate --help)")
-    v.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    v.add_argument("--device", default=None, help=DEVICE_HELP)
     v.add_argument("--dtype", default=None, help="weights: fp32, fp16 (half), bf16")
 
     d = sub.add_parser("download", help="download an official release, T5 or codec from the Hugging Face hub")
@@ -107,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
                         "(default -14); 'off' scores the files as they are")
     e.add_argument("--sort", action="store_true", help="list the files best first")
     e.add_argument("--batch-size", default="16", help="CLAP windows per forward pass (default 16)")
-    e.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    e.add_argument("--device", default=None, help=DEVICE_HELP)
 
     dr = sub.add_parser("doctor", help="check this machine: versions, device, kernels, correctness, speed",
                         description="Print the environment (versions, device, default dtype, kernels), check the "
@@ -116,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
                                     "step of the small release's architecture. Ends with one verdict line; exit "
                                     "status 0 when every check passed, 1 otherwise. Paste the whole output (or "
                                     "--json) into a bug report.")
-    dr.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: the one generate picks)")
+    dr.add_argument("--device", default=None, help=DEVICE_HELP)
     dr.add_argument("--dtype", default="auto", help="weights: auto (the device's default), fp32, fp16, bf16")
     dr.add_argument("--release", default=None, metavar="DIR",
                     help="also check this release's real LM (a few steps of 1 s): folder or converted .safetensors")
