@@ -40,6 +40,7 @@ import torch
 from . import compat
 from .audio import _rate, check_waveform, resample
 from .deps import require
+from .devices import default_device, leaf_parameters
 from .errors import MagnetError, first_line
 
 PAPER_LOUDNESS_LUFS = -14.0
@@ -66,7 +67,7 @@ class ClapScorer:
     """A transformers CLAP model (ClapModel + ClapProcessor) that scores audio against text."""
 
     def __init__(self, model, processor, device=None, name: str = "clap"):
-        self.model = model.eval()
+        self.model = leaf_parameters(model.eval())   # every weight in a module of its own (ComfyUI moves those)
         self.feature_extractor = processor.feature_extractor
         self.tokenizer = processor.tokenizer
         self.name = name
@@ -81,7 +82,7 @@ class ClapScorer:
     def from_pretrained(cls, folder: str | Path, device=None) -> "ClapScorer":
         """Load a transformers CLAP folder (config.json, model.safetensors, processor and tokenizer files).
 
-        Weights are read from safetensors only; nothing is downloaded. `device`: None = CUDA when available.
+        Weights are read from safetensors only; nothing is downloaded. `device`: None = CUDA, else MPS, else the CPU.
         """
         transformers = require("transformers")
         folder = Path(folder).expanduser()
@@ -129,7 +130,7 @@ class ClapScorer:
                               f"the model expects {mel_bins}. The files do not belong together: download the "
                               f"whole model folder again.")
         if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            device = default_device()
         return cls(model, processor, device=device, name=folder.name)
 
     @property

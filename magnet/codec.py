@@ -87,15 +87,13 @@ class Codec(nn.Module):
     def export(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """(JSON-able transformers config dict, state dict) that `from_config_and_state` rebuilds exactly.
 
-        Weight-norm tensors are stored under the Hub's names (`weight_g`/`weight_v`), which every
-        transformers version loads.
+        The convolutions' weights are stored as the plain weights the codec computes with (weight norm
+        folded, see `fold_weight_norm`), under the same names in every transformers version;
+        `from_config_and_state` also reads states with weight-norm tensors (`weight_g`/`weight_v` or
+        `parametrizations.weight.original0/1`), as earlier versions stored them.
         """
         config = json.loads(self.model.config.to_json_string())
-        state = {}
-        for key, value in self.model.state_dict().items():
-            key = key.replace(".parametrizations.weight.original0", ".weight_g")
-            key = key.replace(".parametrizations.weight.original1", ".weight_v")
-            state[key] = value.detach().clone().contiguous()
+        state = {key: value.detach().clone().contiguous() for key, value in self.model.state_dict().items()}
         return config, state
 
     @classmethod
@@ -127,7 +125,11 @@ class Codec(nn.Module):
             raise MagnetError(f"The EnCodec configuration of {source} is not usable with transformers "
                               f"{transformers.__version__} ({first_line(e)}). Use the codec file that came with "
                               f"the release; if it is one, upgrade transformers: `{compat.PIP_TRANSFORMERS}`.") from None
-        _load_strict(model, state, source)
+        if any(k.endswith(compat.WN_OLD + compat.WN_NEW) for k in state):
+            _load_strict(model, state, source)          # weight norm as released: load, then fold
+            fold_weight_norm(model)
+        else:
+            _load_strict(fold_weight_norm(model), state, source)   # already folded (our own export)
         return cls(model)
 
     # --- properties ---------------------------------------------------------------------------
@@ -165,7 +167,8 @@ class Codec(nn.Module):
     def encode(self, wav: torch.Tensor) -> torch.Tensor:
         """Waveform [B, C, S] at `sample_rate`, C == `channels` -> codes LongTensor [B, n_q, T].
 
-        T = ceil(S / hop length). Runs on the module's device and dtype.
+        T = ceil(S / hop length). Runs on the module's device and dtype; the codes come back on the waveform's
+        device.
         """
         if not isinstance(wav, torch.Tensor) or wav.dim() != 3 or not wav.is_floating_point():
             got = f"a {wav.dim()}-d {wav.dtype} tensor" if isinstance(wav, torch.Tensor) else type(wav).__name__
@@ -183,7 +186,7 @@ class Codec(nn.Module):
         with torch.inference_mode():
             embeddings = self.model.encoder(wav.to(device=param.device, dtype=param.dtype))
             codes = self.model.quantizer.encode(embeddings)  # [n_q, B, T], all n_q quantizers
-        return codes.transpose(0, 1).long()
+        return codes.transpose(0, 1).long().to(wav.device)
 
     def encode_audio(self, wav: torch.Tensor, sample_rate: int, *, start: float = 0.0,
                      length: float | None = None) -> torch.Tensor:
@@ -206,10 +209,11 @@ class Codec(nn.Module):
         if a > 0 or b < wav.shape[-1]:
             wav = wav[..., a:b]
         wav = convert_audio(wav.float(), sr, self.sample_rate, self.channels)
-        return self.encode(wav.to(next(self.parameters()).device))
+        return self.encode(wav)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes [B, K, T] (K <= n_q, values in [0, card)) -> float32 waveform [B, C, T * hop length]."""
+        """Codes [B, K, T] (K <= n_q, values in [0, card)) -> float32 waveform [B, C, T * hop length], on the
+        codes' device (the codec runs on its own)."""
         if not isinstance(codes, torch.Tensor) or codes.dim() != 3 or codes.is_floating_point():
             got = f"a {codes.dim()}-d {codes.dtype} tensor" if isinstance(codes, torch.Tensor) else type(codes).__name__
             raise MagnetError(f"Codec.decode needs integer codes [batch, codebooks, frames], got {got}.")
@@ -224,7 +228,7 @@ class Codec(nn.Module):
         with torch.inference_mode():
             embeddings = self.model.quantizer.decode(codes.to(device).long().transpose(0, 1))
             wav = self.model.decoder(embeddings)
-        return wav.float()
+        return wav.float().to(codes.device)
 
 
 # --- audiocraft xp.cfg -> transformers EncodecConfig ------------------------------------------
@@ -375,6 +379,30 @@ def _load_strict(model: nn.Module, state: dict, source: str) -> None:
                           f"The file is not an EnCodec of a MAGNeT/MusicGen release or is damaged: use the "
                           f"file that came with the release.")
     model.load_state_dict(renamed, strict=not keep)
+
+
+def fold_weight_norm(model: nn.Module) -> nn.Module:
+    """Replace every weight-normed weight (g * v / |v|) of `model` by the plain weight it computes, in place,
+    and return `model`. The value is the one each forward computed (the same function, computed once), so
+    results are unchanged; decoding no longer recomputes the weights, and every convolution then holds its
+    weight and bias itself, which memory managers that move a model module by module need (ComfyUI moves
+    only modules whose parameters are all their own: a parametrized convolution's bias would stay behind).
+    Works with both weight-norm APIs transformers uses (parametrizations in torch >= 2.1 with transformers
+    >= 4.41; the older forward-pre-hook `weight_g`/`weight_v` before)."""
+    from torch.nn.utils import parametrize
+    try:
+        from torch.nn.utils.weight_norm import WeightNorm as OldWeightNorm
+    except ImportError:  # pragma: no cover - a torch without the old API
+        OldWeightNorm = ()
+    for module in model.modules():
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        elif OldWeightNorm and any(isinstance(h, OldWeightNorm) and h.name == "weight"
+                                   for h in module._forward_pre_hooks.values()):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")      # deprecation notices of the old API
+                torch.nn.utils.remove_weight_norm(module)
+    return model
 
 
 def _tf_version() -> str:

@@ -1,9 +1,15 @@
-"""Devices and dtypes a user may name: what exists on this machine, the spellings we accept, clear refusals.
+"""Devices and dtypes a user may name: what exists on this machine, the spellings we accept, clear refusals;
+and the per-device policies every part of the engine shares.
 
     parse_device("gpu")      -> cuda (where CUDA exists)     parse_device("cuda:1") -> cuda:1 (if it exists)
     parse_dtype("half")      -> torch.float16                parse_dtype("auto", dev) -> default for dev
+    autocast_for(dev, dtype) -> the mixed-precision context for running fp16/bf16 weights on dev
+    codec_device(dev)        -> where EnCodec runs when the LM runs on dev (the CPU for MPS)
+    leaf_parameters(module)  -> every parameter moved to a module that holds only its own
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -35,8 +41,12 @@ def available_devices() -> list[str]:
 
 
 def default_device() -> torch.device:
-    """CUDA where present, else the CPU (MPS is used when asked for by name, or by ComfyUI)."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA where present, else Apple's MPS, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if mps_available():
+        return torch.device("mps")
+    return torch.device("cpu")
 
 
 def parse_device(device, what: str = "device") -> torch.device:
@@ -76,9 +86,56 @@ def parse_device(device, what: str = "device") -> torch.device:
     return dev
 
 
+FP16_BROKEN_GPUS = ("GTX 16", "1660", "1650", "1630", "T500", "T550", "T600", "MX550", "MX450", "CMP 30HX",
+                    "T2000", "T1000", "T1200")
+"""GPUs (Turing TU11x) whose fp16 gives NaN or garbage (the list ComfyUI keeps, plus any GTX 16xx)."""
+
+
+def cuda_fp16_ok(device) -> bool:
+    """fp16 weights are fast and safe on this CUDA GPU: compute capability 7.0 or newer (Volta on; Pascal's
+    fp16 is slow) and not a GTX 16xx / TU117 part (its fp16 gives NaN)."""
+    try:
+        major, _ = torch.cuda.get_device_capability(device)
+        name = str(torch.cuda.get_device_name(device))
+    except (RuntimeError, AssertionError, ValueError):
+        return False
+    return major >= 7 and not any(part in name for part in FP16_BROKEN_GPUS)
+
+
 def default_dtype(device) -> torch.dtype:
-    """fp16 on CUDA (the weights are released in fp16), fp32 elsewhere."""
-    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    """fp16 on CUDA GPUs where it is fast and safe (`cuda_fp16_ok`; the weights are released in fp16), fp32
+    elsewhere (older or GTX 16xx GPUs, MPS, the CPU). Inside ComfyUI the nodes follow ComfyUI's choice."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and cuda_fp16_ok(dev):
+        return torch.float16
+    return torch.float32
+
+
+def bf16_supported(device) -> bool:
+    """Whether bf16 weights can run on `device` (CUDA: what torch.autocast itself checks; MPS, XPU: whether a
+    bf16 tensor can be made there; the CPU: yes)."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return True
+    if dev.type == "cuda":
+        try:
+            return bool(torch.cuda.is_bf16_supported())
+        except (RuntimeError, AssertionError):
+            return False
+    try:
+        torch.zeros(1, dtype=torch.bfloat16, device=dev)
+        return True
+    except (RuntimeError, TypeError):
+        return False
+
+
+def _device_label(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        try:
+            return f"{dev} ({torch.cuda.get_device_name(dev)})"
+        except (RuntimeError, AssertionError):
+            pass
+    return str(dev)
 
 
 def parse_dtype(dtype, device=None, what: str = "dtype") -> torch.dtype:
@@ -93,4 +150,42 @@ def parse_dtype(dtype, device=None, what: str = "dtype") -> torch.dtype:
         raise MagnetError(f"{what} {dtype!r} is not a weight type: use auto, fp32, fp16 or bf16.")
     if dt not in (torch.float32, torch.float16, torch.bfloat16):
         raise MagnetError(f"{what} {dtype!r}: weights must be fp32, fp16 or bf16.")
+    if dt == torch.bfloat16 and device is not None and not bf16_supported(device):
+        raise MagnetError(f"{what} bf16: {_device_label(torch.device(device))} does not support bfloat16 "
+                          f"(with torch {torch.__version__}). Use fp16 or fp32 (or auto).")
     return dt
+
+
+def autocast_for(device, dtype):
+    """The context to run weights of `dtype` on `device` in: on CUDA, torch.autocast with fp16/bf16 weights
+    (matmuls in that type, reductions in fp32) and autocast switched off for fp32 weights (so an enclosing
+    autocast cannot lower an fp32 model); everywhere else (CPU, MPS, XPU) nothing at all, since
+    torch.autocast refuses device types it does not know in some versions (`mps` before torch 2.5)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if dtype in (torch.float16, torch.bfloat16):
+            return torch.autocast("cuda", dtype=dtype)
+        return torch.autocast("cuda", enabled=False)
+    return contextlib.nullcontext()
+
+
+def codec_device(device) -> torch.device:
+    """Where EnCodec runs when the LM runs on `device`: the same device, except the CPU for Apple's MPS
+    (MPS refuses or garbles the codec's long convolutions: outputs over 65536 channels x samples, i.e.
+    clips over about 2 s, on torch < 2.6 / macOS < 15.1)."""
+    dev = torch.device(device)
+    return torch.device("cpu") if dev.type == "mps" else dev
+
+
+def leaf_parameters(module: torch.nn.Module) -> torch.nn.Module:
+    """Turn the parameters of modules that also have children with parameters into (persistent) buffers,
+    in place, and return `module`. Inference only. Memory managers that move a model piecewise
+    (ComfyUI's ModelPatcher moves only modules whose parameters are all their own) then move every weight;
+    the state dict keeps its keys and values."""
+    for m in module.modules():
+        own = dict(m.named_parameters(recurse=False))
+        if own and len(own) != sum(1 for _ in m.parameters()):
+            for name, p in own.items():
+                del m._parameters[name]
+                m.register_buffer(name, p.detach(), persistent=True)
+    return module

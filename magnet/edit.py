@@ -25,7 +25,6 @@ each takes the model (`MagnetModel`) as its first argument.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 from dataclasses import dataclass, field, fields, replace
@@ -34,6 +33,7 @@ from typing import Sequence
 import torch
 
 from . import longform, sampling
+from .devices import autocast_for
 from .errors import MagnetError
 from .sampling import SamplingParams
 from .text import TextCondition
@@ -47,9 +47,7 @@ SAMPLING_KEYS = tuple(f.name for f in fields(SamplingParams) if f.init)    # wha
 # -- shared helpers ---------------------------------------------------------------------------------
 
 def _autocast(model):
-    if model.device.type == "cuda" and model.dtype in (torch.float16, torch.bfloat16):
-        return torch.autocast("cuda", dtype=model.dtype)
-    return contextlib.nullcontext()
+    return autocast_for(model.device, model.dtype)
 
 
 def _engine(model) -> dict:

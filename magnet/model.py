@@ -25,7 +25,7 @@ from . import edit, longform, sampling
 from .audio import fit_length, seconds_to_samples
 from .checkpoints import Release, build_lm, load_release
 from .codec import Codec
-from .devices import parse_device, parse_dtype
+from .devices import autocast_for, codec_device, parse_device, parse_dtype
 from .errors import MagnetError
 from .fastpath import FastPathSettings
 from .sampling import SamplingParams
@@ -73,7 +73,7 @@ def load_parts(release, kind: str, kind_error: str, *, text_encoder=None, device
         te = TextEncoder(te, device=device)
     elif isinstance(te, TextEncoder):
         te.to(device)
-    return lm, r.codec.to(device), te, r
+    return lm, r.codec.to(codec_device(device)), te, r   # EnCodec on the CPU when the LM is on MPS
 
 
 MAX_SECONDS = 3600.0   # one call's generation: beyond an hour it cannot finish in a sitting (each window of
@@ -245,9 +245,7 @@ class CodecLM:
         return self.text_encoder.encode(prompts)
 
     def _autocast(self):
-        if self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16):
-            return torch.autocast("cuda", dtype=self.dtype)
-        return torch.autocast(self.device.type, enabled=False)
+        return autocast_for(self.device, self.dtype)
 
     def decode(self, codes: torch.Tensor, *, duration: float | None = None) -> torch.Tensor:
         """Codes [B, K, T] -> float32 waveform [B, C, samples] on the CPU (T * hop length samples).

@@ -15,6 +15,7 @@ import torch
 
 from . import compat
 from .deps import require
+from .devices import autocast_for
 from .errors import MagnetError, first_line
 
 
@@ -131,7 +132,7 @@ class TextEncoder:
                               f"Shorten the prompt to a sentence or two describing the sound.")
         mask[[i for i, p in enumerate(entries) if p == ""]] = 0
         dev = self.device
-        with torch.autocast(dev.type, enabled=False):
+        with autocast_for(dev, torch.float32):      # T5 runs in fp32 (fp16 overflows), even inside autocast
             hidden = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state.float()
         return TextCondition(list(prompts), hidden, mask.to(dev), ids, self.name)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..magnet.musicgen import (ARParams, MusicGenModel, MusicGenRescorer, ar_prompt_from_condition,
                                ar_seconds_to_frames)
 from . import comfy
-from .common import (AR_MODEL, CATEGORY, CONDITIONING, MODEL, RESCORER, TOKENS, Handle, check_tokens, finite,
+from .common import (AR_MODEL, CATEGORY, CONDITIONING, MODEL, RESCORER, TOKENS, Handle, check_tokens, finite, ready,
                      seed_arg, tokens_payload, user_errors)
 from .loaders import device_input, dtype_input, label, list_releases, load_cached
 
@@ -92,7 +92,8 @@ class MagnetARPrompt:
         with user_errors(self.DISPLAY_NAME):
             seed = seed_arg(seed)
             seconds = finite(seconds, "seconds")
-            m, ar = model.ready(), ar_model.ready()
+            m = model.obj               # MAGNeT is only consulted (codec, frame rate): not loaded onto the GPU
+            ar, = ready(ar_model)
             prompt = None if prompt_tokens is None else check_tokens(prompt_tokens, m.codec, "prompt_tokens")
             params = ARParams(temperature=temperature, top_k=top_k, top_p=top_p, cfg_coef=cfg_coef)
             codes = ar_prompt_from_condition(m, ar, conditioning, ar_frames=ar_seconds_to_frames(m, seconds),

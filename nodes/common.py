@@ -30,9 +30,17 @@ class Handle:
     patchers: list = field(default_factory=list)
 
     def ready(self):
-        """Load onto the compute device (ComfyUI's memory manager may have offloaded it) and return it."""
-        comfy.load(*self.patchers)
-        return self.obj
+        """Load onto the compute device (ComfyUI's memory manager may have offloaded it) and return it.
+        A node that runs several models readies them together with `ready(...)`."""
+        return ready(self)[0]
+
+
+def ready(*handles) -> list:
+    """The objects of `handles` (None stays None), every model behind them loaded onto its compute device
+    in one go: one ComfyUI load call for all of a node's models, so that loading one cannot evict part of
+    another (see `comfy.load`)."""
+    comfy.load(*(p for h in handles if h is not None for p in h.patchers))
+    return [None if h is None else h.obj for h in handles]
 
 
 @contextlib.contextmanager

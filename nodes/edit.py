@@ -4,8 +4,8 @@ from __future__ import annotations
 from ..magnet import edit
 from . import comfy
 from .common import (CATEGORY, CODEC, CONDITIONING, MODEL, RESCORER, TEXT_ENCODER, TOKENS, audio_out, check_tokens,
-                     finite, seed_arg, tokens_payload, user_errors)
-from .generate import FAST_INPUT, SAMPLING_INPUTS, SEED_TOOLTIP, ready_rescorer, sampling_params
+                     finite, ready, seed_arg, tokens_payload, user_errors)
+from .generate import FAST_INPUT, SAMPLING_INPUTS, SEED_TOOLTIP, check_rescorer, sampling_params
 
 FAST = FAST_INPUT["fast"]
 RESCORER_INPUT = (RESCORER, {"tooltip": "an autoregressive model that rescores the spans (from Rescorer "
@@ -62,13 +62,13 @@ class MagnetAudioToAudio:
         with user_errors(self.DISPLAY_NAME):
             seed = seed_arg(seed)
             strength = finite(strength, "strength")
-            m = model.ready()
+            m, r = ready(model, rescorer)
             params = _sampling(m, decoding_steps, temperature, top_k, top_p, max_cfg_coef, min_cfg_coef,
                                span_arrangement, span_scoring, fast)
             codes = check_tokens(tokens, m.codec)
             out = edit.vary_from_condition(m, conditioning, codes, strength=strength, keep_codebooks=keep_codebooks,
                                            params=params, seed=seed, progress=comfy.Progress(),
-                                           rescorer=ready_rescorer(rescorer, m))
+                                           rescorer=check_rescorer(r, m))
             return (tokens_payload(out, m.codec),)
 
 
@@ -117,23 +117,23 @@ class MagnetSeamlessLoop:
         with user_errors(self.DISPLAY_NAME):
             seed = seed_arg(seed)
             if tokens is not None:
-                m = model.ready()
+                m, r = ready(model, rescorer)
                 params = _sampling(m, decoding_steps, temperature, top_k, top_p, max_cfg_coef, min_cfg_coef,
                                    span_arrangement, span_scoring, fast)
                 codes = edit.loopify_from_condition(m, conditioning, check_tokens(tokens, m.codec), params=params,
                                                     seed=seed, progress=comfy.Progress(),
-                                                    rescorer=ready_rescorer(rescorer, m))
+                                                    rescorer=check_rescorer(r, m))
                 return (tokens_payload(codes, m.codec),)
             duration = finite(duration, "duration", minimum=0.0)
             bpm = finite(bpm, "bpm")
             seconds = edit.loop_seconds(duration=duration) if duration > 0 else \
                 edit.loop_seconds(bars=bars, bpm=bpm, beats_per_bar=beats_per_bar)
-            m = model.ready()
+            m, r = ready(model, rescorer)
             frames = edit.loop_frames(m, seconds)
             params = _sampling(m, decoding_steps, temperature, top_k, top_p, max_cfg_coef, min_cfg_coef,
                                span_arrangement, span_scoring, fast)
             codes = edit.generate_loop_from_condition(m, conditioning, frames=frames, params=params, seed=seed,
-                                                      progress=comfy.Progress(), rescorer=ready_rescorer(rescorer, m))
+                                                      progress=comfy.Progress(), rescorer=check_rescorer(r, m))
             return ({**tokens_payload(codes, m.codec), LOOP_KEY: float(seconds)},)
 
 

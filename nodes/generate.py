@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from ..magnet.sampling import SPAN_ARRANGEMENTS, SPAN_SCORINGS, FastMode, SamplingParams, parse_steps
 from . import comfy
-from .common import (CATEGORY, CONDITIONING, MODEL, RESCORER, TEXT_ENCODER, TOKENS, check_tokens, finite, seed_arg,
-                     tokens_payload, user_errors)
+from .common import (CATEGORY, CONDITIONING, MODEL, RESCORER, TEXT_ENCODER, TOKENS, check_tokens, finite, ready,
+                     seed_arg, tokens_payload, user_errors)
 
 
 def split_prompts(text: str, variations: int) -> list[str]:
@@ -126,24 +126,21 @@ class MagnetSampler:
             seed = seed_arg(seed)
             duration = finite(duration, "duration", minimum=0.0)
             overlap = finite(overlap, "overlap", minimum=0.0)
-            m = model.ready()
+            m, r = ready(model, rescorer)
             params = sampling_params(m, decoding_steps, temperature, top_k, top_p, max_cfg_coef, min_cfg_coef,
                                      span_arrangement, span_scoring, fast)
             frames = m.frames_for(duration if duration > 0 else None)
             prompt = None if prompt_tokens is None else check_tokens(prompt_tokens, m.codec, "prompt_tokens")
-            resc = ready_rescorer(rescorer, m)
+            resc = check_rescorer(r, m)
             progress = comfy.Progress()
             codes = m.generate_from_condition(conditioning, frames=frames, params=params, seed=seed, prompt=prompt,
                                               progress=progress, rescorer=resc, overlap=overlap or None)
             return (tokens_payload(codes, m.codec),)
 
 
-def ready_rescorer(rescorer, m):
-    """The rescorer's model on its device, checked against the MAGNeT model (same codec and T5)."""
-    if rescorer is None:
-        return None
-    r = rescorer.ready()
-    if hasattr(r, "check_compatible"):
+def check_rescorer(r, m):
+    """The (readied) rescorer, checked against the MAGNeT model (same codec and T5); None stays None."""
+    if r is not None and hasattr(r, "check_compatible"):
         r.check_compatible(m)
     return r
 
@@ -208,11 +205,11 @@ class MagnetRegenerateRegion:
         with user_errors(self.DISPLAY_NAME):
             seed = seed_arg(seed)
             start, end = finite(start, "start"), finite(end, "end")
-            m = model.ready()
+            m, r = ready(model, rescorer)
             params = sampling_params(m, decoding_steps, temperature, top_k, top_p, max_cfg_coef, min_cfg_coef,
                                      span_arrangement, span_scoring, fast)
             codes = check_tokens(tokens, m.codec)
-            resc = ready_rescorer(rescorer, m)
+            resc = check_rescorer(r, m)
             out = m.regenerate_from_condition(conditioning, codes, start, end, params=params, seed=seed,
                                               progress=comfy.Progress(), rescorer=resc)
             return (tokens_payload(out, m.codec),)

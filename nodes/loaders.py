@@ -8,7 +8,7 @@ import torch
 from ..magnet.cache import CACHE, file_key
 from ..magnet.checkpoints import release_kind
 from ..magnet.compat import model_type_of
-from ..magnet.devices import available_devices, parse_device, parse_dtype
+from ..magnet.devices import available_devices, codec_device, parse_device, parse_dtype
 from ..magnet.errors import MagnetError
 from ..magnet.model import MagnetModel
 from ..magnet.text import TextEncoder
@@ -18,7 +18,8 @@ from .common import CATEGORY, CODEC, MODEL, TEXT_ENCODER, Handle, user_errors
 DTYPES = ["auto", "fp32", "fp16", "bf16"]
 DEVICE_TOOLTIP = ("auto: ComfyUI's device (its memory manager moves the model there when it runs and may "
                   "offload it). Only devices this machine has are listed.")
-DTYPE_TOOLTIP = "weight type; auto: fp16 on CUDA, fp32 elsewhere. bf16 needs a recent GPU."
+DTYPE_TOOLTIP = ("weight type; auto: ComfyUI's choice for the device (fp16 where this GPU runs it fast and "
+                 "safely, else fp32; --force-fp32 and --fp16-unet apply). bf16 needs a GPU that supports it.")
 
 
 def devices() -> list[str]:
@@ -86,7 +87,10 @@ def load_cached(owner, kind: str, folder: str, name: str, what: str, device: str
     build(path, home, dev, dtype) makes it on a miss; in ComfyUI the weights wait on the offload device
     ("home") and the memory manager moves them to `dev` when they are used."""
     dev = pick_device(device)
-    dt = parse_dtype(dtype, dev, "dtype") if dtype is not None else None
+    dt = None
+    if dtype is not None:
+        auto = str(dtype).strip().lower() in ("", "auto")
+        dt = comfy.weight_dtype(dev) if auto else parse_dtype(dtype, dev, "dtype")
     path = resolve(folder, name, what)
     home = comfy.offload_device() if comfy.IN_COMFY and str(device).strip().lower() == "auto" else dev
     key = (kind, file_key(path), str(dev), str(dt))
@@ -128,7 +132,8 @@ class MagnetModelLoader:
             m = MagnetModel.from_pretrained(path, text_encoder=False, device=home, dtype=dt,
                                             search_dirs=comfy.model_dirs("magnet"))
             return (Handle(m, path.name, [comfy.manage(m.lm, dev, f"MAGNeT LM ({label(path)})")]),
-                    Handle(m.codec, path.name, [comfy.manage(m.codec, dev, f"EnCodec ({label(path)})")]))
+                    Handle(m.codec, path.name, [comfy.manage(m.codec, codec_device(dev),    # the CPU for MPS
+                                                             f"EnCodec ({label(path)})")]))
         with user_errors(self.DISPLAY_NAME):
             return load_cached(self, "magnet", "magnet", release, "release", device, build, dtype)
 
