@@ -139,8 +139,8 @@ def run_ours(a) -> dict:
     job = StepCounter(total=sum(steps), progress=lambda d, t: stamps.append(time.perf_counter()))
     params = SamplingParams(decoding_steps=steps, fast=fast)
     gen, _ = make_generator(0, dev)
-    ac = torch.autocast(dev.type, dtype=dtype) if dev.type == "cuda" and dtype != torch.float32 else \
-        torch.autocast(dev.type, enabled=False)
+    from magnet.devices import autocast_for
+    ac = autocast_for(dev, dtype)
     t0 = time.perf_counter()
     with ac:
         generate(lm, cond, frames, params, generator=gen, job=job, fastpath=settings)

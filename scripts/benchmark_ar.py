@@ -29,6 +29,7 @@ from types import SimpleNamespace
 import torch
 
 from magnet import sampling
+from magnet.devices import autocast_for
 from magnet.musicgen import ARParams, MusicGenModel, MusicGenRescorer, ar_decode
 from magnet.sampling import SamplingParams
 from magnet.text import TextCondition
@@ -123,8 +124,7 @@ def main(argv=None) -> int:
     frames = int(a.seconds * FRAME_RATE)
     ar_list = [float(s) for s in a.ar_seconds.split(",") if s.strip()]
     only = {s.strip() for s in a.only.split(",") if s.strip()} or {"nar", "hybrid", "ar", "rescored"}
-    autocast = (torch.autocast("cuda", dtype=dtype) if dev.type == "cuda" and dtype != torch.float32
-                else torch.autocast(dev.type, enabled=False))
+    autocast = autocast_for(dev, dtype)
 
     t0 = time.perf_counter()
     magnet = build("magnet", a.scale, a.seconds, dev, dtype, seed=0)
