@@ -76,10 +76,12 @@ def _check_codes(model, codes) -> torch.Tensor:
     return model._check_codes(codes)
 
 
-def _cond_rows(cond: TextCondition, B: int) -> TextCondition:
+def _cond_rows(model, cond: TextCondition, B: int) -> TextCondition:
+    """The conditioning checked (this model's T5 width, plain prompts) with one row per row of codes."""
     if getattr(cond, "timeline", None):
         raise MagnetError("a prompt timeline conditions a whole generation (the Sampler, generate_timeline): "
                           "here give plain prompts (Text Encode).")
+    model.check_condition(cond)
     if cond.batch == 1 and B > 1:
         cond = cond.select([0] * B)
     if cond.batch != B:
@@ -241,7 +243,7 @@ def vary_from_condition(model, cond: TextCondition, codes: torch.Tensor, *, stre
     k = _keep_codebooks(keep_codebooks, model.cfg.n_q)
     params = _params(model, params, fast, {})
     B, K, T = codes.shape
-    cond = _cond_rows(cond, B)
+    cond = _cond_rows(model, cond, B)
     L = max(model.cfg.span_len, 1)
     generator, used = sampling.make_generator(seed, model.device)
     model.last_seed = used
@@ -349,7 +351,7 @@ def loopify_from_condition(model, cond, codes, *, params: SamplingParams, seed=N
                            fast=None) -> torch.Tensor:
     codes = _check_codes(model, codes)
     params = _params(model, params, fast, {})
-    cond = _cond_rows(cond, codes.shape[0])
+    cond = _cond_rows(model, cond, codes.shape[0])
     F = codes.shape[-1]
     least = min_loop_frames(model)
     if F < least:
@@ -384,6 +386,7 @@ def generate_loop_from_condition(model, cond: TextCondition, *, frames: int, par
                                  seed: int | None = None, progress=None, rescorer=None, fast=None) -> torch.Tensor:
     """`generate_loop` on an already encoded text, for a loop of exactly `frames` frames."""
     params = _params(model, params, fast, {})
+    model.check_condition(cond)
     F = int(frames)
     if F < min_loop_frames(model):
         raise MagnetError(f"a loop of {F} frames is shorter than the model's context: make it at least "
@@ -580,14 +583,9 @@ def generate_timeline_from_condition(model, cond: TimelineCondition, *, frames: 
     L = max(model.cfg.span_len, 1)
     ov = model.overlap_frames(overlap, params.span_arrangement)
     W = longform.usable_window(model.max_frames, L, params.span_arrangement)
-    out = None
-    if prompt is not None:
-        out = _check_codes(model, prompt)
-        if out.shape[0] != 1:
-            raise MagnetError(f"{out.shape[0]} prompt audio clips for one timeline: give one clip.")
-        if out.shape[-1] >= frames:
-            raise MagnetError(f"the prompt audio ({out.shape[-1]} frames) is as long as the requested generation "
-                              f"({frames} frames): ask for a longer duration or a shorter prompt.")
+    for _, c in cond.timeline:
+        model.check_condition(c)
+    out = model.check_prompt_codes(prompt, 1, frames)
     P = 0 if out is None else out.shape[-1]
     sections = timeline_sections(model, cond, frames, params, P)
     # what each section will run: (end, cond, plan or None for one window)
@@ -611,7 +609,7 @@ def generate_timeline_from_condition(model, cond: TimelineCondition, *, frames: 
     dev, engine = model.device, _engine(model)
     with _autocast(model):
         for end, c, plan in runs:
-            c = c if c.batch == 1 else _cond_rows(c, 1)
+            c = c if c.batch == 1 else _cond_rows(model, c, 1)
             if plan is None:
                 out = sampling.generate(model.lm, c, end, params, prompt=out, generator=generator, job=job,
                                         rescorer=rescorer, **engine)

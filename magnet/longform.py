@@ -26,7 +26,6 @@ from typing import Callable
 import torch
 
 from . import sampling
-from .errors import MagnetError
 from .fastpath import FastPathSettings
 from .sampling import Progress, Rescorer, SamplingParams, StepCounter
 from .text import TextCondition
@@ -70,17 +69,6 @@ def default_overlap(window: int) -> int:
     return window // 2
 
 
-def check_overlap(overlap: int, window: int, span_len: int) -> int:
-    """`overlap` (frames) must leave each window at least one span of new frames."""
-    overlap = int(overlap)
-    if overlap < 0:
-        raise MagnetError(f"overlap {overlap} frames must be >= 0.")
-    if overlap > window_room(window, span_len):
-        raise MagnetError(f"overlap {overlap} frames must be less than the window ({window} frames) by at "
-                          f"least {max(span_len, 1)} frames, so that each window adds new audio: lower it.")
-    return overlap
-
-
 def plan_windows(total: int, window: int, overlap: int, prompt: int = 0) -> list[Window]:
     """The windows that generate `total` frames, `window` frames each at most, consecutive windows
     sharing `overlap` frames; the first `prompt` frames are given.
@@ -90,9 +78,9 @@ def plan_windows(total: int, window: int, overlap: int, prompt: int = 0) -> list
     it ends exactly at `total` (with more context). A total within one window is one window.
     """
     if window < 1 or not 0 <= overlap < window:
-        raise MagnetError(f"window {window} / overlap {overlap} frames: need 0 <= overlap < window.")
+        raise ValueError(f"window {window} / overlap {overlap} frames: need 0 <= overlap < window")
     if not 0 <= prompt < total:
-        raise MagnetError(f"the prompt ({prompt} frames) must be shorter than the generation ({total} frames).")
+        raise ValueError(f"the prompt ({prompt} frames) must be shorter than the generation ({total} frames)")
     windows: list[Window] = []
     done = prompt
     while done < total:
@@ -123,19 +111,9 @@ def generate_long(lm: LM, cond: TextCondition, frames: int, params: SamplingPara
     """
     cfg = lm.cfg
     params = params.check(cfg.n_q)
-    B, K = cond.batch, cfg.n_q
     W = usable_window(int(window), cfg.span_len, params.span_arrangement)
-    overlap = default_overlap(W) if overlap is None else overlap
-    overlap = check_overlap(overlap, W, cfg.span_len)
-    P = 0
-    if prompt is not None and prompt.shape[-1] > 0:
-        if prompt.dim() != 3 or prompt.shape[0] != B or prompt.shape[1] != K:
-            raise MagnetError(f"prompt codes have shape {tuple(prompt.shape)}; expected [{B}, {K}, frames] "
-                              f"(one row per prompt text, {K} codebooks).")
-        P = prompt.shape[-1]
-        if P >= frames:
-            raise MagnetError(f"the prompt audio ({P} frames) is as long as the requested generation "
-                              f"({frames} frames): ask for a longer duration or a shorter prompt.")
+    overlap = default_overlap(W) if overlap is None else int(overlap)
+    P = prompt.shape[-1] if prompt is not None else 0
     plan = plan_windows(int(frames), W, overlap, P)
     if generator is None:
         generator, _ = sampling.make_generator(None, next(lm.parameters()).device)
@@ -162,19 +140,6 @@ def region_window(total: int, start: int, end: int, window: int) -> tuple[int, i
     return ws, ws + size
 
 
-def check_region(total: int, start: int, end: int, window: int, span_len: int) -> None:
-    """Frames [start, end) of a `total`-frame clip can be regenerated in one `window`: inside the clip,
-    not empty, and leaving at least one span of context in the window."""
-    if not 0 <= start < end <= total:
-        raise MagnetError(f"region frames [{start}, {end}) must be a non-empty range inside the clip's "
-                          f"{total} frames.")
-    room = window_room(min(window, total), span_len)
-    if end - start > room:
-        raise MagnetError(f"region of {end - start} frames is longer than the window ({min(window, total)} "
-                          f"frames) minus {max(span_len, 1)} frames of context: regenerate at most {max(room, 0)} "
-                          f"frames at a time (split the region into parts).")
-
-
 def regenerate_region(lm: LM, cond: TextCondition, codes: torch.Tensor, start: int, end: int,
                       params: SamplingParams, *, window: int, generator: torch.Generator | None = None,
                       progress: Progress | None = None, rescorer: Rescorer | None = None,
@@ -184,14 +149,11 @@ def regenerate_region(lm: LM, cond: TextCondition, codes: torch.Tensor, start: i
     is returned unchanged. Runs one decoding (sum(decoding_steps) steps)."""
     cfg = lm.cfg
     params = params.check(cfg.n_q)
-    B, K = cond.batch, cfg.n_q
-    if codes.dim() != 3 or codes.shape[0] != B or codes.shape[1] != K:
-        raise MagnetError(f"codes have shape {tuple(codes.shape)}; expected [{B}, {K}, frames] (one row "
-                          f"per prompt text, {K} codebooks).")
     T = codes.shape[-1]
     start, end = int(start), int(end)
     W = usable_window(min(int(window), T), cfg.span_len, params.span_arrangement)
-    check_region(T, start, end, W, cfg.span_len)
+    if not (0 <= start < end <= T and end - start <= window_room(W, cfg.span_len)):   # checked by the caller
+        raise ValueError(f"region [{start}, {end}) does not fit a {W}-frame window of a {T}-frame clip")
     ws, we = region_window(T, start, end, W)
     given = codes[..., ws:we].to("cpu", torch.long)
     keep = torch.ones(we - ws, dtype=torch.bool)
