@@ -516,7 +516,8 @@ def _no_autocast_cache():
 class GraphState:
     """A model's CUDA graphs: whether they are on (`off`: why not), which shapes passed their check, and
     the last captured step of each stage, reused by the next window or generation of the same shapes
-    while the model's weights have not moved (at most `keep` steps, the oldest dropped first)."""
+    while the model's weights have not moved (at most `keep` steps, the oldest dropped first; all of them,
+    with the memory their graphs hold, at the first use after the weights moved)."""
 
     def __init__(self, keep: int = 8):
         self.off: str | None = None
@@ -533,6 +534,9 @@ class GraphState:
                         "from the start.", why, DOCTOR_HINT, GRAPHS_ENV)
 
     def get(self, key):
+        weights = key[-1]
+        if self.steps and next(reversed(self.steps))[-1] != weights:   # the model moved: every kept step is stale
+            self.steps.clear()
         step = self.steps.get(key)
         if step is not None:
             self.steps.move_to_end(key)
@@ -618,7 +622,7 @@ class StageForward:
         shape = (self.stage, tuple(codes.shape), self.mem.rows, self.mem.batch, self.int8,
                  None if k0 is None else (tuple(k0.shape), k0.dtype, str(k0.device)))
         weights = tuple(p.data_ptr() for p in self.lm.parameters())
-        return shape, (shape, id(self.lm), weights)
+        return shape, (shape, id(self.lm), weights)      # `weights` last: GraphState.get reads it
 
     def _static(self, codes: torch.Tensor) -> torch.Tensor | None:
         """The step's logits [rows, 1, T, card] from static buffers (a CUDA graph on CUDA), or None when the

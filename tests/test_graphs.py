@@ -70,6 +70,7 @@ def test_a_kept_capture_is_not_reused_once_the_weights_moved(model, monkeypatch)
     monkeypatch.setattr(w, "data", w.data.clone())   # what a memory manager moving the model does
     _generate(model, static(), monkeypatch)
     assert len(steps) == 2                      # the two captured stages, captured again
+    assert list(graph_state(model.lm).steps.values()) == steps      # the stale ones were dropped
 
 
 def test_a_replay_that_differs_from_the_eager_forward_turns_graphs_off_once(model, monkeypatch, caplog):
