@@ -81,13 +81,7 @@ def _cond_rows(model, cond: TextCondition, B: int) -> TextCondition:
     if getattr(cond, "timeline", None):
         raise MagnetError("a prompt timeline conditions a whole generation (the Sampler, generate_timeline): "
                           "here give plain prompts (Text Encode).")
-    model.check_condition(cond)
-    if cond.batch == 1 and B > 1:
-        cond = cond.select([0] * B)
-    if cond.batch != B:
-        raise MagnetError(f"{cond.batch} text prompts for {B} rows of codes: give one prompt per row "
-                          f"(or one for all).")
-    return cond
+    return model.condition_rows(cond, B)
 
 
 def _prompts(prompts, B: int | None = None) -> list[str]:

@@ -213,6 +213,17 @@ class CodecLM:
                               f"({self.cfg.text_encoder}). Encode the prompts with {self.cfg.text_encoder}.")
         return cond
 
+    def condition_rows(self, cond: TextCondition, rows: int) -> TextCondition:
+        """The conditioning checked (`check_condition`) with one row per row of codes: one prompt serves
+        every row, else there must be one per row."""
+        self.check_condition(cond)
+        if cond.batch == 1 and rows > 1:
+            cond = cond.select([0] * rows)
+        if cond.batch != rows:
+            raise MagnetError(f"{cond.batch} text prompts for {rows} rows of codes: give one prompt per row "
+                              f"(or one for all).")
+        return cond
+
     def check_prompt_codes(self, prompt, batch: int, frames: int) -> torch.Tensor | None:
         """Prompt codes [batch or 1, K, P] (P < frames, codes of this codec) -> [batch, K, P]; None when absent
         or empty."""
@@ -444,12 +455,7 @@ class MagnetModel(CodecLM):
         codes = self._check_codes(codes)
         B, T = codes.shape[0], codes.shape[-1]
         params = params.check(self.cfg.n_q, self.generation_defaults)
-        self.check_condition(cond)
-        if cond.batch == 1 and B > 1:
-            cond = cond.select([0] * B)
-        if cond.batch != B:
-            raise MagnetError(f"{cond.batch} text prompts for {B} rows of codes: give one prompt per row "
-                              f"(or one for all).")
+        cond = self.condition_rows(cond, B)
         a, b = self._region_frames(start, end, T, params.span_arrangement)
         generator, self.last_seed = sampling.make_generator(seed, self.device)
         with self._autocast():
