@@ -300,10 +300,8 @@ def _vary(a) -> int:
 def _convert(a) -> int:
     import torch
 
-    from .checkpoints import convert_release
-    out = Path(a.output)
-    if out.suffix != ".safetensors":
-        raise MagnetError(f"output {out} must end in .safetensors, e.g. {out.with_suffix('.safetensors')}.")
+    from .checkpoints import convert_release, converted_path
+    out = converted_path(a.output)
     _output_folder(out, "the output")
     partial = out.with_name(out.name + ".partial")      # what convert_release writes, then renames
     try:

@@ -10,7 +10,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -25,8 +25,10 @@ from .transformer import LM, LMConfig, official_name
 
 TEXT_PROJ_KEY = "condition_provider.conditioners.description.output_proj."
 LM_FILE, CODEC_FILE = "state_dict.bin", "compression_state_dict.bin"
+CONVERTED_SUFFIX = ".safetensors"
 FORMAT = "magnet-release"
 FORMAT_VERSION = "1"
+LM_KINDS = {"transformer_lm_magnet": "magnet", "transformer_lm": "musicgen"}   # xp.cfg `lm_model` -> release kind
 
 
 def parse_xp_cfg(text: Any, where: str) -> dict:
@@ -93,9 +95,8 @@ def _field(cfg: dict, dotted: str, where: str, kind: type, default: Any = KeyErr
 
 def lm_config_from_xp(cfg: dict, state: dict, where: str) -> LMConfig:
     """Build the LM architecture from a release's xp.cfg; refuse features this engine lacks."""
-    kinds = {"transformer_lm_magnet": "magnet", "transformer_lm": "musicgen"}
     lm_model = _get(cfg, "lm_model", where)
-    if not isinstance(lm_model, str) or lm_model not in kinds:
+    if not isinstance(lm_model, str) or lm_model not in LM_KINDS:
         raise MagnetError(f"{where}: lm_model `{lm_model}` is not supported (MAGNeT `transformer_lm_magnet` "
                           f"and MusicGen `transformer_lm` are). Use an official MAGNeT or MusicGen release.")
     t = _get(cfg, "transformer_lm", where)
@@ -136,7 +137,7 @@ def lm_config_from_xp(cfg: dict, state: dict, where: str) -> LMConfig:
     if not isinstance(proj, torch.Tensor) or proj.dim() != 2:
         raise MagnetError(f"{where}: no text projection ({TEXT_PROJ_KEY}weight) in its weights. This is not "
                           f"an official text-to-audio release, or the file is damaged.")
-    kind = kinds[lm_model]
+    kind = LM_KINDS[lm_model]
     delays = _get(cfg, "codebooks_pattern.delay.delays", where, list(range(n_q)))
     try:
         delays = [int(d) for d in delays]
@@ -272,26 +273,30 @@ class Release:
 
 
 def resolve_release(release: str | Path) -> Path:
+    """The path of a release in one of the `RELEASE_FORMATS`, else a MagnetError saying what to give."""
     p = Path(release).expanduser()
     if not p.exists():
         raise MagnetError(f"release not found: {p}. Give a folder holding {LM_FILE} and {CODEC_FILE} (an "
-                          f"official release such as facebook/magnet-small-10secs) or a .safetensors file "
+                          f"official release such as facebook/magnet-small-10secs) or a {CONVERTED_SUFFIX} file "
                           f"made by `python -m magnet convert`.")
-    if p.is_dir() and not (p / LM_FILE).exists():
-        found = sorted(x.name for x in p.iterdir())[:10]
-        raise MagnetError(f"release folder {p} has no {LM_FILE} (found: {found}). Put the official release "
-                          f"files ({LM_FILE}, {CODEC_FILE}) in it.")
-    if p.is_file() and p.suffix != ".safetensors":
+    if release_format(p) is None:
+        if p.is_dir():
+            found = sorted(x.name for x in p.iterdir())[:10]
+            raise MagnetError(f"release folder {p} has no {LM_FILE} (found: {found}). Put the official release "
+                              f"files ({LM_FILE}, {CODEC_FILE}) in it.")
         raise MagnetError(f"{p} is not a release: give the release folder (holding {LM_FILE} and {CODEC_FILE}) "
-                          f"or a converted .safetensors file.")
+                          f"or a converted {CONVERTED_SUFFIX} file.")
     return p
 
 
 def load_release(release: str | Path, *, codec_dir=None, search_dirs=()) -> Release:
-    """Read a release folder (official `.bin` files) or a converted `.safetensors` file."""
+    """Read a release in any of the `RELEASE_FORMATS`: a folder of official `.bin` files or a converted
+    `.safetensors` file."""
     p = resolve_release(release)
-    if p.is_file():
-        return _load_converted(p)
+    return release_format(p).load(p, codec_dir=codec_dir, search_dirs=search_dirs)
+
+
+def _load_official(p: Path, *, codec_dir=None, search_dirs=()) -> Release:
     lm_file = p / LM_FILE
     pkg = load_torch_file(lm_file, "LM checkpoint")
     if "best_state" not in pkg or "xp.cfg" not in pkg:
@@ -335,10 +340,61 @@ def check_codec_rate(xp: dict, codec, lm_where: str, codec_where: str):
 
 
 def _generation_defaults(xp: dict) -> dict:
-    g = (xp.get("generate") or {}).get("lm") or {}
-    keys = ("temp", "top_k", "top_p", "max_cfg_coef", "min_cfg_coef", "decoding_steps", "span_arrangement",
-            "span_scoring")
-    return {k: g[k] for k in keys if k in g}
+    """The generation settings a release stores (xp.cfg `generate.lm`) that sampling reads as "the release's
+    own": each of `GENERATION_KEYS` the release stores with a usable value. One of the wrong type (a damaged or
+    hand-edited file) is left out, so sampling falls back to the music values for it, rather than failing."""
+    g = xp.get("generate") if isinstance(xp, dict) else None
+    return generation_settings(g.get("lm") if isinstance(g, dict) else None)
+
+
+def generation_settings(stored) -> dict:
+    """The usable `GENERATION_KEYS` of a `generate.lm` mapping (also what a converted file's metadata keeps)."""
+    if not isinstance(stored, dict):
+        return {}
+    out = {}
+    for key, check in GENERATION_KEYS.items():
+        value = check(stored.get(key))
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def _real(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        v = float(v)
+    except OverflowError:
+        return None
+    return v if math.isfinite(v) and v >= 0 else None
+
+
+def _whole(v):
+    v = _real(v)
+    return int(v) if v is not None and v.is_integer() else None
+
+
+def _probability(v):
+    v = _real(v)
+    return v if v is not None and v <= 1 else None
+
+
+def _choice(*allowed):
+    return lambda v: v if isinstance(v, str) and v in allowed else None
+
+
+def _steps(v):
+    steps = [_whole(s) for s in v] if isinstance(v, (list, tuple)) and v else [None]
+    return None if any(s is None or s < 1 for s in steps) else steps
+
+
+GENERATION_KEYS = {
+    "temp": _real, "top_k": _whole, "top_p": _probability, "max_cfg_coef": _real, "min_cfg_coef": _real,
+    "decoding_steps": _steps, "span_arrangement": _choice("nonoverlap", "stride1"),
+    "span_scoring": _choice("max", "prod"),
+}
+"""xp.cfg `generate.lm` keys read as a release's own generation settings, each with its check (the value, or
+None for a value of the wrong type or range)."""
 
 
 # -- converted single-file releases -----------------------------------------------------------------
@@ -361,9 +417,7 @@ def convert_release(release: str | Path, out: str | Path, *, codec_dir=None, sea
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "lm_config": json.dumps(r.lm_config.to_dict()),
             "codec_config": json.dumps(codec_cfg), "generation": json.dumps(r.generation),
             "source": Path(r.source).name}
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise MagnetError(f"output {out} must end in .safetensors.")
+    out = converted_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
     try:
@@ -372,6 +426,14 @@ def convert_release(release: str | Path, out: str | Path, *, codec_dir=None, sea
     except BaseException:        # a full disk (safetensors reports it as its own error), Ctrl-C: no partial file
         tmp.unlink(missing_ok=True)
         raise
+    return out
+
+
+def converted_path(out: str | Path) -> Path:
+    """`out` as the path of a converted release, which must end in .safetensors (else a MagnetError)."""
+    out = Path(out)
+    if out.suffix != CONVERTED_SUFFIX:
+        raise MagnetError(f"output {out} must end in {CONVERTED_SUFFIX}, e.g. {out.with_suffix(CONVERTED_SUFFIX)}.")
     return out
 
 
@@ -397,6 +459,7 @@ def _load_converted(path: Path) -> Release:
         generation = json.loads(meta.get("generation") or "{}")
         if not isinstance(codec_cfg, dict) or not isinstance(generation, dict):
             raise ValueError("codec_config/generation is not a JSON object")
+        generation = generation_settings(generation)
     except (KeyError, TypeError, ValueError) as e:
         raise MagnetError(f"{path}: its metadata is incomplete or damaged ({type(e).__name__}: "
                           f"{first_line(e)}). Convert the release again with `python -m magnet convert`.") from None
@@ -405,43 +468,89 @@ def _load_converted(path: Path) -> Release:
     return Release(cfg, lm_state, codec, path, generation)
 
 
-# -- what a file or folder is, cheaply (for listing) --------------------------------------------------
+# -- the release formats: what a file or folder is (cheaply, for listing), its name, how it loads -------
+
+def _official_kind(lm_file: Path) -> str | None:
+    """From the xp.cfg of a memory-mapped state_dict.bin (its tensors are never read)."""
+    if not is_zip_file(lm_file):
+        return None
+    pkg = torch.load(lm_file, map_location="cpu", weights_only=True, mmap=True)
+    xp = yaml.safe_load(pkg["xp.cfg"]) if isinstance(pkg, dict) else None
+    return LM_KINDS.get((xp or {}).get("lm_model"))
+
+
+def _converted_kind(path: Path) -> str | None:
+    """From the metadata in a converted file's header alone."""
+    meta = _safetensors_metadata(path)
+    if meta.get("format") != FORMAT:
+        return None
+    return LMConfig.from_dict(json.loads(meta["lm_config"])).kind
+
+
+@dataclass(frozen=True)
+class ReleaseFormat:
+    """One way a release lies on disk.
+
+    probe(path): whether `path` is in this format, from its type and name alone (nothing is read);
+    config(path): the file that holds its config; kind(config file): 'magnet' or 'musicgen' read from the
+    config alone (None: not a release); load(path, codec_dir=, search_dirs=): the `Release`;
+    label(path): the release's name (logs, lists); files: the files the format is made of (what a download
+    fetches)."""
+    name: str
+    probe: Callable[[Path], bool]
+    config: Callable[[Path], Path]
+    kind: Callable[[Path], str | None]
+    load: Callable[..., Release]
+    label: Callable[[Path], str]
+    files: tuple = ()
+
+
+OFFICIAL = ReleaseFormat("official release folder", probe=lambda p: p.is_dir() and (p / LM_FILE).exists(),
+                         config=lambda p: p / LM_FILE, kind=_official_kind, load=_load_official,
+                         label=lambda p: p.name, files=(LM_FILE, CODEC_FILE))
+CONVERTED = ReleaseFormat("converted release file", probe=lambda p: p.is_file() and p.suffix == CONVERTED_SUFFIX,
+                          config=lambda p: p, kind=_converted_kind,
+                          load=lambda p, codec_dir=None, search_dirs=(): _load_converted(p),
+                          label=lambda p: p.stem)
+RELEASE_FORMATS = (OFFICIAL, CONVERTED)
+"""Every release format, in the order they are tried; the one place a path's format is decided."""
+
+
+def release_format(path: str | Path) -> ReleaseFormat | None:
+    """The format of the release at `path`, or None when it is in none (nothing is read)."""
+    p = Path(path)
+    return next((f for f in RELEASE_FORMATS if f.probe(p)), None)
+
+
+def release_label(path: str | Path) -> str:
+    """A release's name: the folder's name, or the converted file's name without its suffix."""
+    fmt = release_format(path)
+    return fmt.label(Path(path)) if fmt is not None else Path(path).name
+
 
 _KIND_CACHE: dict = {}
 
 
 def release_kind(path: str | Path) -> str | None:
-    """'magnet' or 'musicgen' for a release folder or converted `.safetensors`, None for anything else.
+    """'magnet' or 'musicgen' for a release in any of the `RELEASE_FORMATS`, None for anything else.
 
     Reads only the config: the `.bin` is memory-mapped (its tensors are never read) and a `.safetensors`
     only its header. Cached by (path, size, mtime), so listing a models folder stays cheap."""
-    p = Path(path)
-    target = p / LM_FILE if p.is_dir() else p
+    fmt = release_format(path)
+    if fmt is None:
+        return None
+    target = fmt.config(Path(path))
     try:
         st = target.stat()
     except OSError:
         return None
     key = (str(target.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _KIND_CACHE:
-        _KIND_CACHE[key] = _read_kind(target)
+        try:
+            _KIND_CACHE[key] = fmt.kind(target)
+        except Exception:   # anything unreadable is simply not listed; loading it by name gives the real error
+            _KIND_CACHE[key] = None
     return _KIND_CACHE[key]
-
-
-def _read_kind(target: Path) -> str | None:
-    try:
-        if target.suffix == ".safetensors":
-            meta = _safetensors_metadata(target)
-            if meta.get("format") != FORMAT:
-                return None
-            return LMConfig.from_dict(json.loads(meta["lm_config"])).kind
-        if target.name != LM_FILE or not is_zip_file(target):
-            return None
-        pkg = torch.load(target, map_location="cpu", weights_only=True, mmap=True)
-        xp = yaml.safe_load(pkg["xp.cfg"]) if isinstance(pkg, dict) else None
-        model = (xp or {}).get("lm_model")
-        return {"transformer_lm_magnet": "magnet", "transformer_lm": "musicgen"}.get(model)
-    except Exception:   # anything unreadable is simply not listed; loading it by name gives the real error
-        return None
 
 
 def _safetensors_metadata(path: Path) -> dict:

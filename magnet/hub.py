@@ -6,6 +6,7 @@ import errno
 
 from pathlib import Path
 
+from .checkpoints import OFFICIAL
 from .errors import MagnetError, first_line
 
 RELEASES = ["facebook/magnet-small-10secs", "facebook/magnet-medium-10secs", "facebook/magnet-small-30secs",
@@ -15,7 +16,7 @@ TEXT_ENCODERS = {"t5-base": "google-t5/t5-base", "t5-large": "google-t5/t5-large
 CODECS = ["facebook/encodec_32khz"]
 # what each kind needs (no TensorFlow/Flax/pickle duplicates)
 PATTERNS = {
-    "release": ["state_dict.bin", "compression_state_dict.bin", "*.md"],
+    "release": [*OFFICIAL.files, "*.md"],          # releases come in the official format
     "text_encoder": ["config.json", "model.safetensors", "spiece.model", "tokenizer.json", "tokenizer_config.json",
                      "special_tokens_map.json"],
     "codec": ["config.json", "model.safetensors", "preprocessor_config.json"],

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from ..magnet.cache import CACHE, file_key
-from ..magnet.checkpoints import release_kind
+from ..magnet.checkpoints import release_kind, release_label
 from ..magnet.compat import model_type_of
 from ..magnet.devices import available_devices, codec_device, parse_device, parse_dtype
 from ..magnet.errors import MagnetError
@@ -36,14 +36,15 @@ def dtype_input() -> tuple:
 
 
 def list_releases(kind: str = "magnet") -> list[str]:
-    """Release folders and converted .safetensors under models/magnet whose LM is of `kind` ('magnet' or
-    'musicgen'). Reads configs only (release_kind memory-maps and caches), never the weights."""
+    """Releases (any of checkpoints.RELEASE_FORMATS: folders, converted .safetensors) under models/magnet whose
+    LM is of `kind` ('magnet' or 'musicgen'). Reads configs only (release_kind memory-maps and caches), never
+    the weights."""
     names = []
     for root in comfy.model_dirs("magnet"):
         if not root.is_dir():
             continue
         for p in sorted(root.iterdir()):
-            if (p.is_dir() or p.suffix == ".safetensors") and release_kind(p) == kind:
+            if release_kind(p) == kind:
                 names.append(p.name)
     return sorted(set(names))
 
@@ -97,9 +98,7 @@ def load_cached(owner, kind: str, folder: str, name: str, what: str, device: str
     return CACHE.get(key, lambda: build(path, home, dev, dt), owner=(kind, id(owner)))
 
 
-def label(path: Path) -> str:
-    """A release's name for logs: the folder name, or the file name without .safetensors."""
-    return path.stem if path.is_file() else path.name
+label = release_label     # a release's name for logs (the folder's, or the converted file's without its suffix)
 
 
 class MagnetModelLoader:

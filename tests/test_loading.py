@@ -200,3 +200,55 @@ def test_safetensors_file_that_is_not_a_release_is_refused(ref, tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 20)
     with pytest.raises(MagnetError, match="corrupt|could not be read"):
         _load(tmp_path / "bad.safetensors", ref)
+
+
+# -- the release formats and the generation settings a release stores --------------------------------
+
+def test_one_format_table_decides_what_a_path_is_its_kind_and_its_name(ref, tmp_path):
+    from magnet import checkpoints, hub
+    from magnet.checkpoints import CONVERTED, OFFICIAL, release_format, release_kind, release_label
+    conv = convert_release(ref / "musicgen", tmp_path / "mg.safetensors")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.bin").write_bytes(b"x")
+    cases = {ref / "magnet-music": (OFFICIAL, "magnet", "magnet-music"),
+             ref / "musicgen": (OFFICIAL, "musicgen", "musicgen"),
+             conv: (CONVERTED, "musicgen", "mg"),
+             tmp_path / "empty": (None, None, "empty"),
+             tmp_path / "notes.bin": (None, None, "notes.bin")}
+    for path, (fmt, kind, name) in cases.items():
+        assert release_format(path) is fmt and release_kind(path) == kind and release_label(path) == name, path
+        if fmt is not None:
+            assert checkpoints.load_release(path).lm_config.kind == kind
+    assert checkpoints.RELEASE_FORMATS == (OFFICIAL, CONVERTED)
+    assert set(OFFICIAL.files) <= set(hub.PATTERNS["release"])     # a download fetches what the format is
+
+
+def test_a_file_in_no_release_format_is_refused_naming_both_formats(ref, tmp_path):
+    (tmp_path / "model.ckpt").write_bytes(b"x")
+    with pytest.raises(MagnetError, match=r"not a release: .*state_dict\.bin.*\.safetensors"):
+        _load(tmp_path / "model.ckpt", ref)
+
+
+def test_every_stored_generation_setting_is_kept_in_both_formats(ref, tmp_path, audio_model):
+    stored = {"temp": 3.5, "top_k": 0, "top_p": 0.8, "max_cfg_coef": 20.0, "min_cfg_coef": 1.0,
+              "decoding_steps": [20, 10, 10, 10], "span_arrangement": "nonoverlap", "span_scoring": "max"}
+    assert audio_model.generation_defaults == stored
+    conv = _load(convert_release(ref / "magnet-audio", tmp_path / "a.safetensors"), ref,
+                 text_encoder=ref / "t5-large")
+    assert conv.generation_defaults == stored
+
+
+@pytest.mark.parametrize("key, bad", [
+    ("temp", "hot"), ("temp", float("nan")), ("temp", -1.0), ("temp", True), ("temp", 10 ** 400), ("top_k", 2.5),
+    ("top_k", [1]), ("top_p", 1.5), ("max_cfg_coef", None), ("min_cfg_coef", {"a": 1}),
+    ("decoding_steps", [20, 0, 10, 10]), ("decoding_steps", "20,10,10,10"), ("decoding_steps", []),
+    ("span_arrangement", "diagonal"), ("span_scoring", 1)])
+def test_a_stored_generation_setting_of_the_wrong_type_is_left_out_not_fatal(key, bad):
+    from magnet.checkpoints import _generation_defaults
+    good = {"temp": 3.0, "top_k": 0, "top_p": 0.9, "max_cfg_coef": 10, "min_cfg_coef": 1,
+            "decoding_steps": [60, 10, 10, 10], "span_arrangement": "stride1", "span_scoring": "prod"}
+    got = _generation_defaults({"generate": {"lm": {**good, key: bad, "use_sampling": True}}})
+    assert key not in got and got == {k: v for k, v in good.items() if k != key}
+    assert isinstance(got["max_cfg_coef"] if key != "max_cfg_coef" else got["temp"], float)
+    for damaged in ({}, {"generate": None}, {"generate": {"lm": "temp: 3"}}, {"generate": []}):
+        assert _generation_defaults(damaged) == {}
