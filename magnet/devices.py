@@ -10,6 +10,7 @@ and the per-device policies every part of the engine shares.
 from __future__ import annotations
 
 import contextlib
+import re
 
 import torch
 
@@ -17,6 +18,9 @@ from .errors import MagnetError
 
 DEVICE_ALIASES = {"gpu": "cuda", "nvidia": "cuda", "cuda": "cuda", "cpu": "cpu", "mps": "mps", "metal": "mps",
                   "apple": "mps", "xpu": "xpu"}
+DEVICE_NAME = re.compile(r"([a-z]+)(?::?([0-9]+))?", re.ASCII)
+"""The whole grammar of a device name: an alias, then optionally an index in plain ASCII digits, with or
+without a colon (cuda, cuda:1, gpu1, cpu, mps, xpu:0). Anything else is refused."""
 DTYPE_ALIASES = {"fp32": torch.float32, "float32": torch.float32, "float": torch.float32, "32": torch.float32,
                  "fp16": torch.float16, "float16": torch.float16, "half": torch.float16, "16": torch.float16,
                  "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -49,41 +53,52 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def device_count(kind: str) -> int:
+    """How many devices of this type ('cpu', 'cuda', 'mps', 'xpu') this machine (and torch build) has."""
+    if kind == "cuda":
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if kind == "xpu":
+        xpu = getattr(torch, "xpu", None)
+        return xpu.device_count() if xpu is not None and xpu.is_available() else 0
+    if kind == "mps":
+        return int(mps_available())
+    return 1 if kind == "cpu" else 0
+
+
+_MISSING = {"cuda": "this machine (or this torch build, {version}) has no CUDA",
+            "mps": "Apple's MPS is not available here", "xpu": "no Intel XPU here"}
+
+
 def parse_device(device, what: str = "device") -> torch.device:
     """A device from a torch.device or a name ('auto', 'cpu', 'cuda', 'cuda:1', 'gpu', 'gpu1', 'mps'),
-    checked to exist here."""
+    checked to exist here: anything that is not a device this machine has (a name outside `DEVICE_NAME`'s
+    grammar, an index it does not have, a type this engine does not run on) is a MagnetError naming the value
+    and the devices to choose from."""
     if device is None or (isinstance(device, str) and device.strip().lower() in ("", "auto")):
         return default_device()
+    choose = f"Use auto or one of: {', '.join(available_devices())}."
     if isinstance(device, torch.device):
-        dev = device
+        kind, index = device.type, device.index
     elif isinstance(device, str):
-        name = device.strip().lower()
-        base, _, index = name.partition(":")
-        if not index:   # gpu0, cuda1
-            digits = base.lstrip("abcdefghijklmnopqrstuvwxyz")
-            base, index = base[: len(base) - len(digits)], digits
-        if base not in DEVICE_ALIASES or (index and not index.isdigit()):
-            raise MagnetError(f"{what} {device!r} is not a device name: use auto, "
-                              f"{', '.join(available_devices())}.")
-        dev = torch.device(DEVICE_ALIASES[base] + (f":{int(index)}" if index else ""))
+        m = DEVICE_NAME.fullmatch(device.strip().lower())
+        if m is None or m.group(1) not in DEVICE_ALIASES:
+            raise MagnetError(f"{what} {device!r} is not a device name (a device is cpu, cuda, cuda:N, mps or xpu, "
+                              f"N a whole number). {choose}")
+        kind, digits = DEVICE_ALIASES[m.group(1)], m.group(2)
+        index = int(digits) if digits is not None and len(digits) <= 9 else (None if digits is None else -1)
     else:
-        raise MagnetError(f"{what} {device!r} must be a device name such as 'cpu' or 'cuda' (or 'auto').")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise MagnetError(f"{what} {device!r}: this machine (or this torch build, {torch.__version__}) "
-                              f"has no CUDA. Use auto or one of: {', '.join(available_devices())}.")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise MagnetError(f"{what} {device!r}: there are only {torch.cuda.device_count()} CUDA device(s) "
-                              f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1}).")
-    elif dev.type == "mps" and not mps_available():
-        raise MagnetError(f"{what} {device!r}: Apple's MPS is not available here. Use auto or one of: "
-                          f"{', '.join(available_devices())}.")
-    elif dev.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
-        raise MagnetError(f"{what} {device!r}: no Intel XPU here. Use auto or one of: "
-                          f"{', '.join(available_devices())}.")
-    elif dev.type not in ("cpu", "cuda", "mps", "xpu"):
-        raise MagnetError(f"{what} {device!r} is not supported: use auto, {', '.join(available_devices())}.")
-    return dev
+        raise MagnetError(f"{what} {device!r} must be a device name such as 'cpu' or 'cuda' (or 'auto'), not a "
+                          f"{type(device).__name__}.")
+    if kind not in ("cpu", "cuda", "mps", "xpu"):
+        raise MagnetError(f"{what} {device!r} is not supported (the engine runs on cpu, cuda, mps and xpu). {choose}")
+    count = device_count(kind)
+    if count == 0:
+        raise MagnetError(f"{what} {device!r}: {_MISSING[kind].format(version=torch.__version__)}. {choose}")
+    if index is not None and not 0 <= index < count:
+        have = f"{kind}:0 .. {kind}:{count - 1}" if count > 1 else f"only {kind}:0 ({kind})"
+        raise MagnetError(f"{what} {device!r}: there is no such {kind} device here ({count} {kind} device(s): "
+                          f"{have}). {choose}")
+    return torch.device(kind if index is None else f"{kind}:{index}")
 
 
 FP16_BROKEN_GPUS = ("GTX 16", "1660", "1650", "1630", "T500", "T550", "T600", "MX550", "MX450", "CMP 30HX",

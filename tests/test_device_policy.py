@@ -182,3 +182,40 @@ def test_comfyui_codec_patcher_loads_to_the_cpu_for_mps(monkeypatch, tmp_path):
     monkeypatch.setattr(nodes.comfy, "manage", lambda module, dev=None, label="": managed.update({label: dev}))
     nodes.loaders.MagnetModelLoader().load("magnet-fake", "mps", "fp32")
     assert managed == {"MAGNeT LM (magnet-fake)": torch.device("mps"), "EnCodec (magnet-fake)": torch.device("cpu")}
+
+
+# -- device names: a strict grammar, every other value refused naming it -------------------------------
+
+def _gpus(monkeypatch, n):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+
+
+@pytest.mark.parametrize("name, gpus, want", [
+    ("cpu", 0, "cpu"), (" CPU ", 0, "cpu"), ("cpu:0", 0, "cpu:0"), ("gpu", 1, "cuda"), ("nvidia", 1, "cuda"),
+    ("cuda:0", 1, "cuda:0"), ("cuda:1", 2, "cuda:1"), ("gpu1", 2, "cuda:1"), ("CUDA:01", 2, "cuda:1"),
+    (torch.device("cuda", 1), 2, "cuda:1"), (torch.device("cpu"), 0, "cpu")])
+def test_device_names_in_the_grammar_give_that_device(monkeypatch, name, gpus, want):
+    _gpus(monkeypatch, gpus)
+    assert devices.parse_device(name, "--device") == torch.device(want)
+
+
+@pytest.mark.parametrize("name, gpus", [
+    ("gpu\u00b2", 2), ("cpu:\u00b2", 0), ("cuda:\u0661", 2), ("\uff43\uff50\uff55", 0), ("cuda:99999999999999999999", 2),
+    ("cuda:" + "9" * 5000, 2), ("cuda:-1", 2), ("cuda:1", 1), ("gpu1", 1), ("cuda:0", 0), ("cuda", 0),
+    ("cpu:1", 0), ("cuda:", 2), ("cuda:1:2", 2), ("cu da", 2), ("cuda 1", 2), ("cuda:1.0", 2), ("tpu", 2),
+    ("meta", 0), ("mps:1", 0), ("xpu", 0), ("-", 0), ("\x00", 0), (torch.device("meta"), 0),
+    (torch.device("cuda", 3), 2), (torch.device("cuda"), 0)])
+def test_anything_but_a_device_this_machine_has_is_refused_naming_it(monkeypatch, name, gpus):
+    _gpus(monkeypatch, gpus)
+    monkeypatch.setattr(devices, "mps_available", lambda: False)
+    with pytest.raises(MagnetError) as info:
+        devices.parse_device(name, "--device")
+    msg = str(info.value)
+    assert msg.startswith(f"--device {name!r}"[:60]) and "Use auto or one of: cpu" in msg, msg
+
+
+@pytest.mark.parametrize("value", [3, 0, 1.5, True, b"cpu", ["cpu"], object()])
+def test_a_device_that_is_not_a_name_is_refused_naming_its_type(value):
+    with pytest.raises(MagnetError, match=rf"^device .* must be a device name .* not a {type(value).__name__}"):
+        devices.parse_device(value)

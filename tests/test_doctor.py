@@ -130,6 +130,9 @@ def test_a_release_is_checked_on_its_real_lm(ref, capsys, monkeypatch):
     (["--release", "no/such/release"], ["release not found"]),
     (["--dtype", "fp64"], ["--dtype", "fp32, fp16 or bf16"]),
     (["--device", "tpu"], ["--device", "not a device name"]),
+    (["--device", "gpu\u00b2"], ["--device 'gpu\u00b2'", "not a device name"]),
+    (["--device", "cpu:\u00b2"], ["--device 'cpu:\u00b2'", "not a device name"]),
+    (["--device", "cuda:99999999999999999999"], ["--device 'cuda:99999999999999999999'", "auto"]),
 ])
 def test_user_mistakes_are_one_line_errors_before_any_work(capsys, args, words):
     rc, out, err = run_doctor(capsys, *args)
