@@ -5,7 +5,7 @@ from ..magnet.musicgen import (ARParams, MusicGenModel, MusicGenRescorer, ar_pro
                                ar_seconds_to_frames)
 from . import comfy
 from .common import (AR_MODEL, CATEGORY, CONDITIONING, MODEL, RESCORER, TOKENS, Handle, check_tokens, finite, ready,
-                     seed_arg, tokens_payload, user_errors)
+                     seed_arg, seed_input, tokens_payload, user_errors)
 from .loaders import device_input, dtype_input, label, list_releases, load_cached
 
 
@@ -60,9 +60,7 @@ class MagnetARPrompt:
                                              "music release with MusicGen)"}),
                 "conditioning": (CONDITIONING, {"tooltip": "the prompts, from MAGNeT Text Encode (the same one "
                                                            "the Sampler uses)"}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
-                                 "tooltip": "random seed of MusicGen's sampling; the same seed gives the same "
-                                            "tokens"}),
+                "seed": seed_input("random seed of MusicGen's sampling; the same seed gives the same tokens"),
                 "seconds": ("FLOAT", {"default": 3.0, "min": 0.1, "max": 30.0, "step": 0.1,
                                       "tooltip": "how much MusicGen writes before MAGNeT takes over (3 s typical)"}),
                 "temperature": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05,

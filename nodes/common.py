@@ -1,4 +1,5 @@
-"""What the node modules share: socket payloads, AUDIO conversion, user-facing errors."""
+"""What the node modules share: socket payloads, AUDIO conversion, user-facing errors, and the widgets of
+every node that samples MAGNeT (the seed and the sampling settings) with their translation to the engine."""
 from __future__ import annotations
 
 import contextlib
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 
 from ..magnet.errors import MagnetError, first_line
-from ..magnet.sampling import check_seed
+from ..magnet.sampling import SPAN_ARRANGEMENTS, SPAN_SCORINGS, FastMode, SamplingParams, check_seed
 from . import comfy
 
 CATEGORY = "audio/MAGNeT"
@@ -111,6 +112,117 @@ def seed_arg(seed) -> int:
         return check_seed(seed)
     except MagnetError:
         raise MagnetError(f"input `seed` {seed!r} must be a whole number (0 to 18446744073709551615).") from None
+
+
+# -- the widgets of every node that samples MAGNeT ---------------------------------------------------------
+
+SEED_TOOLTIP = ("random seed; the same seed and settings give the same audio. control_after_generate picks the "
+                "next one (randomize / increment / fixed); the seed used is the value shown in the widget")
+
+
+def seed_input(tooltip: str = SEED_TOOLTIP) -> tuple:
+    """The seed widget (0 to 2**64 - 1, with ComfyUI's control_after_generate)."""
+    return ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                    "tooltip": tooltip})
+
+
+# "The release's own" setting (what its xp.cfg `generate.lm` stores): -1 in a number widget, the first choice
+# `release` in a choice widget, `auto` in decoding_steps. `sampling_params` passes it to the engine as None.
+OWN, RELEASE = -1, "release"
+
+
+def _own(what: str) -> str:
+    return f"{OWN} = the release's own: {what}"
+
+
+# The sampling widgets, in widget order (ComfyUI saves widget values by position: add a new one at the end and
+# give the workflows its value). Each name is a `SamplingParams` field. They are optional inputs, first among a
+# node's optional ones: an API prompt that leaves one out gets the release's own.
+SAMPLING_WIDGETS = {
+    "decoding_steps": ("STRING", {"default": "auto",
+                                  "tooltip": "decoding steps per codebook, e.g. 20,10,10,10. auto = the release's "
+                                             "own: 60,10,10,10 in the 30 s music releases, 20,10,10,10 in the 10 s "
+                                             "ones and audio-magnet (else 20,10,10,10). Numbers you type win"}),
+    "temperature": ("FLOAT", {"default": float(OWN), "min": float(OWN), "max": 20.0, "step": 0.05,
+                              "tooltip": "initial temperature, annealed to 0 within each codebook. "
+                                         + _own("3.0 for the music releases, 3.5 for audio-magnet")}),
+    "top_k": ("INT", {"default": OWN, "min": OWN, "max": 100000,
+                      "tooltip": "sample among the k most likely tokens; 0 = off (used when top_p is 0). "
+                                 + _own("0 (off) in every release: they use top_p")}),
+    "top_p": ("FLOAT", {"default": float(OWN), "min": float(OWN), "max": 1.0, "step": 0.01,
+                        "tooltip": "nucleus sampling; 0 = off. "
+                                   + _own("0.9 for the music releases, 0.8 for audio-magnet")}),
+    "max_cfg_coef": ("FLOAT", {"default": float(OWN), "min": float(OWN), "max": 100.0, "step": 0.1,
+                               "tooltip": "classifier-free guidance at the start of each codebook, annealed to "
+                                          "min_cfg_coef. " + _own("10 for the music releases, 20 for "
+                                                                  "audio-magnet")}),
+    "min_cfg_coef": ("FLOAT", {"default": float(OWN), "min": float(OWN), "max": 100.0, "step": 0.1,
+                               "tooltip": "guidance at the end of each codebook. "
+                                          + _own("1 in every release (music 10 -> 1, audio-magnet 20 -> 1)")}),
+    "span_arrangement": ([RELEASE, *SPAN_ARRANGEMENTS], {
+        "default": RELEASE,
+        "tooltip": "release = the release's own (nonoverlap in every release). nonoverlap: re-mask whole 3-frame "
+                   "spans (the length is trimmed to a multiple of 3 frames); stride1: overlapping spans"}),
+    "span_scoring": ([RELEASE, *SPAN_SCORINGS], {
+        "default": RELEASE,
+        "tooltip": "how a span's confidence is scored: max or prod. release = the release's own (max in every "
+                   "release)"}),
+    "fast": ("BOOLEAN", {"default": False, "label_on": "fast", "label_off": "exact", "tooltip": FastMode().summary()}),
+}
+
+
+def sampling_inputs(required: dict, optional: dict | None = None) -> dict:
+    """INPUT_TYPES of a node that samples MAGNeT: its own `required` inputs, then the sampling widgets (first
+    among the optional inputs), then its own `optional` ones."""
+    return {"required": required, "optional": {**SAMPLING_WIDGETS, **(optional or {})}}
+
+
+def sampling_params(m, **widgets) -> SamplingParams:
+    """The sampling widgets (by name, any of SAMPLING_WIDGETS; one left out = the release's own) as the
+    model's checked SamplingParams. -1 and `release` become None, the release's own (decoding_steps `auto`
+    is resolved by the engine the same way); numbers are checked at the boundary (a link may carry NaN)."""
+    fields = {}
+    for name, value in widgets.items():
+        kind = SAMPLING_WIDGETS[name][0]
+        if isinstance(kind, list):
+            value = None if value == RELEASE else value
+        elif kind in ("INT", "FLOAT"):
+            number = finite(value, name)
+            if number == OWN:
+                value = None
+            elif number < 0:
+                raise MagnetError(f"input `{name}` is {number:g}: use {OWN} for the release's own, or a value "
+                                  f"of at least 0.")
+        elif kind == "BOOLEAN":
+            value = bool(value)
+        fields[name] = value
+    return m.sampling_params(**fields)
+
+
+RESCORER_INPUT = (RESCORER, {"tooltip": "optional: an autoregressive model that rescores the spans (from Rescorer "
+                                        "(MusicGen)); slower, better"})
+
+
+def check_rescorer(r, m):
+    """The (readied) rescorer, checked against the MAGNeT model (same codec and T5); None stays None."""
+    if r is not None and hasattr(r, "check_compatible"):
+        r.check_compatible(m)
+    return r
+
+
+def ready_to_sample(model, rescorer, seed, widgets: dict) -> tuple[Any, dict]:
+    """What every sampling node does before it calls the engine: the seed checked, the model and rescorer
+    readied together, the sampling widgets made into checked SamplingParams (once). Returns the model and the
+    keywords of its `*_from_condition` call (params, seed, progress, rescorer)."""
+    seed = seed_arg(seed)
+    m, r = ready(model, rescorer)
+    params = sampling_params(m, **widgets)
+    return m, dict(params=params, seed=seed, progress=comfy.Progress(), rescorer=check_rescorer(r, m))
+
+
+def sampled_tokens(result, codec, **extra) -> dict:
+    """MAGNET_TOKENS from the engine's `Generated` (codes, seed): the seed that made them travels along."""
+    return {**tokens_payload(result.codes, codec), "seed": int(result.seed), **extra}
 
 
 def tokens_payload(codes: torch.Tensor, codec) -> dict:

@@ -2,23 +2,11 @@
 from __future__ import annotations
 
 from ..magnet import edit
-from . import comfy
-from .common import (CATEGORY, CODEC, CONDITIONING, MODEL, RESCORER, TEXT_ENCODER, TOKENS, audio_out, check_tokens,
-                     finite, ready, seed_arg, tokens_payload, user_errors)
-from .generate import FAST_INPUT, SAMPLING_INPUTS, SEED_TOOLTIP, check_rescorer, sampling_params
+from .common import (CATEGORY, CODEC, CONDITIONING, MODEL, RESCORER_INPUT, SEED_TOOLTIP, TEXT_ENCODER, TOKENS,
+                     audio_out, check_tokens, finite, ready_to_sample, sampled_tokens, sampling_inputs, seed_input,
+                     user_errors)
 
-FAST = FAST_INPUT["fast"]
-RESCORER_INPUT = (RESCORER, {"tooltip": "an autoregressive model that rescores the spans (from Rescorer "
-                                        "(MusicGen)); optional, slower"})
 LOOP_KEY = "loop_duration"    # MAGNET_TOKENS of a loop carry its exact length in seconds
-
-
-def _sampling(m, decoding_steps, temperature, top_k, top_p, max_cfg_coef, min_cfg_coef, span_arrangement,
-              span_scoring, fast):
-    from dataclasses import replace
-    params = sampling_params(m, decoding_steps, temperature, top_k, top_p, max_cfg_coef, min_cfg_coef,
-                             span_arrangement, span_scoring)
-    return replace(params, fast=bool(fast)).check(m.cfg.n_q, getattr(m, "generation_defaults", None))
 
 
 class MagnetAudioToAudio:
@@ -31,25 +19,20 @@ class MagnetAudioToAudio:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": (MODEL, {"tooltip": "the MAGNeT release whose codec made the tokens"}),
-                "conditioning": (CONDITIONING, {"tooltip": "the prompt to steer the redrawn parts, from MAGNeT "
-                                                           "Text Encode (one for all rows, or one per row)"}),
-                "tokens": (TOKENS, {"tooltip": "the audio to vary: from Encode Audio (a recording) or the Sampler"}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
-                                 "tooltip": SEED_TOOLTIP + "; it also picks which spans are redrawn"}),
-                "strength": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05,
-                                       "tooltip": "share of the clip redrawn: 0 = unchanged, 1 = only the length "
-                                                  "(and kept codebooks) remain; 0.3-0.6 = a variation"}),
-                "keep_codebooks": ("INT", {"default": 0, "min": 0, "max": 31,
-                                           "tooltip": "codebooks kept everywhere: 0 = none, 1 = codebook 0 (rhythm, "
-                                                      "melody: redraw timbre and detail); at most the model's "
-                                                      "codebooks less one"}),
-                **SAMPLING_INPUTS,
-            },
-            "optional": {"fast": FAST, "rescorer": RESCORER_INPUT},
-        }
+        return sampling_inputs({
+            "model": (MODEL, {"tooltip": "the MAGNeT release whose codec made the tokens"}),
+            "conditioning": (CONDITIONING, {"tooltip": "the prompt to steer the redrawn parts, from MAGNeT "
+                                                       "Text Encode (one for all rows, or one per row)"}),
+            "tokens": (TOKENS, {"tooltip": "the audio to vary: from Encode Audio (a recording) or the Sampler"}),
+            "seed": seed_input(SEED_TOOLTIP + "; it also picks which spans are redrawn"),
+            "strength": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05,
+                                   "tooltip": "share of the clip redrawn: 0 = unchanged, 1 = only the length "
+                                              "(and kept codebooks) remain; 0.3-0.6 = a variation"}),
+            "keep_codebooks": ("INT", {"default": 0, "min": 0, "max": 31,
+                                       "tooltip": "codebooks kept everywhere: 0 = none, 1 = codebook 0 (rhythm, "
+                                                  "melody: redraw timbre and detail); at most the model's "
+                                                  "codebooks less one"}),
+        }, {"rescorer": RESCORER_INPUT})
 
     RETURN_TYPES = (TOKENS,)
     RETURN_NAMES = ("tokens",)
@@ -57,19 +40,13 @@ class MagnetAudioToAudio:
     FUNCTION = "vary"
     CATEGORY = CATEGORY
 
-    def vary(self, model, conditioning, tokens, seed, strength, keep_codebooks, decoding_steps, temperature, top_k,
-             top_p, max_cfg_coef, min_cfg_coef, span_arrangement, span_scoring, fast=False, rescorer=None):
+    def vary(self, model, conditioning, tokens, seed, strength, keep_codebooks, *, rescorer=None, **sampling):
         with user_errors(self.DISPLAY_NAME):
-            seed = seed_arg(seed)
             strength = finite(strength, "strength")
-            m, r = ready(model, rescorer)
-            params = _sampling(m, decoding_steps, temperature, top_k, top_p, max_cfg_coef, min_cfg_coef,
-                               span_arrangement, span_scoring, fast)
-            codes = check_tokens(tokens, m.codec)
-            out = edit.vary_from_condition(m, conditioning, codes, strength=strength, keep_codebooks=keep_codebooks,
-                                           params=params, seed=seed, progress=comfy.Progress(),
-                                           rescorer=check_rescorer(r, m))
-            return (tokens_payload(out, m.codec),)
+            m, run = ready_to_sample(model, rescorer, seed, sampling)
+            out = edit.vary_from_condition(m, conditioning, check_tokens(tokens, m.codec), strength=strength,
+                                           keep_codebooks=keep_codebooks, **run)
+            return (sampled_tokens(out, m.codec),)
 
 
 class MagnetSeamlessLoop:
@@ -81,29 +58,24 @@ class MagnetSeamlessLoop:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": (MODEL, {"tooltip": "the MAGNeT release, from the MAGNeT Model Loader"}),
-                "conditioning": (CONDITIONING, {"tooltip": "the prompts, from MAGNeT Text Encode (several lines = "
-                                                           "several loops)"}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
-                                 "tooltip": SEED_TOOLTIP}),
-                "duration": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 3600.0, "step": 0.01,
-                                       "tooltip": "the loop's seconds; 0 = bars x beats_per_bar at bpm"}),
-                "bars": ("INT", {"default": 4, "min": 1, "max": 1000,
-                                 "tooltip": "bars in the loop (used when duration is 0)"}),
-                "bpm": ("FLOAT", {"default": 120.0, "min": 1.0, "max": 1000.0, "step": 0.5,
-                                  "tooltip": "tempo in beats per minute (used when duration is 0); say it in the "
-                                             "prompt too, e.g. '120 bpm'"}),
-                "beats_per_bar": ("INT", {"default": 4, "min": 1, "max": 32,
-                                          "tooltip": "beats in a bar: 4 for 4/4, 3 for 3/4 (used when duration is 0)"}),
-                **SAMPLING_INPUTS,
-            },
-            "optional": {"fast": FAST, "rescorer": RESCORER_INPUT,
-                         "tokens": (TOKENS, {"tooltip": "optional: make these tokens (e.g. Encode Audio of a "
-                                                        "recording) loop instead of generating; their length is "
-                                                        "kept and duration/bars/bpm are not used"})},
-        }
+        return sampling_inputs({
+            "model": (MODEL, {"tooltip": "the MAGNeT release, from the MAGNeT Model Loader"}),
+            "conditioning": (CONDITIONING, {"tooltip": "the prompts, from MAGNeT Text Encode (several lines = "
+                                                       "several loops)"}),
+            "seed": seed_input(),
+            "duration": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 3600.0, "step": 0.01,
+                                   "tooltip": "the loop's seconds; 0 = bars x beats_per_bar at bpm"}),
+            "bars": ("INT", {"default": 4, "min": 1, "max": 1000,
+                             "tooltip": "bars in the loop (used when duration is 0)"}),
+            "bpm": ("FLOAT", {"default": 120.0, "min": 1.0, "max": 1000.0, "step": 0.5,
+                              "tooltip": "tempo in beats per minute (used when duration is 0); say it in the "
+                                         "prompt too, e.g. '120 bpm'"}),
+            "beats_per_bar": ("INT", {"default": 4, "min": 1, "max": 32,
+                                      "tooltip": "beats in a bar: 4 for 4/4, 3 for 3/4 (used when duration is 0)"}),
+        }, {"rescorer": RESCORER_INPUT,
+            "tokens": (TOKENS, {"tooltip": "optional: make these tokens (e.g. Encode Audio of a recording) loop "
+                                           "instead of generating; their length is kept and duration/bars/bpm "
+                                           "are not used"})})
 
     RETURN_TYPES = (TOKENS,)
     RETURN_NAMES = ("tokens",)
@@ -111,30 +83,20 @@ class MagnetSeamlessLoop:
     FUNCTION = "loop"
     CATEGORY = CATEGORY
 
-    def loop(self, model, conditioning, seed, duration, bars, bpm, beats_per_bar, decoding_steps, temperature, top_k,
-             top_p, max_cfg_coef, min_cfg_coef, span_arrangement, span_scoring, fast=False, rescorer=None,
-             tokens=None):
+    def loop(self, model, conditioning, seed, duration, bars, bpm, beats_per_bar, *, rescorer=None, tokens=None,
+             **sampling):
         with user_errors(self.DISPLAY_NAME):
-            seed = seed_arg(seed)
+            if tokens is None:      # a length to generate (given tokens keep theirs)
+                duration = finite(duration, "duration", minimum=0.0)
+                bpm = finite(bpm, "bpm")
+                seconds = edit.loop_seconds(duration=duration) if duration > 0 else \
+                    edit.loop_seconds(bars=bars, bpm=bpm, beats_per_bar=beats_per_bar)
+            m, run = ready_to_sample(model, rescorer, seed, sampling)
             if tokens is not None:
-                m, r = ready(model, rescorer)
-                params = _sampling(m, decoding_steps, temperature, top_k, top_p, max_cfg_coef, min_cfg_coef,
-                                   span_arrangement, span_scoring, fast)
-                codes = edit.loopify_from_condition(m, conditioning, check_tokens(tokens, m.codec), params=params,
-                                                    seed=seed, progress=comfy.Progress(),
-                                                    rescorer=check_rescorer(r, m))
-                return (tokens_payload(codes, m.codec),)
-            duration = finite(duration, "duration", minimum=0.0)
-            bpm = finite(bpm, "bpm")
-            seconds = edit.loop_seconds(duration=duration) if duration > 0 else \
-                edit.loop_seconds(bars=bars, bpm=bpm, beats_per_bar=beats_per_bar)
-            m, r = ready(model, rescorer)
-            frames = edit.loop_frames(m, seconds)
-            params = _sampling(m, decoding_steps, temperature, top_k, top_p, max_cfg_coef, min_cfg_coef,
-                               span_arrangement, span_scoring, fast)
-            codes = edit.generate_loop_from_condition(m, conditioning, frames=frames, params=params, seed=seed,
-                                                      progress=comfy.Progress(), rescorer=check_rescorer(r, m))
-            return ({**tokens_payload(codes, m.codec), LOOP_KEY: float(seconds)},)
+                out = edit.loopify_from_condition(m, conditioning, check_tokens(tokens, m.codec), **run)
+                return (sampled_tokens(out, m.codec),)
+            out = edit.generate_loop_from_condition(m, conditioning, frames=edit.loop_frames(m, seconds), **run)
+            return (sampled_tokens(out, m.codec, **{LOOP_KEY: float(seconds)}),)
 
 
 class MagnetDecodeLoop:
@@ -163,14 +125,16 @@ class MagnetDecodeLoop:
 
     def decode(self, codec, tokens, repeats=3):
         with user_errors(self.DISPLAY_NAME):
+            reps = finite(repeats, "repeats", minimum=1)
             c = codec.ready()
             codes = check_tokens(tokens, c)
             seconds = tokens.get(LOOP_KEY)
-            if seconds is not None and int(round(float(seconds) * float(c.frame_rate))) != codes.shape[-1]:
+            frames = codes.shape[-1] if codes.dim() else None     # odd shapes: the engine names them
+            if seconds is not None and round(finite(seconds, LOOP_KEY) * float(c.frame_rate)) != frames:
                 seconds = None          # edited since (other length): its own length
-            wav = edit.decode_loop(c, codes, duration=seconds)
-            reps = int(finite(repeats, "repeats", minimum=1))
-            return (audio_out(wav, c.sample_rate), audio_out(wav.repeat(1, 1, reps), c.sample_rate))
+            repeated = edit.decode_loop(c, codes, duration=seconds, repeats=reps)   # sized by the engine first
+            loop = repeated[..., : repeated.shape[-1] // int(reps)]
+            return (audio_out(loop, c.sample_rate), audio_out(repeated, c.sample_rate))
 
 
 class MagnetPromptTimeline:

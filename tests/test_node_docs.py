@@ -80,14 +80,32 @@ def test_help_page_names_the_node_every_input_and_every_output(N, node):
 
 
 def test_sampling_tooltips_state_the_releases_own_settings(N):
-    for node in ("MagnetSampler", "MagnetRegenerateRegion"):
-        spec = N[node].INPUT_TYPES()["required"]
+    """Every MAGNeT sampling node offers the release's own settings (auto, -1, release) as the defaults, and its
+    tooltips say what the releases use."""
+    for node in ("MagnetSampler", "MagnetRegenerateRegion", "MagnetAudioToAudio", "MagnetSeamlessLoop"):
+        spec = N[node].INPUT_TYPES()["optional"]
         steps = spec["decoding_steps"]
         assert steps[0] == "STRING" and steps[1]["default"] == "auto"
         assert "60,10,10,10" in steps[1]["tooltip"] and "20,10,10,10" in steps[1]["tooltip"]
-        assert "3.0" in spec["temperature"][1]["tooltip"] and "3.5" in spec["temperature"][1]["tooltip"]
-        assert "0.9" in spec["top_p"][1]["tooltip"] and "0.8" in spec["top_p"][1]["tooltip"]
-        assert "10" in spec["max_cfg_coef"][1]["tooltip"] and "20" in spec["max_cfg_coef"][1]["tooltip"]
+        for name, values in (("temperature", ("3.0", "3.5")), ("top_p", ("0.9", "0.8")),
+                             ("max_cfg_coef", ("10", "20")), ("top_k", ("0",)), ("min_cfg_coef", ("1",))):
+            typ, opts = spec[name]
+            assert typ in ("INT", "FLOAT") and opts["default"] == opts["min"] == -1, (node, name)
+            assert "-1 = the release's own" in opts["tooltip"], (node, name)
+            assert all(v in opts["tooltip"] for v in values), (node, name)
+        for name, value in (("span_arrangement", "nonoverlap"), ("span_scoring", "max")):
+            choices, opts = spec[name]
+            assert choices[0] == opts["default"] == "release" and value in choices[1:], (node, name)
+            assert "the release's own" in opts["tooltip"] and value in opts["tooltip"], (node, name)
+
+
+def test_the_help_pages_state_each_releases_settings():
+    text = (DOCS / "MagnetSampler.md").read_text(encoding="utf-8")
+    for phrase in ("`-1`", "`release`", "temperature 3.0, top_p 0.9, top_k 0, guidance 10 -> 1",
+                   "temperature 3.5, top_p 0.8, top_k 0, guidance 20 -> 1"):
+        assert phrase in text, phrase
+    for node in ("MagnetRegenerateRegion", "MagnetAudioToAudio", "MagnetSeamlessLoop"):
+        assert "release's own" in (DOCS / f"{node}.md").read_text(encoding="utf-8"), node
 
 
 @pytest.fixture()

@@ -62,12 +62,13 @@ def test_every_node_declares_a_valid_comfyui_interface(pack):
         assert len(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)) == len(cls.RETURN_TYPES)
         assert callable(getattr(cls, cls.FUNCTION)), name
         assert cls.CATEGORY.startswith("audio/MAGNeT")
-        # the function accepts every declared input by name
+        # the function accepts every declared input by name (the sampling widgets may come as **kwargs)
         import inspect
         params = inspect.signature(getattr(cls, cls.FUNCTION)).parameters
+        rest = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         for section in ("required", "optional"):
             for inp in spec.get(section, {}):
-                assert inp in params, (name, inp)
+                assert inp in params or (rest and inp in pack.nodes.common.SAMPLING_WIDGETS), (name, inp)
 
 
 def test_seed_widget_has_control_after_generate(N):
@@ -455,3 +456,150 @@ def test_regenerate_region_has_the_fast_switch(N, music, monkeypatch, pack):
     out, = N["MagnetRegenerateRegion"]().regenerate(model, cond, clip, fast=True, **regen)
     assert len(calls) == 4 + 5 + 5 + 5            # fast mode: at most 5 steps for codebooks >= 1
     assert torch.equal(out["codes"][..., :25], clip["codes"][..., :25])
+
+
+# -- the sampling widgets: one group, shared by every node that samples MAGNeT -------------------------------
+
+SAMPLERS = {"MagnetSampler": "sample", "MagnetRegenerateRegion": "regenerate", "MagnetAudioToAudio": "vary",
+            "MagnetSeamlessLoop": "loop"}
+
+
+def _own_inputs(node, tokens):
+    """A sampling node's own inputs besides model, conditioning and seed (valid ones)."""
+    return {"MagnetSampler": dict(duration=1.0, overlap=0.0),
+            "MagnetRegenerateRegion": dict(tokens=tokens, start=0.3, end=0.6),
+            "MagnetAudioToAudio": dict(tokens=tokens, strength=0.5, keep_codebooks=0),
+            "MagnetSeamlessLoop": dict(duration=0.6, bars=1, bpm=120.0, beats_per_bar=4)}[node]
+
+
+class FieldsModel:
+    """A stand-in model that hands back the SamplingParams fields a node asks for."""
+
+    class Asked(Exception):
+        pass
+
+    def __init__(self, stop=False):
+        self.stop = stop
+
+    def sampling_params(self, **fields):
+        if self.stop:
+            raise self.Asked(fields)
+        return fields
+
+
+def test_every_sampling_node_has_the_one_seed_and_the_sampling_widgets_last_in_one_order(pack, N):
+    widgets = list(pack.nodes.common.SAMPLING_WIDGETS)
+    assert widgets[:9] == ["decoding_steps", "temperature", "top_k", "top_p", "max_cfg_coef", "min_cfg_coef",
+                           "span_arrangement", "span_scoring", "fast"]     # saved workflows map values by position
+    # the nodes that run MAGNeT's decoding (AR Prompt's temperature, top_k and top_p are MusicGen's own)
+    having = {name for name, cls in N.items() if "decoding_steps" in {n for n, _, _ in widget_inputs(cls)}}
+    assert having == set(SAMPLERS)
+    seed = pack.nodes.common.seed_input()
+    for node in SAMPLERS:
+        names = [n for n, _, _ in widget_inputs(N[node])]
+        assert names[-len(widgets):] == widgets, node
+        assert N[node].INPUT_TYPES()["required"]["seed"][0] == seed[0]
+        assert {k: v for k, v in N[node].INPUT_TYPES()["required"]["seed"][1].items() if k != "tooltip"} == \
+            {k: v for k, v in seed[1].items() if k != "tooltip"}, node
+
+
+def test_a_new_sampling_widget_is_one_edit_and_reaches_every_sampling_node(pack, N, monkeypatch):
+    common = pack.nodes.common
+    monkeypatch.setitem(common.SAMPLING_WIDGETS, "anneal_temp",
+                        ("BOOLEAN", {"default": True, "tooltip": "anneal the temperature within each codebook"}))
+    model = common.Handle(FieldsModel(stop=True), "stand-in")
+    tokens = {"codes": torch.zeros(1, 4, 50, dtype=torch.long), "n_q": 4, "card": 2048, "sample_rate": 32000}
+    for node, method in SAMPLERS.items():
+        assert [n for n, _, _ in widget_inputs(N[node])][-1] == "anneal_temp", node
+        with pytest.raises(FieldsModel.Asked) as asked:
+            getattr(N[node](), method)(model=model, conditioning=None, seed=0, anneal_temp=0, top_p=0.5,
+                                       span_scoring="release", **_own_inputs(node, tokens))
+        assert asked.value.args[0] == {"anneal_temp": False, "top_p": 0.5, "span_scoring": None}, node
+
+
+def test_the_widgets_defaults_are_the_releases_own_and_typed_values_win(pack, N, music):
+    common = pack.nodes.common
+    defaults = {name: entry[1]["default"] for name, entry in common.SAMPLING_WIDGETS.items()}
+    own = common.sampling_params(FieldsModel(), **defaults)
+    assert own == dict(decoding_steps="auto", temperature=None, top_k=None, top_p=None, max_cfg_coef=None,
+                       min_cfg_coef=None, span_arrangement=None, span_scoring=None, fast=False)
+    assert common.sampling_params(FieldsModel()) == {}            # a widget left out: the release's own too
+    typed = common.sampling_params(FieldsModel(), temperature=0.0, top_k=0, max_cfg_coef=1, span_arrangement="stride1")
+    assert typed == dict(temperature=0.0, top_k=0, max_cfg_coef=1, span_arrangement="stride1")   # 0 is a value
+
+    def settings(p):
+        return (p.temperature, p.top_k, p.top_p, p.max_cfg_coef, p.min_cfg_coef, p.span_arrangement, p.span_scoring)
+    sfx, _ = N["MagnetModelLoader"]().load("magnet-audio", "auto", "auto")
+    assert settings(common.sampling_params(sfx.obj, **defaults)) == (3.5, 0, 0.8, 20.0, 1.0, "nonoverlap", "max")
+    assert settings(common.sampling_params(music[0].obj, **defaults)) == (3.0, 0, 0.9, 10.0, 1.0, "nonoverlap", "max")
+    mixed = common.sampling_params(sfx.obj, **{**defaults, "temperature": 2.0, "top_k": 5, "span_scoring": "prod"})
+    assert settings(mixed) == (2.0, 5, 0.8, 20.0, 1.0, "nonoverlap", "prod")
+
+
+def test_the_sound_effect_release_samples_with_its_own_settings_by_default(N):
+    sfx, _ = N["MagnetModelLoader"]().load("magnet-audio", "auto", "auto")
+    te, = N["MagnetTextEncoderLoader"]().load("t5-large", "auto")
+    cond, = N["MagnetTextEncode"]().encode(te, "rain on a tin roof", 1)
+    run = dict(seed=4, duration=1.0, overlap=0.0, decoding_steps=STEPS)
+    own = N["MagnetSampler"]().sample(sfx, cond, **run)[0]["codes"]
+    stored = dict(temperature=3.5, top_k=0, top_p=0.8, max_cfg_coef=20.0, min_cfg_coef=1.0,
+                  span_arrangement="nonoverlap", span_scoring="max")
+    assert torch.equal(N["MagnetSampler"]().sample(sfx, cond, **run, **stored)[0]["codes"], own)
+    music_values = dict(stored, temperature=3.0, top_p=0.9, max_cfg_coef=10.0)
+    assert not torch.equal(N["MagnetSampler"]().sample(sfx, cond, **run, **music_values)[0]["codes"], own)
+
+
+@pytest.mark.parametrize("name,value", [("temperature", -0.5), ("top_k", -2), ("max_cfg_coef", -3.0)])
+def test_a_negative_setting_other_than_minus_one_is_refused(pack, N, music, name, value):
+    model, _, te = music
+    cond, = N["MagnetTextEncode"]().encode(te, "x", 1)
+    with node_error(pack, "MagnetSampler", rf"^input `{name}` is {value:g}: use -1 for the release's own"):
+        sample(N, model, cond, **{name: value})
+
+
+def test_the_seed_in_the_tokens_is_the_one_the_engine_returns(pack, N, music, monkeypatch):
+    model, codec, te = music
+    m = model.obj
+    cond, = N["MagnetTextEncode"]().encode(te, "x", 1)
+    # the nodes take the seed from the engine's result, never from the model's last_seed
+    monkeypatch.setattr(type(m), "last_seed", property(lambda self: pytest.fail("a node read last_seed"),
+                                                       lambda self, value: None))
+    clip = sample(N, model, cond, seed=5, duration=1.2, decoding_steps="2,1,1,1")
+    assert clip["seed"] == 5
+    light = dict(decoding_steps="2,1,1,1")
+    for node, method in SAMPLERS.items():
+        out, = getattr(N[node](), method)(model=model, conditioning=cond, seed=11, **light,
+                                          **_own_inputs(node, clip))
+        assert out["seed"] == 11, node
+    Generated = pack.magnet.model.Generated
+    real = m.generate_from_condition
+    monkeypatch.setattr(m, "generate_from_condition", lambda *a, **k: Generated(real(*a, **k).codes, 4242))
+    assert sample(N, model, cond, seed=5, decoding_steps="2,1,1,1")["seed"] == 4242
+
+
+# -- bad inputs at the boundary of the loop and timeline nodes ------------------------------------------------
+
+def test_decode_loop_refuses_empty_tokens_and_absurd_repeats_naming_the_node(pack, N, music):
+    _, codec, _ = music
+    c = codec.obj
+
+    def tokens(codes, **extra):
+        return {"codes": codes, "n_q": c.n_q, "card": c.card, "sample_rate": c.sample_rate, **extra}
+    for codes in (torch.zeros(0, c.n_q, 20, dtype=torch.long), torch.zeros(1, c.n_q, 0, dtype=torch.long)):
+        with node_error(pack, "MagnetDecodeLoop", r"\S"):
+            N["MagnetDecodeLoop"]().decode(codec, tokens(codes, loop_duration=0.4), 2)
+    loop = tokens(torch.randint(0, c.card, (1, c.n_q, 20)), loop_duration=0.4)
+    with node_error(pack, "MagnetDecodeLoop", "repeats"):
+        N["MagnetDecodeLoop"]().decode(codec, loop, 10 ** 7)
+    with node_error(pack, "MagnetDecodeLoop", "^input `repeats` is nan"):
+        N["MagnetDecodeLoop"]().decode(codec, loop, math.nan)
+    once, twice = N["MagnetDecodeLoop"]().decode(codec, loop, 2)
+    assert twice["waveform"].shape[-1] == 2 * once["waveform"].shape[-1] == 2 * round(0.4 * c.sample_rate)
+    assert torch.equal(twice["waveform"], once["waveform"].repeat(1, 1, 2))
+
+
+@pytest.mark.parametrize("timeline", ["0:00 a\n1:30,5 drums", "0:00 a\n0:00:01:12 b"])
+def test_prompt_timeline_refuses_a_misread_time_naming_the_node(pack, N, music, timeline):
+    _, _, te = music
+    with node_error(pack, "MagnetPromptTimeline", re.escape(timeline.splitlines()[1].split()[0])):
+        N["MagnetPromptTimeline"]().encode(te, timeline)

@@ -241,11 +241,19 @@ def test_best_of_four_runs_node_by_node_and_keeps_the_best_clip(ref, ours, monke
     assert isinstance(scores, str) and scores.count("CLAP") == 4 and scores.count("(kept)") == 1
 
 
-def test_decoding_steps_follow_the_release_in_every_workflow(ours):
-    """The examples use the release's own steps ('auto'), so a 30 s release gets its 60,10,10,10."""
+def test_the_templates_sample_with_the_releases_own_settings(ours):
+    """The examples leave every sampling setting at the release's own ('auto', -1, 'release'), so a 30 s release
+    gets its 60,10,10,10 and the sound-effect template audio-magnet's temperature 3.5, top_p 0.8, guidance 20."""
+    widgets = load_pack().nodes.common.SAMPLING_WIDGETS
+    own = {name: opts["default"] for name, (_, opts) in widgets.items() if name != "fast"}
+    assert set(own.values()) == {"auto", -1, "release"}
+    checked = 0
     for path in WORKFLOWS:
         for n in load(path)["nodes"]:
-            if n["type"] in ("MagnetSampler", "MagnetRegenerateRegion"):
+            if n["type"] in ours and "decoding_steps" in ours[n["type"]].INPUT_TYPES().get("optional", {}):
                 names = [name for name, _, opts in widget_inputs(ours[n["type"]])
                          for name in ([name, "control"] if opts.get("control_after_generate") else [name])]
-                assert n["widgets_values"][names.index("decoding_steps")] == "auto", (path.name, n["type"])
+                values = dict(zip(names, n["widgets_values"]))
+                assert {k: values[k] for k in own} == own, (path.name, n["type"])
+                checked += 1
+    assert checked >= len(WORKFLOWS)
