@@ -506,3 +506,12 @@ class MagnetModel(CodecLM):
                               f"{int(codes.max())}): mask tokens or codes of another codec? Use fully "
                               f"generated codes of this model.")
         return codes.long()
+
+    # -- LoRA (magnet/lora.py) ------------------------------------------------------------------------------
+    def with_lora(self, lora, strength: float = 1.0) -> "MagnetModel":
+        """A new model with a LoRA (a `.safetensors` path from `python -m magnet train`, or `lora.LoraWeights`)
+        applied at `strength` (1 = as trained, 0 = the base exactly). It shares every weight the LoRA does not
+        adapt with this model, which stays unchanged; call it again on the result to stack LoRAs. A LoRA made
+        for another architecture, a damaged file or a non-finite strength raise MagnetError."""
+        from . import lora as lora_mod
+        return lora_mod.apply_lora(self, lora, strength)
