@@ -15,6 +15,7 @@ MAX_SECONDS = 600.0     # longer asks run out of memory when the codec decodes t
 MAX_STEPS = 1000        # per codebook; the releases use 10..60
 LUFS_RANGE = (-70.0, 0.0)
 DEVICE_HELP = "cpu, cuda, cuda:1, mps ... (default: cuda, else mps, else cpu)"
+OWN = "default: the release's own"     # a sampling option left out takes the value the release stores (xp.cfg)
 
 
 class _UsageError(MagnetError):
@@ -50,12 +51,19 @@ def _parser() -> argparse.ArgumentParser:
                         "60,10,10,10 for the 30 s music releases, else 20,10,10,10)")
     g.add_argument("--fast", action="store_true",
                    help=FastMode().summary() + " (default: exact)")
-    g.add_argument("--temperature", default="3.0")
-    g.add_argument("--top-k", default="0")
-    g.add_argument("--top-p", default="0.9")
-    g.add_argument("--cfg", default="10,1", help="classifier-free guidance start,end (default 10,1)")
-    g.add_argument("--span-arrangement", default="nonoverlap", choices=["nonoverlap", "stride1"])
-    g.add_argument("--span-scoring", default="max", choices=["max", "prod"])
+    g.add_argument("--temperature", default=None,
+                   help=f"sampling temperature, annealed to 0 ({OWN}: 3.0 music, 3.5 audio-magnet)")
+    g.add_argument("--top-k", default=None, help=f"sample among the k most likely tokens, 0 = off ({OWN}: 0)")
+    g.add_argument("--top-p", default=None,
+                   help=f"sample among the most likely tokens of this total probability, 0 = off ({OWN}: 0.9 "
+                        f"music, 0.8 audio-magnet)")
+    g.add_argument("--cfg", default=None, metavar="START,END",
+                   help=f"classifier-free guidance, annealed from START to END ({OWN}: 10,1 music, 20,1 "
+                        f"audio-magnet)")
+    g.add_argument("--span-arrangement", default=None, choices=["nonoverlap", "stride1"],
+                   help=f"spans re-masked: whole spans or overlapping ones ({OWN}: nonoverlap)")
+    g.add_argument("--span-scoring", default=None, choices=["max", "prod"],
+                   help=f"how a span's tokens score it ({OWN}: max)")
     g.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
     g.add_argument("--loudness", default=None, help="normalise to this LUFS target, -70..0, e.g. -14")
     g.add_argument("--device", default=None, help=DEVICE_HELP)
@@ -223,15 +231,7 @@ def _generate(a) -> int:
     if a.seed is not None:
         a.seed = _whole(a.seed, "--seed", "give an integer such as 42, or leave --seed out for a random seed.")
     steps = _steps(a.steps)
-    temperature = _number(a.temperature, "--temperature", "give a number >= 0, e.g. 3.", lo=0)
-    top_k = _whole(a.top_k, "--top-k", "give 0 (off) or a number of tokens >= 1, e.g. 250.", lo=0)
-    top_p = _number(a.top_p, "--top-p", "give a probability from 0 (off) to 1, e.g. 0.9.", lo=0, hi=1)
-    try:
-        cfg_max, cfg_min = (float(x) for x in a.cfg.split(","))
-        if not (math.isfinite(cfg_max) and math.isfinite(cfg_min)):
-            raise ValueError
-    except ValueError:
-        raise MagnetError(f"--cfg {a.cfg!r} must be two numbers, start,end (e.g. 10,1).") from None
+    sampling = _sampling(a)
     loudness = None if a.loudness is None else _loudness(a.loudness)
     device = _device(a.device)
     dtype = parse_dtype(a.dtype, device, "--dtype")
@@ -243,11 +243,9 @@ def _generate(a) -> int:
                                         codec=a.codec)
     progress = _ProgressBar()
     try:
-        codes = model.generate(a.prompts, duration=a.seconds, overlap=a.overlap, seed=a.seed,
-                               use_sampling=not a.greedy, temperature=temperature, top_k=top_k, top_p=top_p,
-                               max_cfg_coef=cfg_max, min_cfg_coef=cfg_min, decoding_steps=steps,
-                               span_arrangement=a.span_arrangement, span_scoring=a.span_scoring,
-                               progress=progress, fast=a.fast)
+        codes, seed = model.generate(a.prompts, duration=a.seconds, overlap=a.overlap, seed=a.seed,
+                                     use_sampling=not a.greedy, decoding_steps=steps, progress=progress,
+                                     fast=a.fast, return_seed=True, **sampling)
     finally:
         progress.close()
     wav = model.decode(codes)
@@ -257,8 +255,29 @@ def _generate(a) -> int:
         path = out if wav.shape[0] == 1 else out.with_name(f"{out.stem}_{i + 1}{out.suffix or '.wav'}")
         audio.write_wav(path, wav[i], model.sample_rate)
         print(f"wrote {path} ({wav.shape[-1] / model.sample_rate:.2f} s, {model.sample_rate} Hz)")
-    print(f"seed {model.last_seed}", file=sys.stderr)
+    print(f"seed {seed}", file=sys.stderr)
     return 0
+
+
+def _sampling(a) -> dict:
+    """generate's sampling options as SamplingParams fields: each one left out is None, the release's own."""
+    out = dict(temperature=None, top_k=None, top_p=None, max_cfg_coef=None, min_cfg_coef=None,
+               span_arrangement=a.span_arrangement, span_scoring=a.span_scoring)
+    if a.temperature is not None:
+        out["temperature"] = _number(a.temperature, "--temperature", "give a number >= 0, e.g. 3.", lo=0)
+    if a.top_k is not None:
+        out["top_k"] = _whole(a.top_k, "--top-k", "give 0 (off) or a number of tokens >= 1, e.g. 250.", lo=0)
+    if a.top_p is not None:
+        out["top_p"] = _number(a.top_p, "--top-p", "give a probability from 0 (off) to 1, e.g. 0.9.", lo=0, hi=1)
+    if a.cfg is not None:
+        try:
+            out["max_cfg_coef"], out["min_cfg_coef"] = (float(x) for x in a.cfg.split(","))
+            if not (math.isfinite(out["max_cfg_coef"]) and math.isfinite(out["min_cfg_coef"])):
+                raise ValueError
+        except ValueError:
+            raise MagnetError(f"--cfg {a.cfg!r} must be two numbers, start,end (e.g. 10,1), or left out for the "
+                              f"release's own.") from None
+    return out
 
 
 def _vary(a) -> int:
@@ -286,14 +305,15 @@ def _vary(a) -> int:
                           f"{model.cfg.n_q - 1} (keeping all would change nothing).")
     progress = _ProgressBar()
     try:
-        codes = edit.vary(model, model.encode(wav, sr), a.prompt, strength=strength, keep_codebooks=keep,
-                          seed=a.seed, decoding_steps=steps, progress=progress, fast=a.fast)
+        codes, seed = edit.vary(model, model.encode(wav, sr), a.prompt, strength=strength, keep_codebooks=keep,
+                                seed=a.seed, decoding_steps=steps, progress=progress, fast=a.fast,
+                                return_seed=True)
     finally:
         progress.close()
     result = model.decode(codes, duration=seconds)
     audio.write_wav(out, result[0], model.sample_rate)
     print(f"wrote {out} ({result.shape[-1] / model.sample_rate:.2f} s, {model.sample_rate} Hz)")
-    print(f"seed {model.last_seed}", file=sys.stderr)
+    print(f"seed {seed}", file=sys.stderr)
     return 0
 
 

@@ -323,3 +323,60 @@ def test_vary_names_a_missing_input_file(ref, tmp_path, capsys):
     args[1] = tmp_path / "missing.wav"
     rc, _, err = run(capsys, *args)
     assert_one_line_error(rc, err, "not found")
+
+
+class _Recorder:
+    """A stand-in MagnetModel that records what `generate` is asked and returns codes with a seed."""
+
+    sample_rate, last_seed = 16000, "never read"
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, **kw):
+        from magnet.model import Generated
+        self.calls.append(kw)
+        assert kw.get("return_seed") is True           # the CLI takes the seed from the result
+        return Generated(torch.zeros(len(prompts), 4, 3, dtype=torch.long), 8675309)
+
+    def decode(self, codes):
+        return torch.zeros(codes.shape[0], 1, 160)
+
+
+def _recorded(monkeypatch, capsys, tmp_path, *args):
+    from magnet.model import MagnetModel
+    fake = _Recorder()
+    monkeypatch.setattr(MagnetModel, "from_pretrained", classmethod(lambda cls, *a, **k: fake))
+    rc, _, err = run(capsys, "generate", "rain", "--model", tmp_path, "-o", tmp_path / "o.wav", "--device", "cpu",
+                     *args)
+    assert rc == 0, err
+    assert "seed 8675309" in err                       # the seed of the result, not model.last_seed
+    return fake.calls[0]
+
+
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "max_cfg_coef", "min_cfg_coef", "span_arrangement",
+                   "span_scoring")
+
+
+def test_generate_without_sampling_options_asks_for_the_releases_own(monkeypatch, capsys, tmp_path):
+    kw = _recorded(monkeypatch, capsys, tmp_path)
+    assert {k: kw.get(k, "missing") for k in SAMPLING_FIELDS} == dict.fromkeys(SAMPLING_FIELDS)
+    assert kw["decoding_steps"] is None and kw["use_sampling"] is True
+
+
+def test_explicit_sampling_options_win(monkeypatch, capsys, tmp_path):
+    kw = _recorded(monkeypatch, capsys, tmp_path, "--temperature", "2.5", "--top-k", "7", "--top-p", "0.5",
+                   "--cfg", "4,2", "--span-arrangement", "stride1", "--span-scoring", "prod", "--steps", "3,2,2,2")
+    assert {k: kw[k] for k in SAMPLING_FIELDS} == dict(temperature=2.5, top_k=7, top_p=0.5, max_cfg_coef=4.0,
+                                                       min_cfg_coef=2.0, span_arrangement="stride1",
+                                                       span_scoring="prod")
+    assert kw["decoding_steps"] == [3, 2, 2, 2]
+
+
+def test_generate_help_says_sampling_options_default_to_the_releases_own(capsys):
+    assert main(["generate", "-h"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for option in ("--temperature", "--top-k", "--top-p", "--cfg", "--span-arrangement", "--span-scoring",
+                   "--steps"):
+        after = text.split(option, 2)[-1][:400]          # its help text (after the usage line's mention)
+        assert "the release's own" in after, option
