@@ -199,6 +199,7 @@ def sampling_params(m, **widgets) -> SamplingParams:
     return m.sampling_params(**fields)
 
 
+MODEL_INPUT = (MODEL, {"tooltip": "the MAGNeT release, from the MAGNeT Model Loader"})
 RESCORER_INPUT = (RESCORER, {"tooltip": "optional: an autoregressive model that rescores the spans (from Rescorer "
                                         "(MusicGen)); slower, better"})
 

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from ..magnet import edit
-from .common import (CATEGORY, CODEC, CONDITIONING, MODEL, RESCORER_INPUT, SEED_TOOLTIP, TEXT_ENCODER, TOKENS,
-                     audio_out, check_tokens, finite, ready_to_sample, sampled_tokens, sampling_inputs, seed_input,
-                     user_errors)
+from .common import (CATEGORY, CODEC, CONDITIONING, MODEL, MODEL_INPUT, RESCORER_INPUT, SEED_TOOLTIP, TEXT_ENCODER,
+                     TOKENS, audio_out, check_tokens, finite, ready_to_sample, sampled_tokens, sampling_inputs,
+                     seed_input, user_errors)
 
 LOOP_KEY = "loop_duration"    # MAGNET_TOKENS of a loop carry its exact length in seconds
 
@@ -59,7 +59,7 @@ class MagnetSeamlessLoop:
     @classmethod
     def INPUT_TYPES(cls):
         return sampling_inputs({
-            "model": (MODEL, {"tooltip": "the MAGNeT release, from the MAGNeT Model Loader"}),
+            "model": MODEL_INPUT,
             "conditioning": (CONDITIONING, {"tooltip": "the prompts, from MAGNeT Text Encode (several lines = "
                                                        "several loops)"}),
             "seed": seed_input(),

@@ -1,8 +1,8 @@
 """Text conditioning and the non-autoregressive sampler."""
 from __future__ import annotations
 
-from .common import (CATEGORY, CONDITIONING, MODEL, RESCORER_INPUT, TEXT_ENCODER, TOKENS, check_tokens, finite,
-                     ready_to_sample, sampled_tokens, sampling_inputs, seed_input, user_errors)
+from .common import (CATEGORY, CONDITIONING, MODEL, MODEL_INPUT, RESCORER_INPUT, TEXT_ENCODER, TOKENS, check_tokens,
+                     finite, ready_to_sample, sampled_tokens, sampling_inputs, seed_input, user_errors)
 
 
 def split_prompts(text: str, variations: int) -> list[str]:
@@ -54,7 +54,7 @@ class MagnetSampler:
     @classmethod
     def INPUT_TYPES(cls):
         return sampling_inputs({
-            "model": (MODEL, {"tooltip": "the MAGNeT release, from the MAGNeT Model Loader"}),
+            "model": MODEL_INPUT,
             "conditioning": (CONDITIONING, {"tooltip": "the prompts, from MAGNeT Text Encode (its T5 must "
                                                        "match the release: t5-base music, t5-large sound)"}),
             "seed": seed_input(),
