@@ -1,11 +1,15 @@
 """Benchmark MAGNeT decoding on real-size architectures with random weights (no download), ours in
-exact and fast mode beside the reference implementation (audiocraft) when its venv is present.
+exact and fast mode beside the reference implementation (audiocraft) when its venv is given.
 
     python scripts/benchmark.py                                  # small, 10 s, batch 1, exact + fast + reference
     python scripts/benchmark.py --impl exact fast --batch 1 4
     python scripts/benchmark.py --measure-steps 2,2,2,2          # shorter: fewer steps, extrapolated
-    python scripts/benchmark.py --ref-python /work/ref/venv/bin/python \\
-        --ref-config /work/ref/audiocraft-1.3.0/config           # where the reference lives
+    python scripts/benchmark.py --ref-python REF_VENV/bin/python \\
+        --ref-config AUDIOCRAFT_SDIST/config                     # where the reference lives
+
+The reference column needs a venv with audiocraft 1.3.0 (`--ref-python`, or $MAGNET_REF_PYTHON) and the
+config/ folder of its sdist (`--ref-config`, or $AUDIOCRAFT_CONFIG_DIR); without them it is skipped, with a
+note saying so.
 
 Prints one table: per implementation, seconds per decoding step (median per stage), total seconds,
 real-time factor (seconds of compute per second of audio), peak memory (the process's peak RSS on
@@ -55,8 +59,6 @@ import torch
 SCALES = {"small": dict(dim=1024, num_heads=16, num_layers=24), "medium": dict(dim=1536, num_heads=24, num_layers=48)}
 HERE = Path(__file__).resolve()
 REF_TOOLS = HERE.parents[2] / "shared" / "reference" / "tools"
-REF_PYTHON = Path("/work/ref/venv/bin/python")
-REF_CONFIG = Path("/work/ref/audiocraft-1.3.0/config")
 
 
 def matmul_gflops(kind: str = "mm", seconds: float = 2.0, n: int = 1024) -> float:
@@ -163,6 +165,8 @@ def run_ours(a) -> dict:
 
 def run_reference(a, scale: str, batch: int) -> dict | None:
     """audiocraft's MAGNeT through ../shared/reference/tools/ref_speed.py in its own venv."""
+    if not (a.ref_python and a.ref_config):
+        return None
     py, cfgdir, tools = Path(a.ref_python), Path(a.ref_config), Path(a.ref_tools)
     if not (py.is_file() and cfgdir.is_dir() and (tools / "ref_speed.py").is_file()):
         return None
@@ -245,9 +249,11 @@ def main():
     ap.add_argument("--measure-steps", default=None, help="run these steps per stage and extrapolate to --steps")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    ap.add_argument("--ref-python", default=str(REF_PYTHON), help="python of a venv with audiocraft 1.3.0")
-    ap.add_argument("--ref-config", default=os.environ.get("AUDIOCRAFT_CONFIG_DIR", str(REF_CONFIG)),
-                    help="the config/ folder of the audiocraft 1.3.0 sdist")
+    ap.add_argument("--ref-python", default=os.environ.get("MAGNET_REF_PYTHON"),
+                    help="python of a venv with audiocraft 1.3.0 (default: $MAGNET_REF_PYTHON; none: the "
+                         "reference is skipped)")
+    ap.add_argument("--ref-config", default=os.environ.get("AUDIOCRAFT_CONFIG_DIR"),
+                    help="the config/ folder of the audiocraft 1.3.0 sdist (default: $AUDIOCRAFT_CONFIG_DIR)")
     ap.add_argument("--ref-tools", default=str(REF_TOOLS), help="folder holding ref_speed.py and refkit.py")
     ap.add_argument("--load", metavar="RELEASE_DIR", help="time loading this release: .bin vs converted")
     ap.add_argument("--converted", metavar="FILE", help="the converted file (default: made beside the release)")
@@ -289,8 +295,9 @@ def main():
                         continue
                     r = run_reference(a, scale, b)
                     if r is None:
-                        notes.append(f"reference ({scale}, batch {b}): skipped (no venv at {a.ref_python} "
-                                     f"or config at {a.ref_config})")
+                        notes.append(f"reference ({scale}, batch {b}): skipped (no audiocraft venv python at "
+                                     f"{a.ref_python or '(none: --ref-python or $MAGNET_REF_PYTHON)'} or config "
+                                     f"at {a.ref_config or '(none: --ref-config or $AUDIOCRAFT_CONFIG_DIR)'})")
                         continue
                 else:
                     cmd = [sys.executable, str(HERE), "--single", "--impl", impl, "--scale", scale, "--batch",
