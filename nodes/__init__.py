@@ -24,3 +24,10 @@ for _cls in (MagnetAudioToAudio, MagnetSeamlessLoop, MagnetDecodeLoop, MagnetPro
     NODE_CLASSES.append(_cls)
     NODE_CLASS_MAPPINGS[_cls.__name__] = _cls
     NODE_DISPLAY_NAME_MAPPINGS[_cls.__name__] = _cls.DISPLAY_NAME
+
+from .train import MagnetLoraLoader, MagnetTrainLora  # noqa: E402
+
+for _cls in (MagnetTrainLora, MagnetLoraLoader):
+    NODE_CLASSES.append(_cls)
+    NODE_CLASS_MAPPINGS[_cls.__name__] = _cls
+    NODE_DISPLAY_NAME_MAPPINGS[_cls.__name__] = _cls.DISPLAY_NAME

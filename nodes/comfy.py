@@ -7,7 +7,10 @@ importable (tests, scripts), so the node classes run anywhere.
   node runs is readied in one call, loaded fully (ComfyUI's partial loads move only modules whose parameters
   are all their own, which would leave our weights split between GPU and CPU), then checked to be whole;
 - weight types: `auto` follows ComfyUI's choice for the device (--force-fp32, --fp16-unet, ... included);
-- progress and cancel: `comfy.utils.ProgressBar` and `throw_exception_if_processing_interrupted`.
+- progress and cancel: `comfy.utils.ProgressBar` and `throw_exception_if_processing_interrupted`;
+- LoRAs: `models/loras/magnet/` (kind `magnet_loras`; outside ComfyUI $MAGNET_LORAS_DIR), applied as the
+  ModelPatcher's own weight patches on a clone (`lora_clone`), built by ComfyUI's LoRA loader;
+- datasets: folders under ComfyUI's `input/` (outside ComfyUI $MAGNET_INPUT_DIR).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..magnet.devices import bf16_supported, default_device, default_dtype
+from ..magnet.transformer import official_name
 
 try:  # ComfyUI present?
     import comfy.model_management as mm
@@ -29,10 +33,15 @@ try:  # ComfyUI present?
 except ImportError:  # plain Python: tests, scripts
     mm = None
     folder_paths = None
+try:  # ComfyUI's LoRA loader (comfy/lora.py, 2024 on)
+    import comfy.lora as comfy_lora
+except ImportError:
+    comfy_lora = None
 
 IN_COMFY = mm is not None
 log = logging.getLogger(__name__)
-ENV_DIRS = {"magnet": "MAGNET_MODELS_DIR", "text_encoders": "MAGNET_TEXT_ENCODERS_DIR", "clap": "MAGNET_CLAP_DIR"}
+ENV_DIRS = {"magnet": "MAGNET_MODELS_DIR", "text_encoders": "MAGNET_TEXT_ENCODERS_DIR", "clap": "MAGNET_CLAP_DIR",
+            "magnet_loras": "MAGNET_LORAS_DIR"}
 
 
 def register_folders():
@@ -44,6 +53,32 @@ def register_folders():
         folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name), is_default=True)
         paths, _ = folder_paths.folder_names_and_paths[name]
         folder_paths.folder_names_and_paths[name] = (paths, {".safetensors"})
+    register_lora_folders()
+
+
+def register_lora_folders():
+    """`magnet_loras`: a `magnet` folder inside every LoRA folder ComfyUI knows (models/loras first, where the
+    trainer saves; paths from extra_model_paths.yaml follow), so our LoRAs stay apart from image-model ones."""
+    if folder_paths is None:
+        return
+    try:
+        loras = folder_paths.get_folder_paths("loras")
+    except KeyError:
+        loras = []
+    default = os.path.join(folder_paths.models_dir, "loras", "magnet")
+    for path in [os.path.join(p, "magnet") for p in loras if os.path.join(p, "magnet") != default]:
+        folder_paths.add_model_folder_path("magnet_loras", path)
+    folder_paths.add_model_folder_path("magnet_loras", default, is_default=True)
+    paths, _ = folder_paths.folder_names_and_paths["magnet_loras"]
+    folder_paths.folder_names_and_paths["magnet_loras"] = (paths, {".safetensors"})
+
+
+def input_dir() -> Path | None:
+    """ComfyUI's input folder (datasets are chosen from its subfolders); outside ComfyUI $MAGNET_INPUT_DIR."""
+    if folder_paths is not None:
+        return Path(folder_paths.get_input_directory())
+    env = os.environ.get("MAGNET_INPUT_DIR", "")
+    return Path(env) if env else None
 
 
 def model_dirs(kind: str) -> list[Path]:
@@ -78,6 +113,18 @@ class _Managed(torch.nn.Module):
     def __init__(self, module: torch.nn.Module):
         super().__init__()
         self.inner = module
+        self._register_state_dict_hook(_holder_names)
+
+
+def _holder_names(module, state_dict, prefix, local_metadata):
+    """ComfyUI sees each weight under the name of the module holding it (`...self_attn.in_proj.weight`).
+    Its ModelPatcher loads module by module and patches `<module>.weight`, and accepts a patch only for a key
+    of `state_dict()`; our LM's attention saves its packed projection under the checkpoints' name
+    (`in_proj_weight`), which ComfyUI would then never patch. Only the keys ComfyUI reads change."""
+    for name, _ in module.named_parameters():
+        official = official_name(name)
+        if official != name and prefix + official in state_dict:
+            state_dict[prefix + name] = state_dict.pop(prefix + official)
 
 
 _MANAGED_CLASSES: dict[str, type] = {}
@@ -207,3 +254,74 @@ class Progress:
         if self.bar is not None:
             self.bar.update_absolute(done, total)
         check_interrupt()
+
+
+def interrupt_requested() -> bool:
+    """Whether the user pressed Cancel, without raising (the trainer stops after the step it is in and keeps
+    its last checkpoint); `check_interrupt` then raises."""
+    if mm is None:
+        return False
+    fn = getattr(mm, "processing_interrupted", None)
+    return bool(fn()) if fn is not None else False
+
+
+def progress_text(text: str, node_id) -> None:
+    """A line of text shown on the node while it runs (ComfyUI's send_progress_text, 2025 on; else nothing)."""
+    if mm is None or node_id is None:
+        return
+    try:
+        from server import PromptServer
+        PromptServer.instance.send_progress_text(text, node_id)
+    except Exception:    # an older ComfyUI: the bar and the log still show progress
+        pass
+
+
+def temp_preview(png: bytes, prefix: str) -> list[dict]:
+    """Write a PNG into ComfyUI's temp folder and return the `ui.images` entry that shows it on the node
+    (what PreviewImage does); [] outside ComfyUI."""
+    if folder_paths is None:
+        return []
+    folder = Path(folder_paths.get_temp_directory())
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"{prefix}_{os.urandom(5).hex()}.png"
+    (folder / name).write_bytes(png)
+    return [{"filename": name, "subfolder": "", "type": "temp"}]
+
+
+def patcher_of(patchers, module: torch.nn.Module):
+    """(the ModelPatcher among `patchers` that manages `module`, the prefix of `module`'s names in it), or
+    (None, "") when none does (outside ComfyUI)."""
+    for p in patchers:
+        root = getattr(p, "model", None)
+        if p is None or root is None or not (hasattr(p, "clone") and hasattr(p, "add_patches")):
+            continue
+        for name, sub in root.named_modules():
+            if sub is module:
+                return p, (name + "." if name else "")
+    return None, ""
+
+
+def lora_clone(patcher, prefix: str, pairs: dict, alpha: float, strength: float):
+    """A clone of `patcher` carrying a LoRA as ComfyUI's own weight patches: W + strength * alpha / rank * B @ A
+    on each adapted weight, computed by ComfyUI when it loads the clone; the shared module is unchanged
+    until then, and ComfyUI restores it when it loads another clone (or unloads this one).
+
+    pairs: {parameter name of the weight in the patched module: (A [rank, in], B [out, rank])}. The patches are
+    made by ComfyUI's LoRA loader (`comfy.lora.load_lora`) from `<name>.lora_up.weight` (B),
+    `.lora_down.weight` (A) and `.alpha`, so any ComfyUI gets the patch form it understands."""
+    if comfy_lora is None:
+        raise RuntimeError("this ComfyUI has no comfy.lora module")
+    tensors, to_load = {}, {}
+    for name, (a, b) in pairs.items():
+        stem = name[: -len(".weight")] if name.endswith(".weight") else name
+        tensors[f"{stem}.lora_up.weight"] = b
+        tensors[f"{stem}.lora_down.weight"] = a
+        tensors[f"{stem}.alpha"] = torch.tensor(float(alpha))
+        to_load[stem] = prefix + name
+    patches = comfy_lora.load_lora(tensors, to_load)
+    clone = patcher.clone()
+    added = clone.add_patches(patches, float(strength))
+    missing = sorted(set(patches) - set(added))
+    if len(patches) != len(pairs) or missing:
+        raise RuntimeError(f"ComfyUI did not accept the LoRA patches for {missing or sorted(pairs)[:3]}")
+    return clone
