@@ -75,6 +75,7 @@ NODE_WORDING = [
     (re.compile(r"^start (\S+ s) is at or beyond"), r"input `start` (\1) is at or beyond"),
     (re.compile(r"^ar_seconds (\S+)"), r"input `seconds` \1"),
     (re.compile(r"^rescorer weight"), "input `weight`"),
+    (re.compile(r"^repeats "), "input `repeats` "),
 ]
 
 

@@ -591,6 +591,8 @@ def test_decode_loop_refuses_empty_tokens_and_absurd_repeats_naming_the_node(pac
     loop = tokens(torch.randint(0, c.card, (1, c.n_q, 20)), loop_duration=0.4)
     with node_error(pack, "MagnetDecodeLoop", "repeats"):
         N["MagnetDecodeLoop"]().decode(codec, loop, 10 ** 7)
+    with node_error(pack, "MagnetDecodeLoop", "^input `repeats` 2.5 must be a whole number"):
+        N["MagnetDecodeLoop"]().decode(codec, loop, 2.5)
     with node_error(pack, "MagnetDecodeLoop", "^input `repeats` is nan"):
         N["MagnetDecodeLoop"]().decode(codec, loop, math.nan)
     once, twice = N["MagnetDecodeLoop"]().decode(codec, loop, 2)
