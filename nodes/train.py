@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..magnet.devices import codec_device
 from ..magnet.errors import MagnetError
 from ..magnet.lora import DEFAULT_RANK, check_lora_fits, check_strength, load_lora
 from . import comfy
@@ -247,42 +248,69 @@ class MagnetTrainLora:
                 raise MagnetError("the model has a LoRA applied (MAGNeT LoRA Loader): connect the Model Loader's "
                                   "model directly; a LoRA is trained on the release itself.")
             m, te = ready(model, text_encoder)
+            whole(m.codec, codec_device(m.device))
             settings = TrainSettings(steps=int(steps), rank=int(rank), lr=lr, batch=int(batch), seed=seed,
                                      trigger=str(trigger or "").strip())
             progress = TrainProgress(int(steps), unique_id)
             with torch.inference_mode(False):
                 trainee = trainable(m, te)
-                result = train_lora(trainee, data, out, settings, progress=progress,
-                                    should_stop=comfy.interrupt_requested)
-            comfy.check_interrupt()             # Cancel: the last complete checkpoint stays, the run stops here
+                result = train_lora(trainee, data, out, settings, progress=progress, should_stop=progress.should_stop,
+                                    log=lambda msg: log.warning("MAGNeT Train LoRA: %s", msg))
+            comfy.check_interrupt()
+            if progress.interrupt is not None:  # Cancel: the steps done so far are saved; the run stops here
+                raise progress.interrupt
+            if result.path is None:
+                raise MagnetError("the training stopped before its first step; nothing was saved.")
             losses = [float(x) for x in result.losses]
             log.info("MAGNeT Train LoRA: %d steps, loss %s -> %s; saved %s", len(losses),
                      f"{losses[0]:.4f}" if losses else "-", f"{losses[-1]:.4f}" if losses else "-", result.path)
-            image = loss_image(losses, list(getattr(result, "val_losses", None) or []))
+            image = loss_image(losses, list(result.val_losses or []))
             name = Path(result.path).relative_to(out.parent).as_posix()
             ui = comfy.temp_preview(png_bytes(image[0]), "magnet_lora_loss")
             return {"ui": {"images": ui}, "result": (name, image)}
 
 
+def whole(module: torch.nn.Module, device) -> None:
+    """EnCodec encodes the dataset where it is (only the model's LM is readied here). A partial unload by
+    ComfyUI's memory manager can leave a module split between devices; it is then moved to `device` whole."""
+    devices = {t.device for t in (*module.parameters(), *module.buffers())}
+    if len(devices) > 1:
+        module.to(device)
+
+
 class TrainProgress:
-    """progress(step, total, loss) for the engine: ComfyUI's bar (a cancel point too), the running loss as text
-    on the node, and a log line every tenth of the run."""
+    """progress(step, total, loss) for the engine: ComfyUI's bar, the running loss as text on the node, and a
+    log line every tenth of the run; `should_stop` for its cancel polls.
+
+    ComfyUI's bar raises the interrupt when the user pressed Cancel (and clears the request): caught here, so
+    the engine stops at its next poll and saves the steps done, then the node raises it."""
 
     def __init__(self, total: int, node_id=None):
         self.bar = comfy.Progress(total)
         self.node_id = node_id
         self.every = max(1, total // 10)
         self.smooth = None
+        self.interrupt = None
+
+    def should_stop(self) -> bool:
+        return self.interrupt is not None or comfy.interrupt_requested()
 
     def __call__(self, step: int, total: int, loss: float):
         loss = float(loss)
         if math.isfinite(loss):
             self.smooth = loss if self.smooth is None else 0.9 * self.smooth + 0.1 * loss
-        text = f"step {step}/{total}  loss {loss:.4f}" + (f"  (avg {self.smooth:.4f})" if self.smooth else "")
+        text = f"step {step}/{total}  loss {loss:.4f}"
+        if self.smooth is not None:
+            text += f"  (average {self.smooth:.4f})"
         comfy.progress_text(text, self.node_id)
         if step % self.every == 0 or step == total:
             log.info("MAGNeT Train LoRA: %s", text)
-        self.bar(step, total)
+        try:
+            self.bar(step, total)
+        except Exception as e:
+            if not comfy.is_interrupt(e):
+                raise
+            self.interrupt = e
 
 
 def trainable(m, te):

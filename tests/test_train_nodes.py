@@ -535,3 +535,93 @@ def test_inference_tensors_are_swapped_for_ordinary_ones_with_the_same_values(pa
     lin(x).sum().backward()                                             # autograd can save them now
     assert x.grad is not None
     assert pack.nodes.train.leave_inference_mode(lin) == 0
+
+
+@pytest.fixture()
+def clips(tmp_path, monkeypatch):
+    """input/clips: two short tones (one with a caption file), as a user drops them into ComfyUI's input folder."""
+    import soundfile as sf
+    folder = tmp_path / "input" / "clips"
+    folder.mkdir(parents=True)
+    sr = 32000
+    t = np.arange(int(sr * 1.3)) / sr
+    for i, freq in enumerate((220.0, 330.0)):
+        sf.write(str(folder / f"tone_{i}.wav"), (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32), sr)
+    (folder / "tone_0.txt").write_text("a calm low tone")
+    monkeypatch.setenv("MAGNET_INPUT_DIR", str(tmp_path / "input"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def t5(pack, ref):
+    return pack.magnet.text.TextEncoder(ref / "t5-base", device="cpu")
+
+
+def train(N, model, te, save_name="x", steps=2, **kw):
+    args = dict(dataset="clips", path="", trigger="mystyle", steps=steps, rank=2, learning_rate=0.001, batch=1,
+                seed=0, save_name=save_name)
+    args.update(kw)
+    return N["MagnetTrainLora"]().train(model, te, **args)
+
+
+def test_train_node_saves_a_lora_the_loader_applies(pack, N, base, t5, clips, loras_dir):
+    before = weights(base)
+    out = train(N, plain(pack, base), pack.nodes.common.Handle(t5, "t5-base", [None]), "test_style")
+    name, image = out["result"]
+    assert name == "test_style.safetensors" and (loras_dir / name).is_file()
+    assert not list(loras_dir.glob(".*"))                           # no temporary file left behind
+    assert image.shape == (1, 360, 640, 3) and image.dtype == torch.float32
+    assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
+    lora = pack.magnet.lora.load_lora(loras_dir / name)
+    assert (lora.meta["steps"], lora.meta["trigger"], lora.meta["clips"], lora.rank) == ("2", "mystyle", "2", 2)
+    assert same(weights(base), before)                              # training leaves the model as it was
+    assert N["MagnetLoraLoader"].INPUT_TYPES()["required"]["lora"][0] == ["none", name]
+    assert "clips" in N["MagnetTrainLora"].INPUT_TYPES()["required"]["dataset"][0]     # not its token cache
+    tuned = load(N, plain(pack, base), "none", 1.0, lora_name=name).obj
+    assert (logits(tuned) - logits(base)).abs().max() > 0
+
+
+def test_train_node_in_comfyui_under_inference_mode_shows_progress_and_cancels(pack, N, ref, clips, loras_dir,
+                                                                               in_comfy, monkeypatch):
+    comfy, common = pack.nodes.comfy, pack.nodes.common
+    with torch.inference_mode():                      # ComfyUI runs every node, the loaders too, in inference mode
+        m = music(pack, ref)
+        te = pack.magnet.text.TextEncoder(ref / "t5-base", device="cpu")
+    assert next(m.lm.parameters()).is_inference()
+    model = common.Handle(m, "magnet-music", [FakePatcher(comfy.managed_class("MAGNeT LM (t)")(m.lm))])
+    text_encoder = common.Handle(te, "t5-base", [FakePatcher(comfy.managed_class("T5 (t)")(te.model))])
+    texts = []
+    monkeypatch.setattr(comfy, "progress_text", lambda text, node_id: texts.append((node_id, text)))
+    before = weights(m)
+    with torch.inference_mode():
+        name, image = train(N, model, text_encoder, "in_comfy", steps=3, dataset="none", path="clips",
+                            unique_id="12")["result"]
+    assert name == "in_comfy.safetensors" and image.shape == (1, 360, 640, 3)
+    assert [t for _, t in texts][-1].startswith("step 3/3  loss ") and {n for n, _ in texts} == {"12"}
+    assert same(weights(m), before)
+
+    bars = []
+
+    class CancelDuringStep2(FakeBar):                 # the user presses Cancel while step 2 runs
+        def update_absolute(self, value, total=None, preview=None):
+            bars.append(value)
+            in_comfy.interrupted = value == 2
+    monkeypatch.setattr(comfy, "comfy", SimpleNamespace(utils=SimpleNamespace(ProgressBar=CancelDuringStep2)))
+    with torch.inference_mode(), pytest.raises(FakeMM.InterruptProcessingException):
+        train(N, model, text_encoder, "cancelled", steps=6)
+    assert bars == [1, 2]                              # no step after the one the cancel came in
+    assert pack.magnet.lora.load_lora(loras_dir / "cancelled.safetensors").meta["steps"] == "2"   # kept
+    assert not in_comfy.interrupted
+
+
+def test_train_node_refuses_a_model_with_a_lora_and_bad_inputs(pack, N, base, t5, clips, loras_dir):
+    lora_file(pack, loras_dir / "style.safetensors", base, 11)
+    te = pack.nodes.common.Handle(t5, "t5-base", [None])
+    with_lora = load(N, plain(pack, base), "style.safetensors", 1.0)
+    for model, kw, match in ((with_lora, {}, "has a LoRA applied"),
+                             (plain(pack, base), {"learning_rate": float("nan")}, "learning_rate"),
+                             (plain(pack, base), {"dataset": "none"}, "no dataset"),
+                             (plain(pack, base), {"save_name": "../x"}, "save_name")):
+        with pytest.raises(pack.magnet.errors.MagnetError, match=match) as info:
+            train(N, model, te, **{"save_name": "x", **kw})
+        assert str(info.value).startswith("MAGNeT Train LoRA: ")
