@@ -1,7 +1,11 @@
 """Editing with MAGNeT: audio to audio, seamless loops and prompt timelines.
 
 All three reuse the one decoding loop (`sampling.generate`) and the window machinery of `longform`;
-each takes the model (`MagnetModel`) as its first argument.
+each takes the model (`MagnetModel`) as its first argument, and is also the model's method of the same
+name (`model.vary(...)`; bound onto `MagnetModel` at the end of this module, which builds on the model:
+`magnet.model` does not import it). Like `MagnetModel.generate`, each public function checks its inputs
+once and returns the codes (`return_seed=True`: `model.Generated`, the codes and the seed); each
+`*_from_condition` form, for an encoded text, returns `Generated`.
 
 - `vary(model, codes, prompts, strength=..., keep_codebooks=...)`: audio to audio. A fraction `strength`
   of the clip's spans (span_len frames each, spread over the whole clip: one chosen at random in each of
@@ -21,34 +25,26 @@ each takes the model (`MagnetModel`) as its first argument.
   generated with its prompt as a continuation of everything before it (sliding the window as
   `longform.generate_long` does), so every window is conditioned on the prompt in force over all of the
   new audio it writes, and a prompt change happens at its time (to within one span, 60 ms) as a musical
-  continuation, not a crossfade. A timeline with one prompt is exactly `model.generate`.
+  continuation, not a crossfade. A timeline with one prompt is exactly `model.generate`. Its cost is
+  bounded like a plain generation's (`timeline_plan`: MIN_SECTION, MAX_COST).
 """
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field, fields, replace
-from typing import Sequence
+from dataclasses import dataclass, field, replace
+from typing import NamedTuple, Sequence
 
 import torch
 
 from . import longform, sampling
-from .devices import autocast_for
 from .errors import MagnetError
-from .sampling import SamplingParams
+from .model import MAX_SECONDS, Generated, MagnetModel, check_fits, codes_arg, seconds_arg
+from .sampling import SamplingParams, SpanArrangement, StepCounter
 from .text import TextCondition
-
-# progress over several decodings: one counter handed to each (named StepCounter in newer engines)
-_Job = getattr(sampling, "StepCounter", None) or getattr(sampling, "_Job")
-
-SAMPLING_KEYS = tuple(f.name for f in fields(SamplingParams) if f.init)    # what sampling keyword arguments may set
 
 
 # -- shared helpers ---------------------------------------------------------------------------------
-
-def _autocast(model):
-    return autocast_for(model.device, model.dtype)
-
 
 def _engine(model) -> dict:
     """Keyword arguments every engine call of `model` takes besides the sampling ones: its forward settings
@@ -57,43 +53,9 @@ def _engine(model) -> dict:
     return {} if fastpath is None else {"fastpath": fastpath}
 
 
-def _params(model, params: SamplingParams | None, fast, kw: dict) -> SamplingParams:
-    unknown = set(kw) - set(SAMPLING_KEYS)
-    if unknown:
-        raise MagnetError(f"unknown sampling argument(s) {', '.join(sorted(unknown))}: use "
-                          f"{', '.join(SAMPLING_KEYS)}.")
-    if params is None:
-        params = SamplingParams(**{"decoding_steps": "auto", **kw})
-    elif kw:
-        params = replace(params, **kw)
-    if fast is not None:
-        params = replace(params, fast=fast)
-    return params.check(model.cfg.n_q, getattr(model, "generation_defaults", None))
-
-
-def _check_codes(model, codes) -> torch.Tensor:
-    """The model's own check of finished codes (integer [B, K, T] of its codec)."""
-    return model._check_codes(codes)
-
-
-def _cond_rows(model, cond: TextCondition, B: int) -> TextCondition:
-    """The conditioning checked (this model's T5 width, plain prompts) with one row per row of codes."""
-    if getattr(cond, "timeline", None):
-        raise MagnetError("a prompt timeline conditions a whole generation (the Sampler, generate_timeline): "
-                          "here give plain prompts (Text Encode).")
-    return model.condition_rows(cond, B)
-
-
-def _prompts(prompts, B: int | None = None) -> list[str]:
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
-    if B is not None and len(prompts) == 1 and B > 1:
-        prompts = prompts * B
-    if B is not None and len(prompts) != B:
-        raise MagnetError(f"{len(prompts)} text prompts for {B} rows of codes: give one prompt per row "
-                          f"(or one for all).")
-    return prompts
+def _sampling(model, params: SamplingParams | None, fast=None, kw: dict | None = None) -> SamplingParams:
+    """`model.sampling_params(params, **kw)`, where fast=None leaves `params.fast` as it is."""
+    return model.sampling_params(params, **(kw or {}), **({} if fast is None else {"fast": fast}))
 
 
 def _number(value, what: str) -> float:
@@ -135,6 +97,11 @@ class _TailLM:
     def __init__(self, lm, head: torch.Tensor):
         self.lm, self.head, self.k = lm, head, head.shape[1]
         self.cfg = replace(lm.cfg, n_q=lm.cfg.n_q - self.k)
+
+    @property
+    def first_codebook(self) -> int:
+        """The LM's index of the loop's stage 0 (the decoding loop names it in its messages)."""
+        return self.k
 
     @property
     def mask_id(self) -> int:
@@ -187,10 +154,21 @@ def _decode_kept(lm, cond, given, keep, keep_codebooks, params, generator, job, 
     return tail.full(out)
 
 
+class _Vary(NamedTuple):
+    """A checked audio to audio job: the codes, what to keep, the sampling, and its windows."""
+    codes: torch.Tensor
+    strength: float
+    keep_codebooks: int
+    params: SamplingParams
+    window: int
+    overlap: int
+
+
 def vary(model, codes: torch.Tensor, prompts: Sequence[str] | str, *, strength: float, keep_codebooks: int = 0,
          seed: int | None = None, params: SamplingParams | None = None, overlap: float | None = None,
          progress: sampling.Progress | None = None, rescorer: sampling.Rescorer | None = None,
-         fast: bool | sampling.FastMode | None = None, **sampling_kwargs) -> torch.Tensor:
+         fast: bool | sampling.FastMode | None = None, return_seed: bool = False,
+         **sampling_kwargs) -> torch.Tensor | Generated:
     """Audio to audio: codes [B, K, T] (from `model.encode` or `model.generate`) -> new codes [B, K, T] in
     which about `strength` of the spans are drawn again with `prompts` (one for all rows or one per row).
 
@@ -198,15 +176,21 @@ def vary(model, codes: torch.Tensor, prompts: Sequence[str] | str, *, strength: 
     keep_codebooks). keep_codebooks: 0..K-1 codebooks kept at every frame (1 = keep codebook 0: rhythm and
     melody; redraw timbre and detail). The spans are chosen from the seed: the same seed gives the same
     result. Sampling arguments (`decoding_steps`, `temperature`, ...) or `params`, `overlap` (seconds of
-    context between windows, for clips longer than the window), `progress`, `rescorer` and `fast` are as
-    in `model.generate`."""
-    codes = _check_codes(model, codes)
-    _strength(strength)
-    _keep_codebooks(keep_codebooks, model.cfg.n_q)
-    params = _params(model, params, fast, sampling_kwargs)
-    cond = model.encode_text(_prompts(prompts, codes.shape[0]))
-    return vary_from_condition(model, cond, codes, strength=strength, keep_codebooks=keep_codebooks, seed=seed,
-                               params=params, overlap=overlap, progress=progress, rescorer=rescorer)
+    context between windows, for clips longer than the window), `progress`, `rescorer`, `fast` and
+    `return_seed` are as in `model.generate`."""
+    job = _vary_job(model, codes, strength, keep_codebooks, _sampling(model, params, fast, sampling_kwargs), overlap)
+    cond = model.encode_text(model.prompt_list(prompts, job.codes.shape[0]))
+    return model.returned(_vary(model, cond, job, seed, progress, rescorer), return_seed)
+
+
+def vary_from_condition(model, cond: TextCondition, codes: torch.Tensor, *, strength: float,
+                        keep_codebooks: int = 0, params: SamplingParams | None = None, seed: int | None = None,
+                        overlap: float | None = None, progress: sampling.Progress | None = None,
+                        rescorer: sampling.Rescorer | None = None,
+                        fast: bool | sampling.FastMode | None = None) -> Generated:
+    """`vary` on an already encoded text (what the Audio to Audio node calls)."""
+    job = _vary_job(model, codes, strength, keep_codebooks, _sampling(model, params, fast), overlap)
+    return _vary(model, model.condition_rows(cond, job.codes.shape[0]), job, seed, progress, rescorer)
 
 
 def _strength(strength) -> float:
@@ -226,45 +210,43 @@ def _keep_codebooks(k, n_q: int) -> int:
     return int(v)
 
 
-def vary_from_condition(model, cond: TextCondition, codes: torch.Tensor, *, strength: float,
-                        keep_codebooks: int = 0, params: SamplingParams, seed: int | None = None,
-                        overlap: float | None = None, progress: sampling.Progress | None = None,
-                        rescorer: sampling.Rescorer | None = None,
-                        fast: bool | sampling.FastMode | None = None) -> torch.Tensor:
-    """`vary` on an already encoded text (what the Audio to Audio node calls)."""
-    codes = _check_codes(model, codes)
+def _vary_job(model, codes, strength, keep_codebooks, params: SamplingParams, overlap) -> _Vary:
+    """The checks of audio to audio (`params` checked), once, before the text encoder runs."""
+    codes = model.check_codes(codes)
     strength = _strength(strength)
     k = _keep_codebooks(keep_codebooks, model.cfg.n_q)
-    params = _params(model, params, fast, {})
-    B, K, T = codes.shape
-    cond = _cond_rows(model, cond, B)
-    L = max(model.cfg.span_len, 1)
-    generator, used = sampling.make_generator(seed, model.device)
-    model.last_seed = used
+    T, L = codes.shape[-1], max(model.cfg.span_len, 1)
     if T < 2 * L:
         raise MagnetError(f"the clip is {T} frames ({T / model.frame_rate:g} s) long: audio to audio needs at "
                           f"least {2 * L} frames ({2 * L / model.frame_rate:g} s).")
-    redraw = redraw_mask(T, L, strength, used)
-    if not bool(redraw.any()):
-        return codes.clone()
-    W = longform.usable_window(min(model.max_frames, T), L, params.span_arrangement)
-    ov = model.overlap_frames(overlap, params.span_arrangement)
-    ov = min(ov, W - L) if overlap is not None else longform.default_overlap(W)
-    plan = longform.plan_windows(T, W, ov)
-    work = []
-    for w in plan:
-        keep = ~redraw[w.start:w.end]
-        keep[:w.context] = True
-        if not bool(keep.all()):
-            work.append((w, keep))
-    job = _Job(total=len(work) * sum(params.decoding_steps[k:]), progress=progress)
-    out = codes.clone()
-    with _autocast(model):
+    W = SpanArrangement.of(params, model.cfg.span_len).usable_window(min(model.max_frames, T))
+    ov = longform.default_overlap(W) if overlap is None else \
+        min(model.overlap_frames(overlap, params.span_arrangement), W - L)
+    return _Vary(codes, strength, k, params, W, ov)
+
+
+def _vary(model, cond: TextCondition, job: _Vary, seed, progress, rescorer) -> Generated:
+    codes, k, params = job.codes, job.keep_codebooks, job.params
+    T = codes.shape[-1]
+
+    def decode(generator, used: int) -> torch.Tensor:
+        redraw = redraw_mask(T, model.cfg.span_len, job.strength, used)
+        if not bool(redraw.any()):
+            return codes.clone()
+        work = []
+        for w in longform.plan_windows(T, job.window, job.overlap):
+            keep = ~redraw[w.start:w.end]
+            keep[:w.context] = True
+            if not bool(keep.all()):
+                work.append((w, keep))
+        counter = StepCounter(total=len(work) * sum(params.decoding_steps[k:]), progress=progress)
+        out = codes.clone()
         for w, keep in work:
             given = out[..., w.start:w.end].cpu()
-            new = _decode_kept(model.lm, cond, given, keep, k, params, generator, job, rescorer, _engine(model))
+            new = _decode_kept(model.lm, cond, given, keep, k, params, generator, counter, rescorer, _engine(model))
             out[..., w.start + w.context:w.end] = new[..., w.context:].to(out.device)
-    return out
+        return out
+    return model.seeded(seed, decode)
 
 
 # -- seamless loops -------------------------------------------------------------------------------------
@@ -298,7 +280,6 @@ def min_loop_frames(model) -> int:
 
 def loop_frames(model, seconds: float) -> int:
     """Frames of a loop of `seconds`: round(seconds * frame_rate), checked against the model's limits."""
-    from .model import seconds_arg
     seconds = seconds_arg(seconds)
     F = int(round(seconds * model.frame_rate))
     least = min_loop_frames(model)
@@ -330,90 +311,99 @@ def _loopify(model, cond, codes, params, generator, job, rescorer):
 def loopify(model, codes: torch.Tensor, prompts: Sequence[str] | str, *, seed: int | None = None,
             params: SamplingParams | None = None, progress: sampling.Progress | None = None,
             rescorer: sampling.Rescorer | None = None, fast: bool | sampling.FastMode | None = None,
-            **sampling_kwargs) -> torch.Tensor:
+            return_seed: bool = False, **sampling_kwargs) -> torch.Tensor | Generated:
     """Make an existing clip loopable: codes [B, K, F] -> codes [B, K, F] whose wrap-around join (last frame
     -> first frame) was regenerated by the model with both sides as context; the frames far from the join
-    are unchanged. Decode with `decode_loop`."""
-    codes = _check_codes(model, codes)
-    params = _params(model, params, fast, sampling_kwargs)
-    cond = model.encode_text(_prompts(prompts, codes.shape[0]))
-    return loopify_from_condition(model, cond, codes, params=params, seed=seed, progress=progress,
-                                  rescorer=rescorer)
+    are unchanged. Decode with `decode_loop`. The other arguments are as in `model.generate`."""
+    codes = _loop_codes(model, codes)
+    params = _sampling(model, params, fast, sampling_kwargs)
+    cond = model.encode_text(model.prompt_list(prompts, codes.shape[0]))
+    return model.returned(_loopify_seeded(model, cond, codes, params, seed, progress, rescorer), return_seed)
 
 
-def loopify_from_condition(model, cond, codes, *, params: SamplingParams, seed=None, progress=None, rescorer=None,
-                           fast=None) -> torch.Tensor:
-    codes = _check_codes(model, codes)
-    params = _params(model, params, fast, {})
-    cond = _cond_rows(model, cond, codes.shape[0])
-    F = codes.shape[-1]
-    least = min_loop_frames(model)
+def loopify_from_condition(model, cond: TextCondition, codes: torch.Tensor, *, params: SamplingParams | None = None,
+                           seed: int | None = None, progress: sampling.Progress | None = None,
+                           rescorer: sampling.Rescorer | None = None,
+                           fast: bool | sampling.FastMode | None = None) -> Generated:
+    """`loopify` on an already encoded text (what the Seamless Loop node calls for given tokens)."""
+    codes = _loop_codes(model, codes)
+    params = _sampling(model, params, fast)
+    cond = model.condition_rows(cond, codes.shape[0])
+    return _loopify_seeded(model, cond, codes, params, seed, progress, rescorer)
+
+
+def _loop_codes(model, codes) -> torch.Tensor:
+    """Codes to make loop: the model's check, and long enough for the join and its context."""
+    codes = model.check_codes(codes)
+    F, least = codes.shape[-1], min_loop_frames(model)
     if F < least:
         raise MagnetError(f"the clip is {F} frames ({F / model.frame_rate:g} s): a loop needs at least {least} "
                           f"frames ({least / model.frame_rate:g} s) for the join and its context.")
-    generator, model.last_seed = sampling.make_generator(seed, model.device)
-    job = _Job(total=sum(params.decoding_steps), progress=progress)
-    with _autocast(model):
-        return _loopify(model, cond, codes, params, generator, job, rescorer)
+    return codes
+
+
+def _loopify_seeded(model, cond, codes, params, seed, progress, rescorer) -> Generated:
+    return model.seeded(seed, lambda generator, _seed: _loopify(
+        model, cond, codes, params, generator, StepCounter(total=sum(params.decoding_steps), progress=progress),
+        rescorer))
 
 
 def generate_loop(model, prompts: Sequence[str] | str, *, duration: float | None = None, bars: float | None = None,
                   bpm: float | None = None, beats_per_bar: float = 4, seed: int | None = None,
                   params: SamplingParams | None = None, progress: sampling.Progress | None = None,
                   rescorer: sampling.Rescorer | None = None, fast: bool | sampling.FastMode | None = None,
-                  **sampling_kwargs) -> torch.Tensor:
+                  return_seed: bool = False, **sampling_kwargs) -> torch.Tensor | Generated:
     """A seamless loop: codes [B, K, round(seconds * frame_rate)] whose end flows into their start.
 
     Its length: `duration` seconds, or `bars` bars of `beats_per_bar` beats at `bpm`. The clip is generated
     (sliding the window beyond it), then its wrap-around join is regenerated with both sides as context
     (see `loopify`). Decode with `decode_loop(model, codes, duration=...)` for exactly
-    round(seconds * sample_rate) samples that repeat without a click."""
-    seconds = loop_seconds(duration, bars, bpm, beats_per_bar)
-    F = loop_frames(model, seconds)
-    params = _params(model, params, fast, sampling_kwargs)
-    cond = model.encode_text(_prompts(prompts))
-    return generate_loop_from_condition(model, cond, frames=F, params=params, seed=seed, progress=progress,
-                                        rescorer=rescorer)
+    round(seconds * sample_rate) samples that repeat without a click. The other arguments are as in
+    `model.generate`."""
+    F = loop_frames(model, loop_seconds(duration, bars, bpm, beats_per_bar))
+    params = _sampling(model, params, fast, sampling_kwargs)
+    cond = model.encode_text(model.prompt_list(prompts))
+    return model.returned(_generate_loop(model, cond, F, params, seed, progress, rescorer), return_seed)
 
 
-def generate_loop_from_condition(model, cond: TextCondition, *, frames: int, params: SamplingParams,
-                                 seed: int | None = None, progress=None, rescorer=None, fast=None) -> torch.Tensor:
+def generate_loop_from_condition(model, cond: TextCondition, *, frames: int, params: SamplingParams | None = None,
+                                 seed: int | None = None, progress: sampling.Progress | None = None,
+                                 rescorer: sampling.Rescorer | None = None,
+                                 fast: bool | sampling.FastMode | None = None) -> Generated:
     """`generate_loop` on an already encoded text, for a loop of exactly `frames` frames."""
-    params = _params(model, params, fast, {})
-    model.check_condition(cond)
-    F = int(frames)
+    params = _sampling(model, params, fast)
+    cond = model.condition_rows(cond, getattr(cond, "batch", 1))
+    F = model.check_frames(frames)
     if F < min_loop_frames(model):
         raise MagnetError(f"a loop of {F} frames is shorter than the model's context: make it at least "
                           f"{min_loop_frames(model) / model.frame_rate:g} s.")
-    generator, model.last_seed = sampling.make_generator(seed, model.device)
-    W = longform.usable_window(min(model.max_frames, F), model.cfg.span_len, params.span_arrangement)
+    return _generate_loop(model, cond, F, params, seed, progress, rescorer)
+
+
+def _generate_loop(model, cond, F: int, params, seed, progress, rescorer) -> Generated:
+    W = SpanArrangement.of(params, model.cfg.span_len).usable_window(min(model.max_frames, F))
     plan = longform.plan_windows(F, W, longform.default_overlap(W))
-    job = _Job(total=(len(plan) + 1) * sum(params.decoding_steps), progress=progress)
-    with _autocast(model):
-        codes = longform.generate_long(model.lm, cond, F, params, window=W, generator=generator, job=job,
+    counter = StepCounter(total=(len(plan) + 1) * sum(params.decoding_steps), progress=progress)
+
+    def decode(generator, _seed):
+        codes = longform.generate_long(model.lm, cond, F, params, window=W, generator=generator, job=counter,
                                        rescorer=rescorer, **_engine(model))
-        return _loopify(model, cond, codes, params, generator, job, rescorer)
+        return _loopify(model, cond, codes, params, generator, counter, rescorer)
+    return model.seeded(seed, decode)
 
 
 def decode_loop(model, codes: torch.Tensor, *, duration: float | None = None, repeats: int = 1) -> torch.Tensor:
     """Codes of a loop [B, K, F] -> waveform [B, C, repeats * round(duration * sample_rate)] on the CPU that
     repeats without a click. `model`: a MagnetModel or its codec. duration: the loop's seconds (default
-    F / frame_rate; it must round to F frames).
+    F / frame_rate; it must round to F frames). The waveform's size is estimated before it is made: one
+    that cannot fit in memory, or of more than MAX_SECONDS, is refused.
 
     The codec decodes circularly: the codes padded on each side with (up to 5 s of) their own other end,
     decoded together, the middle F frames kept. When round(duration * sample_rate) is not F hops, that one
     period is resampled circularly (FFT) to the exact length; the pitch moves by less than one frame in F."""
     codec = getattr(model, "codec", model)
-    if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.dim() not in (2, 3):
-        raise MagnetError("codes must be integer codes [batch, codebooks, frames] (from model.generate "
-                          "or model.encode).")
-    codes = codes[None] if codes.dim() == 2 else codes
-    if codes.shape[1] != codec.n_q or codes.shape[-1] == 0 or int(codes.min()) < 0 or \
-            int(codes.max()) >= codec.card:
-        raise MagnetError(f"codes of shape {tuple(codes.shape)} with values in [{int(codes.min())}, "
-                          f"{int(codes.max())}] are not codes of this codec ({codec.n_q} codebooks of "
-                          f"{codec.card} entries): decode the loop with the codec that made it.")
-    F = codes.shape[-1]
+    codes = codes_arg(codes, codec.n_q, codec.card, "decode the loop with the codec that made it")
+    B, F = codes.shape[0], codes.shape[-1]
     fr, sr = float(codec.frame_rate), int(codec.sample_rate)
     seconds = F / fr if duration is None else _number(duration, "duration")
     if duration is not None and int(round(seconds * fr)) != F:
@@ -422,13 +412,20 @@ def decode_loop(model, codes: torch.Tensor, *, duration: float | None = None, re
     reps = _number(repeats, "repeats")
     if reps != int(reps) or reps < 1:
         raise MagnetError(f"repeats {repeats!r} must be a whole number >= 1.")
+    reps = int(reps)
+    if reps * seconds > MAX_SECONDS:
+        raise MagnetError(f"{reps} repeats of a {seconds:g} s loop is {reps * seconds:g} s: at most {MAX_SECONDS:g} "
+                          f"s of audio in one call. Repeat it fewer times (the loop is seamless: repeat the "
+                          f"decoded audio where you use it).")
+    S = int(round(seconds * sr))
+    check_fits(B * codec.channels * S * (reps + 2) * 4, f"{reps} repeats of a {seconds:g} s loop (batch {B})",
+               torch.device("cpu"))
     P = min(F, int(round(5 * fr)))
-    padded = torch.cat([codes[..., F - P:], codes, codes[..., :P]], dim=-1).long()
+    padded = torch.cat([codes[..., F - P:], codes, codes[..., :P]], dim=-1)
     decode = model.decode if hasattr(model, "codec") else codec.decode
     wav = decode(padded).float().cpu()
     hop = wav.shape[-1] // padded.shape[-1]
     period = wav[..., P * hop:(P + F) * hop]
-    S = int(round(seconds * sr))
     if S != period.shape[-1]:
         spec = torch.fft.rfft(period.double(), dim=-1)
         n = S // 2 + 1
@@ -437,33 +434,41 @@ def decode_loop(model, codes: torch.Tensor, *, duration: float | None = None, re
         else:
             spec = torch.cat([spec, spec.new_zeros(*spec.shape[:-1], n - spec.shape[-1])], dim=-1)
         period = (torch.fft.irfft(spec, n=S, dim=-1) * (S / period.shape[-1])).float()
-    return period.repeat(1, 1, int(reps)) if reps > 1 else period.contiguous()
+    return period.repeat(1, 1, reps) if reps > 1 else period.contiguous()
 
 
 # -- prompt timeline ---------------------------------------------------------------------------------------
 
-_TIME = re.compile(r"^\s*(\d+(?::\d+){0,2}(?:\.\d*)?)(?:\s*[-\u2013:|]\s*|\s+|$)(.*)$")
+_STAMP = re.compile(r"\d+(?::\d\d){0,2}(?:\.\d+)?")       # s, m:ss, h:mm:ss; decimals with a dot
+_AFTER_STAMP = re.compile(r"\s*[-\u2013|]\s*|\s+|$")        # what may separate the time from the prompt
 
 
-def _seconds_of(stamp: str, line: str) -> float:
-    parts = stamp.split(":")
-    try:
-        nums = [float(p) for p in parts]
-    except ValueError:
-        raise MagnetError(f"timeline line {line!r}: {stamp!r} is not a time; write m:ss, h:mm:ss or seconds.") \
-            from None
+def _timeline_line(line: str) -> tuple[float, str]:
+    """One timeline line -> (seconds, prompt): a time (`s`, `m:ss` or `h:mm:ss`, decimals only with a dot),
+    then a space, '-', '–' or '|', then the prompt. Anything else is refused, naming the line."""
+    stamp = re.match(r"[\d:.,]*", line).group()
+    if not stamp:
+        raise MagnetError(f"timeline line {line!r} does not start with a time: write one prompt per line as "
+                          f"'0:30 drums come in' (m:ss, h:mm:ss or seconds).")
+    after = _AFTER_STAMP.match(line, len(stamp))
+    if not _STAMP.fullmatch(stamp) or after is None:
+        raise MagnetError(f"timeline line {line!r}: {stamp!r} is not a time. Write seconds (12.5), m:ss (1:30) or "
+                          f"h:mm:ss (1:02:03), decimals only with a dot (1:30.5; no frame counts), then a space "
+                          f"and the prompt.")
+    nums = [float(p) for p in stamp.split(":")]
     if any(n >= 60 for n in nums[1:]):
         raise MagnetError(f"timeline line {line!r}: minutes and seconds after a ':' must be below 60 "
                           f"(write 1:10, not 0:70).")
     total = 0.0
     for n in nums:
         total = total * 60 + n
-    return total
+    return total, line[after.end():]
 
 
 def parse_timeline(timeline) -> list[tuple[float, str]]:
     """[(seconds, prompt)] from text ('0:00 calm piano intro', one per line; m:ss, h:mm:ss or plain seconds
-    such as '12.5 text'; blank lines and lines starting with # are skipped) or from a list of pairs.
+    such as '12.5 text', decimals with a dot; blank lines and lines starting with # are skipped) or from a
+    list of pairs.
     Checked: at least one entry, the first at 0, times strictly increasing, every prompt non-empty."""
     entries = []
     if isinstance(timeline, str):
@@ -471,11 +476,7 @@ def parse_timeline(timeline) -> list[tuple[float, str]]:
             line = raw.strip()
             if not line or line.startswith("#"):
                 continue
-            m = _TIME.match(line)
-            if not m:
-                raise MagnetError(f"timeline line {line!r} does not start with a time: write one prompt per "
-                                  f"line as '0:30 drums come in' (m:ss, h:mm:ss or seconds).")
-            entries.append((_seconds_of(m.group(1), line), m.group(2).strip()))
+            entries.append(_timeline_line(line))
     else:
         try:
             for t, p in timeline:
@@ -504,8 +505,12 @@ def parse_timeline(timeline) -> list[tuple[float, str]]:
 class TimelineCondition(TextCondition):
     """A prompt timeline, encoded: as a TextCondition it is its first prompt (for anything that takes one
     prompt); `timeline` holds (seconds, TextCondition of that prompt alone) for every entry.
-    `MagnetModel.generate_from_condition` hands it to `generate_timeline_from_condition`."""
+    `MagnetModel.generate_from_condition` runs it through `generate_on`."""
     timeline: list = field(default_factory=list)
+
+    def generate_on(self, model, **kw) -> Generated:
+        """`generate_timeline_from_condition(model, self, **kw)`."""
+        return generate_timeline_from_condition(model, self, **kw)
 
 
 def encode_timeline(model_or_encoder, timeline) -> TimelineCondition:
@@ -523,91 +528,130 @@ def encode_timeline(model_or_encoder, timeline) -> TimelineCondition:
                              timeline=parts)
 
 
-def generate_timeline(model, timeline, *, duration: float, seed: int | None = None, overlap: float | None = None,
-                      params: SamplingParams | None = None, prompt: torch.Tensor | None = None,
-                      progress: sampling.Progress | None = None, rescorer: sampling.Rescorer | None = None,
-                      fast: bool | sampling.FastMode | None = None, **sampling_kwargs) -> torch.Tensor:
-    """Codes [1, K, T] of `duration` seconds whose prompt changes along `timeline` ([(seconds, prompt)] or
-    '0:00 prompt' lines). Lengths as `model.generate` (exactly int(duration * frame_rate) beyond the
-    window). Each section continues the audio before it with its own prompt (see the module docstring);
-    one prompt gives exactly `model.generate([prompt], duration=duration, seed=seed)`."""
-    params = _params(model, params, fast, sampling_kwargs)
-    frames = model.frames_for(duration)
-    model.overlap_frames(overlap, params.span_arrangement)
-    entries = parse_timeline(timeline)
-    _check_times(entries, frames / model.frame_rate)
-    cond = encode_timeline(model, entries)
-    return generate_timeline_from_condition(model, cond, frames=frames, params=params, seed=seed, overlap=overlap,
-                                            prompt=prompt, progress=progress, rescorer=rescorer)
+MIN_SECTION = 0.25   # a section that ends beyond the first window: at least this fraction of the window long
+MAX_COST = 4         # a timeline: at most this many times the decodings of a plain generation of its length
 
 
-def _check_times(entries, seconds: float) -> None:
+class TimelinePlan(NamedTuple):
+    """What a timeline generation runs: `runs` [(end frame, entry index, windows or None for one
+    decoding)], each continuing all before it; the window and overlap in frames; `decodings` in all."""
+    runs: list
+    window: int
+    overlap: int
+    decodings: int
+
+
+def timeline_plan(model, entries, frames: int, params: SamplingParams, overlap: float | None = None,
+                  prompt_frames: int = 0) -> TimelinePlan:
+    """Plan (and check, before any work) a timeline generation of `frames` frames from `entries`
+    [(seconds, prompt)] (`params` checked; `prompt_frames` frames given at the start).
+
+    Each entry's section runs from its time to the next one's: one decoding while it ends within the
+    first window, else the window slid from what exists to its end. Its cost is bounded like a plain
+    generation's: every section that ends beyond the first window must be at least MIN_SECTION (a quarter)
+    of the window long, and all sections together may run at most MAX_COST (4) times the window decodings
+    of a plain generation of the same length. Otherwise a MagnetError says which rule and what to change."""
+    fr, L, W1 = model.frame_rate, model.cfg.span_len, model.max_frames
+    seconds = frames / fr
     for t, p in entries:
         if t >= seconds:
             raise MagnetError(f"timeline time {t:g} s ({p!r}) is at or beyond the end of the {seconds:g} s "
                               f"piece: make the duration longer or remove that line.")
+    spans = SpanArrangement.of(params, L)
+    W = spans.usable_window(W1)
+    ov = model.overlap_frames(overlap, params.span_arrangement)
+    least = max(L, int(MIN_SECTION * W1))
+    times = [int(round(t * fr)) for t, _ in entries]
+    runs, done = [], prompt_frames
+    for i, (t, (_, p)) in enumerate(zip(times, entries)):
+        start, end = max(t, prompt_frames), times[i + 1] if i + 1 < len(times) else frames
+        if end <= start:
+            continue
+        if end > W1 and end - start < least:
+            raise MagnetError(f"the timeline section at {t / fr:g} s ({p!r}) is {(end - start) / fr:g} s long: "
+                              f"beyond the first window ({W1 / fr:g} s) each section must last at least "
+                              f"{least / fr:g} s (a quarter of the window; each costs a window's decoding). "
+                              f"Merge it with its neighbours or move its time.")
+        last = i == len(times) - 1
+        if end <= W1:                             # within one window: one decoding, trimmed to whole spans
+            end = end if last else spans.trim(end)
+            if end - done < spans.unit:
+                continue
+            runs.append((end, i, None))
+            done = spans.trim(end)
+        else:
+            runs.append((end, i, longform.plan_windows(end, W, ov, done)))
+            done = end
+    decodings = sum(1 if plan is None else len(plan) for _, _, plan in runs)
+    plain = 1 if frames <= W1 else len(longform.plan_windows(frames, W, ov, prompt_frames))
+    if decodings > MAX_COST * plain:
+        raise MagnetError(f"this timeline needs {decodings} window decodings, {decodings / plain:.1f} times a plain "
+                          f"{seconds:g} s generation ({plain}): at most {MAX_COST} times. Use fewer, longer "
+                          f"sections (every prompt change costs at least one decoding of the "
+                          f"{W1 / fr:g} s window).")
+    return TimelinePlan(runs, W, ov, decodings)
 
 
-def timeline_sections(model, cond: TimelineCondition, frames: int, params: SamplingParams, prompt_frames: int = 0):
-    """[(first frame, end frame, TextCondition)]: each prompt's section of a `frames`-frame piece."""
-    fr = model.frame_rate
-    times = [int(round(t * fr)) for t, _ in cond.timeline]
-    out = []
-    for i, (start, (_, c)) in enumerate(zip(times, cond.timeline)):
-        end = times[i + 1] if i + 1 < len(times) else frames
-        start = max(start, prompt_frames)
-        if end > start:
-            out.append((start, end, c))
-    return out
+def generate_timeline(model, timeline, *, duration: float, seed: int | None = None, overlap: float | None = None,
+                      params: SamplingParams | None = None, prompt: torch.Tensor | None = None,
+                      progress: sampling.Progress | None = None, rescorer: sampling.Rescorer | None = None,
+                      fast: bool | sampling.FastMode | None = None, return_seed: bool = False,
+                      **sampling_kwargs) -> torch.Tensor | Generated:
+    """Codes [1, K, T] of `duration` seconds whose prompt changes along `timeline` ([(seconds, prompt)] or
+    '0:00 prompt' lines). Lengths as `model.generate` (exactly int(duration * frame_rate) beyond the
+    window). Each section continues the audio before it with its own prompt (see the module docstring);
+    one prompt gives exactly `model.generate([prompt], duration=duration, seed=seed)`. The timeline is
+    planned and its cost checked (`timeline_plan`) before any prompt is encoded."""
+    params = _sampling(model, params, fast, sampling_kwargs)
+    frames = model.frames_for(duration)
+    entries = parse_timeline(timeline)
+    prompt = model.check_prompt_codes(prompt, 1, frames)
+    plan = timeline_plan(model, entries, frames, params, overlap, 0 if prompt is None else prompt.shape[-1])
+    cond = encode_timeline(model, entries)
+    out = _generate_timeline(model, [c for _, c in cond.timeline], plan, params, prompt, seed, progress, rescorer)
+    return model.returned(out, return_seed)
 
 
-def generate_timeline_from_condition(model, cond: TimelineCondition, *, frames: int, params: SamplingParams,
-                                     seed: int | None = None, overlap: float | None = None,
-                                     prompt: torch.Tensor | None = None, progress: sampling.Progress | None = None,
+def generate_timeline_from_condition(model, cond: TimelineCondition, *, frames: int,
+                                     params: SamplingParams | None = None, seed: int | None = None,
+                                     overlap: float | None = None, prompt: torch.Tensor | None = None,
+                                     progress: sampling.Progress | None = None,
                                      rescorer: sampling.Rescorer | None = None,
-                                     fast: bool | sampling.FastMode | None = None) -> torch.Tensor:
+                                     fast: bool | sampling.FastMode | None = None) -> Generated:
     """The timeline generation on an encoded `TimelineCondition` (what the Sampler runs for the Prompt
     Timeline node's conditioning). `prompt`: codes kept at the start (the sections continue them)."""
     if not getattr(cond, "timeline", None):
         raise MagnetError("the conditioning has no timeline: encode it with the Prompt Timeline node or "
                           "magnet.edit.encode_timeline.")
-    params = _params(model, params, fast, {})
-    frames = int(frames)
-    _check_times([(t, c.prompts[0] if c.prompts else "") for t, c in cond.timeline], frames / model.frame_rate)
-    L = max(model.cfg.span_len, 1)
-    ov = model.overlap_frames(overlap, params.span_arrangement)
-    W = longform.usable_window(model.max_frames, L, params.span_arrangement)
-    for _, c in cond.timeline:
-        model.check_condition(c)
-    out = model.check_prompt_codes(prompt, 1, frames)
-    P = 0 if out is None else out.shape[-1]
-    sections = timeline_sections(model, cond, frames, params, P)
-    # what each section will run: (end, cond, plan or None for one window)
-    runs = []
-    done = P
-    for i, (start, end, c) in enumerate(sections):
-        last = i == len(sections) - 1
-        if end <= model.max_frames:                     # within one window: one decoding, trimmed to whole spans
-            if params.span_arrangement == "nonoverlap" and not last:
-                end -= end % L
-            if end - done < (L if params.span_arrangement == "nonoverlap" else 1):
-                continue
-            runs.append((end, c, None))
-            done = end - (end % L if params.span_arrangement == "nonoverlap" else 0)
-        else:
-            runs.append((end, c, longform.plan_windows(end, W, ov, done)))
-            done = end
-    job = _Job(total=sum(1 if plan is None else len(plan) for _, _, plan in runs) * sum(params.decoding_steps),
-               progress=progress)
-    generator, model.last_seed = sampling.make_generator(seed, model.device)
-    dev, engine = model.device, _engine(model)
-    with _autocast(model):
-        for end, c, plan in runs:
-            c = c if c.batch == 1 else _cond_rows(model, c, 1)
-            if plan is None:
-                out = sampling.generate(model.lm, c, end, params, prompt=out, generator=generator, job=job,
-                                        rescorer=rescorer, **engine)
+    params = _sampling(model, params, fast)
+    frames = model.check_frames(frames)
+    conds = [model.condition_rows(c, 1) for _, c in cond.timeline]
+    prompt = model.check_prompt_codes(prompt, 1, frames)
+    entries = [(t, c.prompts[0] if c.prompts else "") for t, c in cond.timeline]
+    plan = timeline_plan(model, entries, frames, params, overlap, 0 if prompt is None else prompt.shape[-1])
+    return _generate_timeline(model, conds, plan, params, prompt, seed, progress, rescorer)
+
+
+def _generate_timeline(model, conds: list, plan: TimelinePlan, params, prompt, seed, progress,
+                       rescorer) -> Generated:
+    counter = StepCounter(total=plan.decodings * sum(params.decoding_steps), progress=progress)
+    engine = _engine(model)
+
+    def decode(generator, _seed):
+        out = prompt
+        for end, i, windows in plan.runs:
+            if windows is None:
+                out = sampling.generate(model.lm, conds[i], end, params, prompt=out, generator=generator,
+                                        job=counter, rescorer=rescorer, **engine)
             else:
-                out = longform.generate_long(model.lm, c, end, params, window=W, overlap=ov, prompt=out,
-                                             generator=generator, job=job, rescorer=rescorer, **engine)
-    return out.to(dev) if out is not None else out
+                out = longform.generate_long(model.lm, conds[i], end, params, window=plan.window,
+                                             overlap=plan.overlap, prompt=out, generator=generator, job=counter,
+                                             rescorer=rescorer, **engine)
+        return out.to(model.device)
+    return model.seeded(seed, decode)
+
+
+# MagnetModel's editing methods are these functions (model.vary(...) is vary(model, ...)): bound here, since
+# the features build on the model and `magnet.model` does not import this module (`magnet` imports it).
+for _method in (vary, generate_loop, loopify, decode_loop, generate_timeline):
+    setattr(MagnetModel, _method.__name__, _method)

@@ -21,13 +21,12 @@ raised from the progress callback propagates at once: it stops the job within on
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from . import sampling
 from .fastpath import FastPathSettings
-from .sampling import Progress, Rescorer, SamplingParams, StepCounter
+from .sampling import Progress, Rescorer, SamplingParams, SpanArrangement, StepCounter
 from .text import TextCondition
 from .transformer import LM
 
@@ -48,20 +47,6 @@ class Window:
     def new(self) -> int:
         """Frames this window adds."""
         return self.frames - self.context
-
-
-def usable_window(window: int, span_len: int, span_arrangement: str) -> int:
-    """The longest window (in frames, at most `window`) that the decoding loop returns whole: with the
-    `nonoverlap` arrangement the loop trims its length to a multiple of `span_len`, so use that."""
-    if span_arrangement == "nonoverlap" and span_len > 1:
-        return window - window % span_len
-    return window
-
-
-def window_room(window: int, span_len: int) -> int:
-    """The most frames of a `window` that can be fixed context (an overlap, or the frames around a region) or
-    a regenerated region: all but one span, so that each decoding has at least one span of each."""
-    return window - max(span_len, 1)
 
 
 def default_overlap(window: int) -> int:
@@ -96,14 +81,10 @@ def generate_long(lm: LM, cond: TextCondition, frames: int, params: SamplingPara
                   overlap: int | None = None, prompt: torch.Tensor | None = None,
                   generator: torch.Generator | None = None, progress: Progress | None = None,
                   rescorer: Rescorer | None = None, job: StepCounter | None = None,
-                  cond_for: Callable[[Window], TextCondition] | None = None,
                   fastpath: FastPathSettings | None = None) -> torch.Tensor:
     """Decode exactly `frames` frames [B, K, frames] of any length by sliding a window of at most
-    `window` frames (the release's window) with `overlap` frames of context (default: half the window).
-
-    cond_for(window) -> TextCondition: the conditioning of each window (e.g. the prompt in force over the
-    new part it writes, for a prompt timeline); `cond` for every window when None. Each must have
-    `cond.batch` rows.
+    `window` frames (the release's window; trimmed to `SpanArrangement.usable_window`) with `overlap`
+    frames of context (default: half the window).
 
     prompt [B, K, P]: leading codes kept unchanged, of any length below `frames` (the first window takes
     all of it when it fits, else the generation continues from its last `overlap` frames).
@@ -111,7 +92,7 @@ def generate_long(lm: LM, cond: TextCondition, frames: int, params: SamplingPara
     """
     cfg = lm.cfg
     params = params.check(cfg.n_q)
-    W = usable_window(int(window), cfg.span_len, params.span_arrangement)
+    W = SpanArrangement.of(params, cfg.span_len).usable_window(int(window))
     overlap = default_overlap(W) if overlap is None else int(overlap)
     P = prompt.shape[-1] if prompt is not None else 0
     plan = plan_windows(int(frames), W, overlap, P)
@@ -122,9 +103,9 @@ def generate_long(lm: LM, cond: TextCondition, frames: int, params: SamplingPara
     out = prompt if P else None
     for w in plan:
         context = out[..., w.start:w.start + w.context] if w.context else None
-        codes = sampling.generate(lm, cond if cond_for is None else cond_for(w), w.frames, params, prompt=context,
+        codes = sampling.generate(lm, cond, w.frames, params, prompt=context,
                                   generator=generator, job=job, rescorer=rescorer, fastpath=fastpath)
-        if codes.shape[-1] != w.frames:      # cannot happen with usable_window; guard the invariant
+        if codes.shape[-1] != w.frames:      # cannot happen within a usable window; guard the invariant
             raise RuntimeError(f"window {w} came back with {codes.shape[-1]} frames")
         new = codes[..., w.context:]
         out = new if out is None else torch.cat([out.to(new.device), new], dim=-1)
@@ -151,8 +132,9 @@ def regenerate_region(lm: LM, cond: TextCondition, codes: torch.Tensor, start: i
     params = params.check(cfg.n_q)
     T = codes.shape[-1]
     start, end = int(start), int(end)
-    W = usable_window(min(int(window), T), cfg.span_len, params.span_arrangement)
-    if not (0 <= start < end <= T and end - start <= window_room(W, cfg.span_len)):   # checked by the caller
+    spans = SpanArrangement.of(params, cfg.span_len)
+    W = spans.usable_window(min(int(window), T))
+    if not (0 <= start < end <= T and end - start <= spans.room(W)):   # checked by the caller
         raise ValueError(f"region [{start}, {end}) does not fit a {W}-frame window of a {T}-frame clip")
     ws, we = region_window(T, start, end, W)
     given = codes[..., ws:we].to("cpu", torch.long)

@@ -13,22 +13,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import os
 import threading
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
 
-from . import edit, longform, sampling
+from . import longform, sampling
 from .audio import fit_length, seconds_to_samples
 from .checkpoints import Release, build_lm, load_release
 from .codec import Codec
 from .devices import autocast_for, codec_device, parse_device, parse_dtype
 from .errors import MagnetError
 from .fastpath import FastPathSettings
-from .sampling import SamplingParams
+from .sampling import SamplingParams, SpanArrangement
 from .text import TextCondition, TextEncoder
 from .transformer import LM
 
@@ -120,6 +121,37 @@ def check_fits(nbytes: int, what: str, device: torch.device) -> None:
     if free is not None and nbytes > free:
         raise MagnetError(f"{what} needs about {nbytes / 2 ** 30:.1f} GiB on {device}, but only "
                           f"{free / 2 ** 30:.1f} GiB is free: ask for less (a shorter duration or a smaller batch).")
+
+
+def codes_arg(codes, n_q: int, card: int, fix: str = "use fully generated codes of this model") -> torch.Tensor:
+    """Finished codes a user hands in: integer [B, K, T] or [K, T] with K = n_q, B and T at least 1, every
+    code in [0, card) -> long [B, K, T]; else a MagnetError ending with `fix`."""
+    if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.dim() not in (2, 3):
+        raise MagnetError("codes must be integer codes [batch, codebooks, frames] (from model.generate "
+                          "or model.encode).")
+    if codes.dim() == 2:
+        codes = codes[None]
+    if codes.shape[1] != n_q or codes.shape[-1] == 0 or codes.shape[0] == 0:
+        raise MagnetError(f"codes have shape {tuple(codes.shape)}; expected [batch, {n_q}, frames] (batch and "
+                          f"frames at least 1) from model.generate or model.encode (of this model's codec).")
+    lo, hi = int(codes.min()), int(codes.max())
+    if lo < 0 or hi >= card:
+        raise MagnetError(f"codes must lie in [0, {card}) (min {lo}, max {hi}): these are not codes of this codec "
+                          f"(mask tokens, or codes of another codec?). {fix[:1].upper()}{fix[1:]}.")
+    return codes.long()
+
+
+class Generated(NamedTuple):
+    """What a generation returns: codes [B, K, T] and the seed they were made with (given again as `seed=`,
+    with the same inputs, it makes the same codes)."""
+    codes: torch.Tensor
+    seed: int
+
+
+def _one_per_row(prompts: int, rows: int) -> None:
+    if prompts != rows:
+        raise MagnetError(f"{prompts} text prompts for {rows} rows of codes: give one prompt per row "
+                          f"(or one for all).")
 
 
 class CodecLM:
@@ -214,15 +246,40 @@ class CodecLM:
         return cond
 
     def condition_rows(self, cond: TextCondition, rows: int) -> TextCondition:
-        """The conditioning checked (`check_condition`) with one row per row of codes: one prompt serves
-        every row, else there must be one per row."""
+        """The conditioning of plain prompts checked (`check_condition`) with one row per row of codes: one
+        prompt serves every row, else there must be one per row."""
+        if getattr(cond, "timeline", None):
+            raise MagnetError("a prompt timeline conditions a whole generation (the Sampler, generate_timeline): "
+                              "here give plain prompts (Text Encode).")
         self.check_condition(cond)
         if cond.batch == 1 and rows > 1:
             cond = cond.select([0] * rows)
-        if cond.batch != rows:
-            raise MagnetError(f"{cond.batch} text prompts for {rows} rows of codes: give one prompt per row "
-                              f"(or one for all).")
+        _one_per_row(cond.batch, rows)
         return cond
+
+    def prompt_list(self, prompts, rows: int | None = None) -> list:
+        """A caller's prompts as a list, checked before the text encoder runs: a string is one prompt; with
+        `rows` (rows of codes), one prompt serves every row, else there must be one per row. None, an empty
+        list and anything but a string or a list/tuple are refused (an empty string generates
+        unconditionally)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise MagnetError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}. "
+                              f"Pass e.g. ['lofi hip hop beat'] (an empty string generates unconditionally).")
+        if not prompts:
+            raise MagnetError("no prompt given: pass at least one prompt (an empty string generates "
+                              "unconditionally).")
+        prompts = list(prompts)
+        if rows is not None:
+            prompts = prompts * rows if len(prompts) == 1 else prompts
+            _one_per_row(len(prompts), rows)
+        return prompts
+
+    def check_codes(self, codes) -> torch.Tensor:
+        """Finished codes handed in (from `generate` or `encode`): integer [B, K, T] or [K, T] of this model's
+        codec, B and T at least 1 -> long [B, K, T]; else a MagnetError (`codes_arg`)."""
+        return codes_arg(codes, self.cfg.n_q, self.cfg.card)
 
     def check_prompt_codes(self, prompt, batch: int, frames: int) -> torch.Tensor | None:
         """Prompt codes [batch or 1, K, P] (P < frames, codes of this codec) -> [batch, K, P]; None when absent
@@ -258,6 +315,27 @@ class CodecLM:
     def _autocast(self):
         return autocast_for(self.device, self.dtype)
 
+    # -- the generation boundary ----------------------------------------------------------------------
+    # Every generation (generate, regenerate and the editing functions of magnet.edit) is a public method
+    # taking prompts and seconds, a thin wrapper over its *_from_condition form taking an encoded text and
+    # frames. Each form checks what its caller handed in once, before any work (the checks above, the
+    # sampling parameters through `sampling_params`); then `seeded` makes the one seeded generator, records
+    # the seed and enters autocast, and the decoding runs on the checked inputs without checking them again.
+    # The *_from_condition forms return `Generated`; the public methods return its codes (`returned`).
+    def seeded(self, seed, decode: Callable[[torch.Generator, int], torch.Tensor]) -> Generated:
+        """Run `decode(generator, seed)` under the model's autocast, with one generator on the model's device
+        seeded with `seed` (a fresh random seed when None; any whole number, wrapped to [0, 2^64)); the seed
+        used comes back with the codes and is also kept as `last_seed`."""
+        generator, used = sampling.make_generator(seed, self.device)
+        self.last_seed = used
+        with self._autocast():
+            return Generated(decode(generator, used), used)
+
+    @staticmethod
+    def returned(out: Generated, return_seed: bool = False):
+        """What a public generation method returns: the codes, or with return_seed=True the `Generated`."""
+        return out if return_seed else out.codes
+
     def decode(self, codes: torch.Tensor, *, duration: float | None = None) -> torch.Tensor:
         """Codes [B, K, T] -> float32 waveform [B, C, samples] on the CPU (T * hop length samples).
 
@@ -285,34 +363,17 @@ class CodecLM:
 
 class MagnetModel(CodecLM):
     """A MAGNeT release ready to generate: `lm` (the transformer), `codec` (EnCodec) and
-    `text_encoder` (T5, may be None until given)."""
+    `text_encoder` (T5, may be None until given).
+
+    Besides `generate` and `regenerate`, a MagnetModel has the editing methods `vary`, `generate_loop`,
+    `loopify`, `decode_loop` and `generate_timeline`: the functions of `magnet.edit`, which builds on this
+    module and binds them onto this class when the `magnet` package is imported (this module does not
+    import it, so the package has no import cycle)."""
 
     KIND = "magnet"
     KIND_ERROR = "{source} is a {kind} release, not MAGNeT: load it with MusicGenModel (or the MusicGen loader node)."
 
-    # -- editing (magnet/edit.py: audio to audio, seamless loops, prompt timelines) -----------------------
-    def vary(self, codes: torch.Tensor, prompts: Sequence[str] | str, **kw) -> torch.Tensor:
-        """Audio to audio: redraw a fraction `strength` of the spans with the prompt (see `edit.vary`)."""
-        return edit.vary(self, codes, prompts, **kw)
-
-    def generate_loop(self, prompts: Sequence[str] | str, **kw) -> torch.Tensor:
-        """Codes whose end flows into their start (see `edit.generate_loop`)."""
-        return edit.generate_loop(self, prompts, **kw)
-
-    def loopify(self, codes: torch.Tensor, prompts: Sequence[str] | str, **kw) -> torch.Tensor:
-        """Make an existing clip loop seamlessly (see `edit.loopify`)."""
-        return edit.loopify(self, codes, prompts, **kw)
-
-    def decode_loop(self, codes: torch.Tensor, *, duration: float | None = None, repeats: int = 1) -> torch.Tensor:
-        """Decode loop codes circularly: exactly round(duration * sample_rate) samples per repetition."""
-        return edit.decode_loop(self, codes, duration=duration, repeats=repeats)
-
-    def generate_timeline(self, timeline, *, duration: float, **kw) -> torch.Tensor:
-        """Prompts that change at given times, each a continuation of the music before it (see
-        `edit.generate_timeline`)."""
-        return edit.generate_timeline(self, timeline, duration=duration, **kw)
-
-    # -- generation ---------------------------------------------------------------------------------
+    # -- checks of what callers hand in ---------------------------------------------------------------
     def frames_for(self, duration: float | None) -> int:
         """Frames for `duration` seconds: int(duration * frame_rate), the release's window when None.
 
@@ -328,18 +389,34 @@ class MagnetModel(CodecLM):
                               f"{max(2, self.cfg.span_len) / self.frame_rate:g} s.")
         return frames
 
+    def check_frames(self, frames) -> int:
+        """A frame count handed to a *_from_condition form: a whole number from the shortest generation
+        (2 frames, or one span) to MAX_SECONDS of frames."""
+        least, most = max(2, self.cfg.span_len), int(MAX_SECONDS * self.frame_rate)
+        try:
+            if isinstance(frames, bool):
+                raise TypeError
+            n = operator.index(frames)
+        except TypeError:
+            raise MagnetError(f"frames {frames!r} must be a whole number of frames ({self.frame_rate} a "
+                              f"second).") from None
+        if not least <= n <= most:
+            raise MagnetError(f"frames {n} must be from {least} to {most} ({least / self.frame_rate:g} s to "
+                              f"{MAX_SECONDS:g} s at {self.frame_rate} frames a second).")
+        return n
+
     def overlap_frames(self, overlap: float | None, span_arrangement: str = "nonoverlap") -> int:
         """Frames of context each window of a long generation continues from: `overlap` seconds
         (rounded to frames), or half the window when None. It must leave each window at least one span
         (3 frames) of new audio."""
-        window = longform.usable_window(self.max_frames, self.cfg.span_len, span_arrangement)
+        spans = SpanArrangement(span_arrangement, self.cfg.span_len)
         if overlap is None:
-            return longform.default_overlap(window)
+            return longform.default_overlap(spans.usable_window(self.max_frames))
         try:
             seconds = float(overlap)
         except (TypeError, ValueError):
             raise MagnetError(f"overlap {overlap!r} must be a number of seconds.") from None
-        room = longform.window_room(window, self.cfg.span_len)
+        room = spans.room(self.max_frames)
         most = room / self.frame_rate
         if not (math.isfinite(seconds) and seconds >= 0):
             raise MagnetError(f"overlap {overlap!r} must be a number of seconds >= 0 (default: half the "
@@ -352,116 +429,21 @@ class MagnetModel(CodecLM):
         return frames
 
     def sampling_params(self, params: SamplingParams | None = None, **fields) -> SamplingParams:
-        """`params` (default: `SamplingParams` with the release's own decoding steps) with any of its fields
-        given as keywords (temperature=..., decoding_steps=..., fast=...), checked."""
+        """`params` (default: `SamplingParams()`, the release's own settings) with any of its fields given
+        as keywords (temperature=..., decoding_steps=..., fast=...), checked (once: a checked object comes
+        back as it is)."""
         names = {f.name for f in dataclasses.fields(SamplingParams) if f.init}
         unknown = sorted(set(fields) - names)
         if unknown:
-            raise TypeError(f"unexpected keyword argument {unknown[0]!r}: the sampling keywords are the fields of "
-                            f"SamplingParams ({', '.join(sorted(names))}).")
-        params = SamplingParams(decoding_steps="auto") if params is None else params
-        return replace(params, **fields).check(self.cfg.n_q, self.generation_defaults)
-
-    def generate(self, prompts: Sequence[str] | str, *, duration: float | None = None,
-                 overlap: float | None = None, seed: int | None = None, prompt: torch.Tensor | None = None,
-                 progress: sampling.Progress | None = None, rescorer: sampling.Rescorer | None = None,
-                 params: SamplingParams | None = None, **sampling_fields) -> torch.Tensor:
-        """Generate codes [B, K, T] for B prompts (an empty prompt generates unconditionally).
-
-        duration: seconds (default: the release's window). Within the window, one decoding; with
-        span_arrangement='nonoverlap', T is then trimmed to a multiple of the span length (3 frames),
-        exactly as the reference does. Beyond the window, the window slides: each next window continues
-        from the last `overlap` seconds (default: half the window) of what exists, as prompt tokens, and
-        T is exactly int(duration * frame_rate). See `magnet.longform`.
-        prompt: codes [B or 1, K, P] kept unchanged at the start (continuation; see `encode`).
-        progress(done, total) is called after every step, with one total over all windows; raising
-        from it cancels. rescorer: an external model whose probabilities are mixed into the span ranking
-        (see `sampling.Rescorer`).
-        Sampling: `params` (a `SamplingParams`) and/or its fields as keywords: use_sampling, temperature
-        (3.0), top_k (0), top_p (0.9), max_cfg_coef (10), min_cfg_coef (1), decoding_steps ('auto': the
-        release's own), span_arrangement ('nonoverlap'), span_scoring ('max'), fast (False = the exact
-        mode, token-identical to the reference in greedy decoding; True or a `sampling.FastMode`: see
-        `FastMode`).
-        """
-        params = self.sampling_params(params, **sampling_fields)
-        frames = self.frames_for(duration)
-        self.overlap_frames(overlap, params.span_arrangement)       # a bad overlap fails before any work
-        cond = self.encode_text(prompts)
-        return self.generate_from_condition(cond, frames=frames, params=params, seed=seed, prompt=prompt,
-                                            progress=progress, rescorer=rescorer, overlap=overlap)
-
-    def generate_from_condition(self, cond: TextCondition, *, frames: int, params: SamplingParams,
-                                seed: int | None = None, prompt: torch.Tensor | None = None,
-                                progress: sampling.Progress | None = None,
-                                rescorer: sampling.Rescorer | None = None,
-                                overlap: float | None = None) -> torch.Tensor:
-        """The sampling core on an already encoded text (what the ComfyUI sampler node calls).
-
-        frames beyond the window (`max_frames`) slide it with `overlap` seconds of context (see `generate`);
-        one seeded generator serves every window.
-        """
-        if getattr(cond, "timeline", None):      # a prompt timeline (edit.TimelineCondition, the Timeline node)
-            return edit.generate_timeline_from_condition(self, cond, frames=frames, params=params, seed=seed,
-                                                         prompt=prompt, progress=progress, rescorer=rescorer,
-                                                         overlap=overlap)
-        params = params.check(self.cfg.n_q, self.generation_defaults)
-        self.check_condition(cond)
-        prompt = self.check_prompt_codes(prompt, cond.batch, frames)
-        generator, self.last_seed = sampling.make_generator(seed, self.device)
-        with self._autocast():
-            if frames <= self.max_frames:
-                return sampling.generate(self.lm, cond, frames, params, prompt=prompt, generator=generator,
-                                         progress=progress, rescorer=rescorer, fastpath=self.fastpath)
-            return longform.generate_long(self.lm, cond, frames, params, window=self.max_frames,
-                                          overlap=self.overlap_frames(overlap, params.span_arrangement),
-                                          prompt=prompt, generator=generator, progress=progress,
-                                          rescorer=rescorer, fastpath=self.fastpath)
-
-    def regenerate(self, codes: torch.Tensor, start: float, end: float, prompts: Sequence[str] | str, *,
-                   seed: int | None = None, progress: sampling.Progress | None = None,
-                   rescorer: sampling.Rescorer | None = None, params: SamplingParams | None = None,
-                   **sampling_fields) -> torch.Tensor:
-        """Regenerate seconds [start, end) of `codes` [B, K, T] (from `generate` or `encode`) and return
-        new codes [B, K, T]: that range is masked in every codebook and decoded again conditioned on the
-        audio on both sides (the model is bidirectional); every code outside it is returned bit-identical.
-
-        start, end: seconds from the beginning of the clip, widened outwards to whole frames
-        (1 / frame_rate = 20 ms). The region must lie inside the clip and be shorter than the window by at
-        least one span (3 frames) of context; when the clip is longer than the window, the window is
-        centred on the region and uses the context around it that fits. prompts: the text, one per row of
-        `codes` (or one for all). `seed`, `progress`, `rescorer` and the sampling (`params` and/or its
-        fields as keywords, `fast` included) are as in `generate`.
-        """
-        codes = self._check_codes(codes)
-        B, T = codes.shape[0], codes.shape[-1]
-        params = self.sampling_params(params, **sampling_fields)
-        self._region_frames(start, end, T, params.span_arrangement)     # bad ranges fail before T5 runs
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        prompts = list(prompts)
-        if len(prompts) == 1 and B > 1:
-            prompts = prompts * B
-        if len(prompts) != B:
-            raise MagnetError(f"{len(prompts)} text prompts for {B} rows of codes: give one prompt per row "
-                              f"(or one for all).")
-        return self.regenerate_from_condition(self.encode_text(prompts), codes, start, end, params=params, seed=seed,
-                                              progress=progress, rescorer=rescorer)
-
-    def regenerate_from_condition(self, cond: TextCondition, codes: torch.Tensor, start: float, end: float, *,
-                                  params: SamplingParams, seed: int | None = None,
-                                  progress: sampling.Progress | None = None,
-                                  rescorer: sampling.Rescorer | None = None) -> torch.Tensor:
-        """`regenerate` on an already encoded text (one prompt for all rows, or one per row)."""
-        codes = self._check_codes(codes)
-        B, T = codes.shape[0], codes.shape[-1]
-        params = params.check(self.cfg.n_q, self.generation_defaults)
-        cond = self.condition_rows(cond, B)
-        a, b = self._region_frames(start, end, T, params.span_arrangement)
-        generator, self.last_seed = sampling.make_generator(seed, self.device)
-        with self._autocast():
-            return longform.regenerate_region(self.lm, cond, codes, a, b, params, window=self.max_frames,
-                                              generator=generator, progress=progress, rescorer=rescorer,
-                                              fastpath=self.fastpath)
+            raise MagnetError(f"unknown sampling argument(s) {', '.join(unknown)}: the sampling keywords are the "
+                              f"fields of SamplingParams ({', '.join(sorted(names))}).")
+        if params is None:
+            params = SamplingParams()
+        elif not isinstance(params, SamplingParams):
+            raise MagnetError(f"params must be a SamplingParams, got {type(params).__name__}.")
+        if fields:
+            params = replace(params, **fields)
+        return params.check(self.cfg.n_q, self.generation_defaults)
 
     def _region_frames(self, start, end, total: int, span_arrangement: str) -> tuple[int, int]:
         """Seconds [start, end) -> frames, widened outwards to whole frames, checked against the clip."""
@@ -484,28 +466,119 @@ class MagnetModel(CodecLM):
                               f">= 0 and an end <= {clip:g} s.")
         a = int(math.floor(start * fr + 1e-6))
         b = min(int(math.ceil(end * fr - 1e-6)), total)
-        window = longform.usable_window(min(self.max_frames, total), self.cfg.span_len, span_arrangement)
-        room = longform.window_room(window, self.cfg.span_len)
+        room = SpanArrangement(span_arrangement, self.cfg.span_len).room(min(self.max_frames, total))
         if b - a > room:
             raise MagnetError(f"region {start:g}-{end:g} s ({(b - a) / fr:g} s) is longer than the window minus "
                               f"context: with this {'clip' if total < self.max_frames else 'release'} at most "
                               f"{max(room, 0) / fr:g} s can be regenerated at once; regenerate it in parts.")
         return a, b
 
-    def _check_codes(self, codes) -> torch.Tensor:
-        if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.dim() not in (2, 3):
-            raise MagnetError("codes must be integer codes [batch, codebooks, frames] (from model.generate "
-                              "or model.encode).")
-        if codes.dim() == 2:
-            codes = codes[None]
-        if codes.shape[1] != self.cfg.n_q or codes.shape[-1] == 0 or codes.shape[0] == 0:
-            raise MagnetError(f"codes have shape {tuple(codes.shape)}; expected [batch, {self.cfg.n_q}, "
-                              f"frames] from model.generate or model.encode (of this model's codec).")
-        if int(codes.min()) < 0 or int(codes.max()) >= self.cfg.card:
-            raise MagnetError(f"codes must lie in [0, {self.cfg.card}) (min {int(codes.min())}, max "
-                              f"{int(codes.max())}): mask tokens or codes of another codec? Use fully "
-                              f"generated codes of this model.")
-        return codes.long()
+    # -- generation ---------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[str] | str, *, duration: float | None = None,
+                 overlap: float | None = None, seed: int | None = None, prompt: torch.Tensor | None = None,
+                 progress: sampling.Progress | None = None, rescorer: sampling.Rescorer | None = None,
+                 params: SamplingParams | None = None, return_seed: bool = False,
+                 **sampling_fields) -> torch.Tensor | Generated:
+        """Generate codes [B, K, T] for B prompts (an empty prompt generates unconditionally).
+
+        duration: seconds (default: the release's window). Within the window, one decoding; with
+        span_arrangement='nonoverlap', T is then trimmed to a multiple of the span length (3 frames),
+        exactly as the reference does. Beyond the window, the window slides: each next window continues
+        from the last `overlap` seconds (default: half the window) of what exists, as prompt tokens, and
+        T is exactly int(duration * frame_rate). See `magnet.longform`.
+        prompt: codes [B or 1, K, P] kept unchanged at the start (continuation; see `encode`).
+        progress(done, total) is called after every step, with one total over all windows; raising
+        from it cancels. rescorer: an external model whose probabilities are mixed into the span ranking
+        (see `sampling.Rescorer`).
+        Sampling: `params` (a `SamplingParams`) and/or its fields as keywords: use_sampling, temperature,
+        top_k, top_p, max_cfg_coef, min_cfg_coef, decoding_steps, span_arrangement, span_scoring (each left
+        out: the release's own, as its xp.cfg stores it; see `SamplingParams`), fast (False = the exact
+        mode, token-identical to the reference in greedy decoding; True or a `sampling.FastMode`: see
+        `FastMode`).
+        The seed used is kept as `last_seed`; return_seed=True returns `Generated(codes, seed)`.
+        """
+        params = self.sampling_params(params, **sampling_fields)
+        frames = self.frames_for(duration)
+        prompts = self.prompt_list(prompts)
+        ov = self.overlap_frames(overlap, params.span_arrangement)       # a bad overlap fails before any work
+        prompt = self.check_prompt_codes(prompt, len(prompts), frames)
+        out = self._generate(self.encode_text(prompts), frames, params, ov, prompt, seed, progress, rescorer)
+        return self.returned(out, return_seed)
+
+    def generate_from_condition(self, cond: TextCondition, *, frames: int, params: SamplingParams | None = None,
+                                seed: int | None = None, prompt: torch.Tensor | None = None,
+                                progress: sampling.Progress | None = None,
+                                rescorer: sampling.Rescorer | None = None,
+                                overlap: float | None = None) -> Generated:
+        """`generate` on an already encoded text and a frame count (what the ComfyUI sampler node calls).
+
+        frames beyond the window (`max_frames`) slide it with `overlap` seconds of context (see `generate`);
+        one seeded generator serves every window. A conditioning that runs its own generation (a prompt
+        timeline, `edit.TimelineCondition`) is handed its `generate_on(model, ...)`.
+        """
+        generate_on = getattr(cond, "generate_on", None)
+        if generate_on is not None:
+            return generate_on(self, frames=frames, params=params, seed=seed, prompt=prompt, progress=progress,
+                               rescorer=rescorer, overlap=overlap)
+        cond = self.check_condition(cond)
+        frames = self.check_frames(frames)
+        params = self.sampling_params(params)
+        ov = self.overlap_frames(overlap, params.span_arrangement)
+        prompt = self.check_prompt_codes(prompt, cond.batch, frames)
+        return self._generate(cond, frames, params, ov, prompt, seed, progress, rescorer)
+
+    def _generate(self, cond, frames: int, params: SamplingParams, overlap: int, prompt, seed, progress,
+                  rescorer) -> Generated:
+        """The decoding of a checked generation (`overlap` in frames): one window, or the window slid."""
+        def decode(generator, _seed):
+            if frames <= self.max_frames:
+                return sampling.generate(self.lm, cond, frames, params, prompt=prompt, generator=generator,
+                                         progress=progress, rescorer=rescorer, fastpath=self.fastpath)
+            return longform.generate_long(self.lm, cond, frames, params, window=self.max_frames, overlap=overlap,
+                                          prompt=prompt, generator=generator, progress=progress,
+                                          rescorer=rescorer, fastpath=self.fastpath)
+        return self.seeded(seed, decode)
+
+    def regenerate(self, codes: torch.Tensor, start: float, end: float, prompts: Sequence[str] | str, *,
+                   seed: int | None = None, progress: sampling.Progress | None = None,
+                   rescorer: sampling.Rescorer | None = None, params: SamplingParams | None = None,
+                   return_seed: bool = False, **sampling_fields) -> torch.Tensor | Generated:
+        """Regenerate seconds [start, end) of `codes` [B, K, T] (from `generate` or `encode`) and return
+        new codes [B, K, T]: that range is masked in every codebook and decoded again conditioned on the
+        audio on both sides (the model is bidirectional); every code outside it is returned bit-identical.
+
+        start, end: seconds from the beginning of the clip, widened outwards to whole frames
+        (1 / frame_rate = 20 ms). The region must lie inside the clip and be shorter than the window by at
+        least one span (3 frames) of context; when the clip is longer than the window, the window is
+        centred on the region and uses the context around it that fits. prompts: the text, one per row of
+        `codes` (or one for all). `seed`, `progress`, `rescorer`, `return_seed` and the sampling (`params`
+        and/or its fields as keywords, `fast` included) are as in `generate`.
+        """
+        params = self.sampling_params(params, **sampling_fields)
+        codes, region = self._regeneration(codes, start, end, params)     # bad ranges fail before T5 runs
+        cond = self.encode_text(self.prompt_list(prompts, codes.shape[0]))
+        return self.returned(self._regenerate(cond, codes, region, params, seed, progress, rescorer), return_seed)
+
+    def regenerate_from_condition(self, cond: TextCondition, codes: torch.Tensor, start: float, end: float, *,
+                                  params: SamplingParams | None = None, seed: int | None = None,
+                                  progress: sampling.Progress | None = None,
+                                  rescorer: sampling.Rescorer | None = None) -> Generated:
+        """`regenerate` on an already encoded text (one prompt for all rows, or one per row)."""
+        params = self.sampling_params(params)
+        codes, region = self._regeneration(codes, start, end, params)
+        cond = self.condition_rows(cond, codes.shape[0])
+        return self._regenerate(cond, codes, region, params, seed, progress, rescorer)
+
+    def _regeneration(self, codes, start, end, params: SamplingParams) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The checks of a regeneration: the codes, and the region in frames."""
+        codes = self.check_codes(codes)
+        return codes, self._region_frames(start, end, codes.shape[-1], params.span_arrangement)
+
+    def _regenerate(self, cond, codes, region: tuple[int, int], params, seed, progress, rescorer) -> Generated:
+        a, b = region
+        return self.seeded(seed, lambda generator, _seed: longform.regenerate_region(
+            self.lm, cond, codes, a, b, params, window=self.max_frames, generator=generator, progress=progress,
+            rescorer=rescorer, fastpath=self.fastpath))
 
     # -- LoRA (magnet/lora.py) ------------------------------------------------------------------------------
     def with_lora(self, lora, strength: float = 1.0) -> "MagnetModel":

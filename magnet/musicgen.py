@@ -59,7 +59,7 @@ import torch
 from . import sampling
 from .codec import Codec
 from .errors import MagnetError
-from .model import CodecLM, MagnetModel, seconds_arg
+from .model import CodecLM, Generated, MagnetModel, seconds_arg
 from .text import TextCondition, TextEncoder
 from .transformer import LM, KVCache, Memory
 
@@ -210,10 +210,12 @@ class MusicGenModel(CodecLM):
             raise MagnetError(f"{frames} frames is beyond this MusicGen release's {self.segment_duration:g} s "
                               f"window ({self.max_frames} frames).")
         prompt = self.check_prompt_codes(prompt, cond.batch, frames)
-        generator, self.last_seed = sampling.make_generator(seed, self.device)
-        with self._autocast(), torch.inference_mode():
-            return ar_decode(self.lm, cond.to(self.device), frames, params, prompt=prompt, generator=generator,
-                             progress=progress)
+
+        def decode(generator, _seed):
+            with torch.inference_mode():
+                return ar_decode(self.lm, cond.to(self.device), frames, params, prompt=prompt, generator=generator,
+                                 progress=progress)
+        return self.seeded(seed, decode).codes
 
     def logits(self, codes: torch.Tensor, cond: TextCondition, heads=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher forcing: codes [B, K, T] -> (logits [2B, K, T, card] for the conditional then the null
@@ -415,18 +417,19 @@ def generate_hybrid(magnet: MagnetModel, musicgen: MusicGenModel, prompts: Seque
                     duration: float | None = None, ar_seconds: float | None = None, seed: int | None = None,
                     params: sampling.SamplingParams | None = None, ar_params: ARParams | None = None,
                     prompt: torch.Tensor | None = None, progress: sampling.Progress | None = None,
-                    rescorer: sampling.Rescorer | None = None) -> torch.Tensor:
+                    rescorer: sampling.Rescorer | None = None, return_seed: bool = False) -> torch.Tensor | Generated:
     """Hybrid MAGNeT: MusicGen writes the first `ar_seconds` (default `default_ar_seconds(duration)`),
     MAGNeT keeps them as fixed prompt tokens and generates the rest -> codes [B, K, T] (T as MAGNeT's
-    `generate` gives it). params: MAGNeT sampling (default SamplingParams()); ar_params: MusicGen
-    sampling (default ARParams()). prompt: audio codes to continue (MusicGen continues them).
-    The prompts are encoded once, with MAGNeT's text encoder, and shared."""
+    `generate` gives it). params: MAGNeT sampling (default SamplingParams(): the release's own);
+    ar_params: MusicGen sampling (default ARParams()). prompt: audio codes to continue (MusicGen continues
+    them). The prompts are encoded once, with MAGNeT's text encoder, and shared. One seed serves both
+    models; return_seed=True returns `Generated(codes, seed)`."""
     frames = magnet.frames_for(duration)
     cond = magnet.encode_text(prompts)
     ar_frames = hybrid_prompt_frames(magnet, frames, ar_seconds)
-    return hybrid_from_condition(magnet, musicgen, cond, frames=frames, ar_frames=ar_frames, params=params,
-                                 ar_params=ar_params, seed=seed, prompt=prompt, progress=progress,
-                                 rescorer=rescorer)
+    out = hybrid_from_condition(magnet, musicgen, cond, frames=frames, ar_frames=ar_frames, params=params,
+                                ar_params=ar_params, seed=seed, prompt=prompt, progress=progress, rescorer=rescorer)
+    return magnet.returned(out, return_seed)
 
 
 def ar_seconds_to_frames(magnet: MagnetModel, ar_seconds) -> int:
@@ -461,9 +464,10 @@ def hybrid_from_condition(magnet: MagnetModel, musicgen: MusicGenModel, cond: Te
                           ar_frames: int, params: sampling.SamplingParams | None = None,
                           ar_params: ARParams | None = None, seed: int | None = None,
                           prompt: torch.Tensor | None = None, progress: sampling.Progress | None = None,
-                          rescorer: sampling.Rescorer | None = None) -> torch.Tensor:
-    """`generate_hybrid` on an already encoded text (what a ComfyUI node calls)."""
-    params = (params or sampling.SamplingParams(decoding_steps=None)).check(magnet.cfg.n_q, magnet.generation_defaults)
+                          rescorer: sampling.Rescorer | None = None) -> Generated:
+    """`generate_hybrid` on an already encoded text (what a ComfyUI node calls) -> `Generated`."""
+    params = magnet.sampling_params(params)
+    seed = sampling.check_seed(seed) if seed is not None else sampling.random_seed()
     if not 1 <= ar_frames < frames:
         raise MagnetError(f"the AR prompt ({ar_frames} frames) must be at least one frame and shorter than the "
                           f"generation ({frames} frames).")
@@ -475,10 +479,9 @@ def hybrid_from_condition(magnet: MagnetModel, musicgen: MusicGenModel, cond: Te
         nar_progress = lambda d, t: progress(ar_steps + d, ar_steps + t)  # noqa: E731
     ar_codes = ar_prompt_from_condition(magnet, musicgen, cond, ar_frames=ar_frames, ar_params=ar_params, seed=seed,
                                         prompt=prompt, progress=ar_progress)
-    codes = magnet.generate_from_condition(cond, frames=frames, params=params, seed=musicgen.last_seed,
-                                           prompt=ar_codes.to(magnet.device),
-                                           progress=nar_progress, rescorer=rescorer)
-    return codes
+    return magnet.generate_from_condition(cond, frames=frames, params=params, seed=seed,
+                                          prompt=ar_codes.to(magnet.device), progress=nar_progress,
+                                          rescorer=rescorer)
 
 
 def ar_prompt_steps(musicgen: MusicGenModel, ar_frames: int, prompt_frames: int = 0) -> int:

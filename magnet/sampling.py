@@ -86,18 +86,45 @@ class FastMode:
         return tuple(steps[:1]) + tuple(min(int(s), int(self.later_steps)) for s in steps[1:])
 
 
+# What a release's xp.cfg `generate.lm` stores for each sampling field that `SamplingParams` leaves at None
+# (its key there, where it differs), and the music releases' values, used where a release stores none.
+RELEASE_KEYS = {"temperature": "temp"}
+MUSIC_DEFAULTS = {"temperature": 3.0, "top_k": 0, "top_p": 0.9, "max_cfg_coef": 10.0, "min_cfg_coef": 1.0,
+                  "span_arrangement": "nonoverlap", "span_scoring": "max"}
+
+
+def release_value(name: str, defaults: dict | None):
+    """The value a release stores for the sampling field `name` (xp.cfg `generate.lm`, e.g. `temp` 3.5 in the
+    audio-magnet releases), when it is of the right kind; else the music releases' value."""
+    stored = (defaults or {}).get(RELEASE_KEYS.get(name, name))
+    music = MUSIC_DEFAULTS[name]
+    if isinstance(music, str):
+        allowed = SPAN_ARRANGEMENTS if name == "span_arrangement" else SPAN_SCORINGS
+        return stored if stored in allowed else music
+    if isinstance(stored, (int, float)) and not isinstance(stored, bool) and math.isfinite(stored):
+        return stored
+    return music
+
+
 @dataclass
 class SamplingParams:
-    """Everything that steers MAGNeT decoding besides the prompts. `check()` validates it."""
+    """Everything that steers MAGNeT decoding besides the prompts. `check()` validates it.
+
+    A field left at None means the release's own setting: `check(n_q, defaults)` takes it from the release's
+    xp.cfg `generate.lm` (`MagnetModel.generation_defaults`; `release_value`, `release_steps`), and where the
+    release stores none, from the music releases (temperature 3.0, top_k 0, top_p 0.9, max_cfg_coef 10,
+    min_cfg_coef 1, span_arrangement 'nonoverlap', span_scoring 'max', decoding_steps 20,10,10,10 / the
+    30 s releases' 60,10,10,10). So `SamplingParams()` runs a release as it was published (the audio-magnet
+    releases: temperature 3.5, top_p 0.8, max_cfg_coef 20). A value given always wins."""
     use_sampling: bool = True
-    temperature: float = 3.0
-    top_k: int = 0
-    top_p: float = 0.9
-    max_cfg_coef: float = 10.0
-    min_cfg_coef: float = 1.0
-    decoding_steps: Sequence[int] = field(default=DEFAULT_STEPS)
-    span_arrangement: str = "nonoverlap"
-    span_scoring: str = "max"
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    max_cfg_coef: float | None = None
+    min_cfg_coef: float | None = None
+    decoding_steps: Sequence[int] | str | None = None    # None or 'auto': the release's own
+    span_arrangement: str | None = None
+    span_scoring: str | None = None
     anneal_temp: bool = True
     fast: bool | FastMode = False    # True = FastMode(); `check` applies its step cap to decoding_steps
     _checked: tuple | None = field(default=None, init=False, repr=False, compare=False)
@@ -106,8 +133,9 @@ class SamplingParams:
         return tuple(getattr(self, f.name) for f in fields(self) if f.init)
 
     def check(self, n_q: int, defaults: dict | None = None) -> "SamplingParams":
-        """Validated copy. decoding_steps None or 'auto': the release's own (`defaults`, read from its
-        xp.cfg `generate.lm`), else `default_steps(n_q)`.
+        """Validated copy, every None field filled: decoding_steps None or 'auto': the release's own
+        (`defaults`, read from its xp.cfg `generate.lm`), else `default_steps(n_q)`; the other None fields
+        from `release_value(name, defaults)`.
 
         Validation runs once: the copy remembers what it was checked for, so the inner layers a checked
         object passes through (the model, the window loop, the decoding loop) return it as it is. A copy
@@ -135,9 +163,11 @@ class SamplingParams:
         if any(s > MAX_STEPS for s in steps):
             raise MagnetError(f"decoding_steps {steps}: at most {MAX_STEPS} steps per codebook (the releases use "
                               f"10 to 60; more only multiplies the time of every window).")
+        given = {name: getattr(self, name) for name in MUSIC_DEFAULTS}
+        given.update({name: release_value(name, defaults) for name, v in given.items() if v is None})
         num = {}
         for name in ("temperature", "top_p", "max_cfg_coef", "min_cfg_coef", "top_k"):
-            v = getattr(self, name)
+            v = given[name]
             try:
                 if isinstance(v, bool):
                     raise ValueError
@@ -147,18 +177,18 @@ class SamplingParams:
             if not math.isfinite(num[name]):
                 raise MagnetError(f"{name} {v} must be a finite number.")
         if num["top_k"] != int(num["top_k"]) or num["top_k"] < 0:
-            raise MagnetError(f"top_k {self.top_k!r} must be a whole number >= 0 (0 turns it off).")
+            raise MagnetError(f"top_k {given['top_k']!r} must be a whole number >= 0 (0 turns it off).")
         if num["temperature"] < 0:
-            raise MagnetError(f"temperature {self.temperature} must be >= 0.")
+            raise MagnetError(f"temperature {given['temperature']} must be >= 0.")
         if not (0.0 <= num["top_p"] <= 1.0):
-            raise MagnetError(f"top_p {self.top_p} must be between 0 and 1 (0 turns it off).")
+            raise MagnetError(f"top_p {given['top_p']} must be between 0 and 1 (0 turns it off).")
         if not isinstance(self.use_sampling, (bool, int)) or not isinstance(self.anneal_temp, (bool, int)):
             raise MagnetError("use_sampling / anneal_temp must be True or False.")
-        if self.span_arrangement not in SPAN_ARRANGEMENTS:
-            raise MagnetError(f"span_arrangement {self.span_arrangement!r} is unknown: use one of "
+        if given["span_arrangement"] not in SPAN_ARRANGEMENTS:
+            raise MagnetError(f"span_arrangement {given['span_arrangement']!r} is unknown: use one of "
                               f"{', '.join(SPAN_ARRANGEMENTS)}.")
-        if self.span_scoring not in SPAN_SCORINGS:
-            raise MagnetError(f"span_scoring {self.span_scoring!r} is unknown: use one of {', '.join(SPAN_SCORINGS)}.")
+        if given["span_scoring"] not in SPAN_SCORINGS:
+            raise MagnetError(f"span_scoring {given['span_scoring']!r} is unknown: use one of {', '.join(SPAN_SCORINGS)}.")
         fast = self.fast
         if fast is True:
             fast = FastMode()
@@ -173,7 +203,8 @@ class SamplingParams:
         out = replace(self, decoding_steps=tuple(steps), fast=fast, temperature=num["temperature"],
                       top_p=num["top_p"], top_k=int(num["top_k"]), max_cfg_coef=num["max_cfg_coef"],
                       min_cfg_coef=num["min_cfg_coef"], use_sampling=bool(self.use_sampling),
-                      anneal_temp=bool(self.anneal_temp))
+                      anneal_temp=bool(self.anneal_temp), span_arrangement=given["span_arrangement"],
+                      span_scoring=given["span_scoring"])
         out._checked = (n_q, out._values())
         return out
 
@@ -208,12 +239,15 @@ def parse_steps(text) -> list[int] | None:
 
 def make_generator(seed: int | None, device) -> tuple[torch.Generator, int]:
     """A generator on `device` seeded with `seed` (a fresh random seed when None); returns the seed."""
-    if seed is None:
-        seed = random.SystemRandom().randrange(2 ** 63)
-    seed = check_seed(seed)
+    seed = random_seed() if seed is None else check_seed(seed)
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     return g, seed
+
+
+def random_seed() -> int:
+    """A fresh random seed (from the operating system), for a generation given none."""
+    return random.SystemRandom().randrange(2 ** 63)
 
 
 def check_seed(seed) -> int:
@@ -419,6 +453,7 @@ def generate(lm: LM, cond: TextCondition, frames: int, params: SamplingParams, *
     if rescorer is not None and rescorer.weight == 0:
         rescorer = None
     settings = fastpath or DEFAULT_SETTINGS
+    first_codebook = getattr(lm, "first_codebook", 0)   # an LM that decodes only codebooks >= k says k
 
     cond = cond.to(dev)
     with torch.inference_mode():
@@ -436,37 +471,72 @@ def generate(lm: LM, cond: TextCondition, frames: int, params: SamplingParams, *
             forward = StageForward(lm, mem, guided=guided, batch=B, stage=stage, n_steps=n_steps,
                                    fast=params.fast or None, settings=settings)
             codes = _decode_stage(codes, stage, n_steps, forward, lm.mask_id, lm.cfg.span_len, given, keep, params,
-                                  generator, job, rescorer)
+                                  generator, job, rescorer, codebook=first_codebook + stage)
     return codes
 
 
-class _Spans:
-    """How one stage's T positions are masked and scored: whole spans of `span_len` frames (`nonoverlap`;
-    T a multiple of span_len), or single positions (`stride1`, whose masks cover least probable
-    overlapping spans, or span_len 1). `units` = the spans or positions; kept units are never masked."""
+@dataclass(frozen=True)
+class SpanArrangement:
+    """How a decoding groups its frames into spans of `span_len` frames, and what follows from it.
 
-    def __init__(self, params: SamplingParams, span_len: int, keep: torch.Tensor, batch: int, device):
-        self.L = span_len
-        self.whole_spans = span_len > 1 and params.span_arrangement == "nonoverlap"
-        self.stride1 = span_len > 1 and params.span_arrangement == "stride1"
-        self.scoring = params.span_scoring
-        self.batch, self.device = batch, device
-        fixed = keep.view(-1, span_len).all(dim=-1) if self.whole_spans else keep    # on the host
-        self.n_units = fixed.numel()
-        self.to_generate = int((~fixed).sum())
-        self.first_scores = torch.zeros((batch, self.n_units), device=device).masked_fill(fixed.to(device),
-                                                                                            DONT_REMASK)
+    `nonoverlap` (span_len > 1): whole, disjoint spans; a decoding's length is a multiple of the span
+    (`unit`), so the decoding loop trims to whole spans (`trim`), and a window holds `usable_window(w)`
+    frames. `stride1`: single positions whose masks cover the least probable overlapping spans; any
+    length. A span_len of 1 is single positions either way. `scoring` ranks whole spans: `max` (1 - the
+    highest p in the span) or `prod` (-sum log p)."""
+    name: str
+    span_len: int
+    scoring: str = "max"
+
+    @classmethod
+    def of(cls, params: SamplingParams, span_len: int) -> "SpanArrangement":
+        """The arrangement of checked `params` for a model of `span_len`."""
+        return cls(params.span_arrangement, int(span_len), params.span_scoring)
+
+    @property
+    def whole_spans(self) -> bool:
+        return self.span_len > 1 and self.name == "nonoverlap"
+
+    @property
+    def stride1(self) -> bool:
+        return self.span_len > 1 and self.name == "stride1"
+
+    @property
+    def unit(self) -> int:
+        """Frames a decoding's length is a whole multiple of: the span (whole spans), else 1."""
+        return self.span_len if self.whole_spans else 1
+
+    def trim(self, frames: int) -> int:
+        """`frames` rounded down to whole units: the length the decoding loop returns for `frames`."""
+        return frames - frames % self.unit
+
+    def usable_window(self, window: int) -> int:
+        """The longest decoding within `window` frames that the loop returns whole."""
+        return self.trim(window)
+
+    def room(self, window: int) -> int:
+        """The most frames of a decoding within `window` that can be fixed context (an overlap, the frames
+        around a region) or a regenerated region: all of the usable window but one span, so that each
+        decoding has at least one span of each."""
+        return self.usable_window(window) - max(self.span_len, 1)
+
+    def first_scores(self, keep: torch.Tensor, batch: int, device) -> tuple[torch.Tensor, int]:
+        """A stage's starting scores [batch, units] (kept units: DONT_REMASK, never masked) and how many
+        units it generates. `keep`: bool [T] on the host, T whole units."""
+        fixed = keep.view(-1, self.span_len).all(dim=-1) if self.whole_spans else keep    # on the host
+        scores = torch.zeros((batch, fixed.numel()), device=device).masked_fill(fixed.to(device), DONT_REMASK)
+        return scores, int((~fixed).sum())
 
     def pick(self, scores: torch.Tensor, n_mask: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The least confident `n_mask` units -> (bool [B, T] positions to mask, bool [B, units] spans
-        picked, or None when the units are positions)."""
+        """The least confident `n_mask` units of scores [B, units] -> (bool [B, T] positions to mask, bool
+        [B, units] spans picked, or None when the units are positions)."""
         if self.stride1:
-            return least_probable_spans(scores, n_mask, self.L), None
+            return least_probable_spans(scores, n_mask, self.span_len), None
         picked = scores.topk(n_mask, dim=-1).indices
         if not self.whole_spans:
             return torch.zeros_like(scores, dtype=torch.bool).scatter(1, picked, True), None
-        spans = torch.zeros((self.batch, self.n_units), dtype=torch.bool, device=self.device).scatter(1, picked, True)
-        return spans.repeat_interleave(self.L, dim=-1), spans
+        spans = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter(1, picked, True)
+        return spans.repeat_interleave(self.span_len, dim=-1), spans
 
     def score(self, p: torch.Tensor, masked: torch.Tensor, spans: torch.Tensor | None) -> torch.Tensor:
         """Scores [B, units] from p [B, T], the probability of each position's sampled token: spans
@@ -474,31 +544,33 @@ class _Spans:
         positions: -log p); the others get DONT_REMASK."""
         if not self.whole_spans:
             return (-torch.log(p)).masked_fill(~masked, DONT_REMASK)
+        by_span = p.view(p.shape[0], -1, self.span_len)
         if self.scoring == "max":
-            scores = 1 - p.view(self.batch, self.n_units, self.L).max(dim=-1).values
+            scores = 1 - by_span.max(dim=-1).values
         else:
-            scores = (-torch.log(p)).view(self.batch, self.n_units, self.L).sum(dim=-1)
+            scores = (-torch.log(by_span)).sum(dim=-1)
         return scores.masked_fill(~spans, DONT_REMASK)
 
 
 def _decode_stage(codes, stage: int, n_steps: int, forward: StageForward, mask_id: int, span_len: int,
-                  given, keep, params: SamplingParams, generator, job: StepCounter, rescorer):
+                  given, keep, params: SamplingParams, generator, job: StepCounter, rescorer, codebook: int):
     """Decode codebook `stage` of codes [B, K, T] in `n_steps` steps (the five steps of the module
-    docstring); kept frames (`keep`, bool [T]) hold `given`'s codes."""
+    docstring); kept frames (`keep`, bool [T]) hold `given`'s codes. `codebook`: the model's index of that
+    codebook (for the error message; it differs from `stage` when the LM decodes only the later ones)."""
     B, K, T = codes.shape
     dev = codes.device
-    if span_len > 1 and params.span_arrangement == "nonoverlap" and T % span_len:
-        T = T // span_len * span_len
+    spans = SpanArrangement.of(params, span_len)
+    if spans.trim(T) != T:
+        T = spans.trim(T)
         codes = codes[..., :T]
     keep = torch.zeros(T, dtype=torch.bool) if keep is None else keep[:T]   # on the host: sizes known here
-    spans = _Spans(params, span_len, keep, B, dev)
     kept_codes = given[:, stage, :T] if bool(keep.any()) else None
     keep_dev = keep.to(dev)
     seq = torch.full((B, T), mask_id, dtype=torch.long, device=dev)
-    scores = spans.first_scores
+    scores, to_generate = spans.first_scores(keep, B, dev)
     nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
 
-    for i, (m, n_mask) in enumerate(stage_schedule(n_steps, spans.to_generate)):
+    for i, (m, n_mask) in enumerate(stage_schedule(n_steps, to_generate)):
         # 1-2. mask: the least confident spans of the previous step; kept frames keep their codes
         remask, picked_spans = spans.pick(scores, n_mask)
         seq = seq.masked_fill(remask, mask_id)
@@ -532,7 +604,7 @@ def _decode_stage(codes, stage: int, n_steps: int, forward: StageForward, mask_i
         scores = spans.score(p, masked, picked_spans)
         job.step()
     if bool(nonfinite):                     # one host sync per stage
-        raise MagnetError(f"the model produced NaN or infinite values while decoding codebook {stage}: its "
+        raise MagnetError(f"the model produced NaN or infinite values while decoding codebook {codebook}: its "
                           f"weights are damaged, or half precision (fp16) overflowed. Load the model in fp32 "
                           f"(dtype fp32), or download the release again.")
     return codes

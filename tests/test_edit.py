@@ -11,6 +11,7 @@ import magnet.sampling as sampling_mod
 from conftest import Spy, frame_jumps, seam_ranks
 from magnet import edit, longform
 from magnet.errors import MagnetError
+from magnet.sampling import SpanArrangement
 from pack import load_pack
 
 STEPS = (3, 2, 2, 2)
@@ -84,7 +85,7 @@ def test_each_window_of_a_long_clip_continues_the_edited_audio(music_model, clip
     out = edit.vary(music_model, clip, "z", strength=0.5, seed=2, decoding_steps=STEPS,
                     progress=lambda d, t: progress.append((d, t)))
     m, T = music_model, clip.shape[-1]
-    W = longform.usable_window(m.max_frames, m.cfg.span_len, "nonoverlap")
+    W = SpanArrangement("nonoverlap", m.cfg.span_len).usable_window(m.max_frames)
     redraw = edit.redraw_mask(T, m.cfg.span_len, 0.5, 2)
     plan = [w for w in longform.plan_windows(T, W, W // 2) if redraw[w.start + w.context:w.end].any()]
     assert len(spy.calls) == len(plan) >= 2

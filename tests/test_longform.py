@@ -11,6 +11,7 @@ from conftest import Spy, frame_jumps, seam_ranks
 from magnet import longform
 from magnet.audio import fit_length, seconds_to_samples
 from magnet.errors import MagnetError
+from magnet.sampling import SpanArrangement
 
 STEPS = (3, 2, 2, 2)
 
@@ -83,7 +84,7 @@ def test_each_window_continues_the_last_seconds_of_the_previous_one(music_model,
     spy = Spy(monkeypatch)
     m = music_model
     codes = m.generate(["a", "b"], seed=3, decoding_steps=STEPS, duration=7.3, overlap=0.8)
-    W = longform.usable_window(m.max_frames, m.cfg.span_len, "nonoverlap")
+    W = SpanArrangement("nonoverlap", m.cfg.span_len).usable_window(m.max_frames)
     plan = longform.plan_windows(codes.shape[-1], W, 40)
     assert len(spy.calls) == len(plan) >= 4
     assert spy.calls[0].get("prompt") is None
@@ -132,7 +133,7 @@ def test_progress_has_one_total_for_all_windows(music_model):
     m = music_model
     codes = m.generate(["x"], seed=0, decoding_steps=STEPS, duration=5.0,
                        progress=lambda done, total: calls.append((done, total)))
-    W = longform.usable_window(m.max_frames, m.cfg.span_len, "nonoverlap")
+    W = SpanArrangement("nonoverlap", m.cfg.span_len).usable_window(m.max_frames)
     n_windows = len(longform.plan_windows(codes.shape[-1], W, m.overlap_frames(None)))
     total = n_windows * sum(STEPS)
     assert n_windows > 1 and calls == [(i, total) for i in range(1, total + 1)]
@@ -185,7 +186,7 @@ def test_seams_are_no_larger_than_the_discontinuities_inside_a_window(music_mode
     hop = m.codec.hop_length
     codes = m.generate(["x", "y"], seed=0, decoding_steps=STEPS, duration=8.0)
     F = codes.shape[-1]
-    W = longform.usable_window(m.max_frames, m.cfg.span_len, "nonoverlap")
+    W = SpanArrangement("nonoverlap", m.cfg.span_len).usable_window(m.max_frames)
     plan = longform.plan_windows(F, W, m.overlap_frames(None))
     joins = [w.start + w.context for w in plan[1:]]
     ranks, ratios = seam_ranks(frame_jumps(m.decode(codes), hop, F), joins)
@@ -229,7 +230,7 @@ def test_regenerate_changes_the_region_and_leaves_every_other_code_identical(mus
     (call,) = spy.calls
     keep = call["keep"]
     assert int((~keep).sum()) == b - a                             # exactly the region is generated
-    assert call["frames"] == min(longform.usable_window(m.max_frames, 3, "nonoverlap"),
+    assert call["frames"] == min(SpanArrangement("nonoverlap", 3).usable_window(m.max_frames),
                                  codes.shape[-1] - codes.shape[-1] % 3)
     idx = torch.nonzero(~keep)[:, 0]
     before, after = int(idx.min()), call["frames"] - 1 - int(idx.max())
