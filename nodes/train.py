@@ -216,9 +216,11 @@ class MagnetTrainLora:
                                                        "lower it if the loss jumps up or becomes nan"}),
                 "batch": ("INT", {"default": 1, "min": 1, "max": 64,
                                   "tooltip": "clips per step; more is smoother but needs more memory"}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": False,
-                                 "tooltip": "random seed of the crops, masks and LoRA start; the same seed, data "
-                                            "and settings give the same LoRA on the CPU"}),
+                # not named `seed`: ComfyUI's frontend gives every INT named seed a control_after_generate
+                # widget (randomize by default), which would train again at every queue
+                "training_seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                                          "tooltip": "random seed of the crops, masks and the LoRA's start; the "
+                                                     "same seed, data and settings give the same LoRA on the CPU"}),
                 "save_name": ("STRING", {"default": "my_style",
                                          "tooltip": "file name under models/loras/magnet (.safetensors is added); "
                                                     "an existing LoRA of that name is replaced"}),
@@ -234,11 +236,14 @@ class MagnetTrainLora:
     OUTPUT_NODE = True                 # it writes a file: runs even with nothing connected
     CATEGORY = CATEGORY
 
-    def train(self, model, text_encoder, dataset, path, trigger, steps, rank, learning_rate, batch, seed, save_name,
-              unique_id=None):
+    def train(self, model, text_encoder, dataset, path, trigger, steps, rank, learning_rate, batch, training_seed,
+              save_name, unique_id=None):
         from ..magnet.train import TrainSettings, train_lora
         with user_errors(self.DISPLAY_NAME):
-            seed = seed_arg(seed)
+            try:
+                seed = seed_arg(training_seed)
+            except MagnetError as e:
+                raise MagnetError(str(e).replace("input `seed`", "input `training_seed`")) from None
             lr = finite(learning_rate, "learning_rate")
             if lr <= 0:
                 raise MagnetError(f"input `learning_rate` is {lr:g}; it must be above 0 (typical: 0.0001).")

@@ -457,10 +457,12 @@ def test_nan_tensors_no_metadata_bad_strength_and_missing_files_are_refused(pack
 def test_trainer_interface(N):
     cls = N["MagnetTrainLora"]
     names = [n for n, _, _ in widget_inputs(cls)]
-    assert names == ["dataset", "path", "trigger", "steps", "rank", "learning_rate", "batch", "seed", "save_name"]
+    assert names == ["dataset", "path", "trigger", "steps", "rank", "learning_rate", "batch", "training_seed",
+                     "save_name"]
     assert cls.RETURN_TYPES == ("STRING", "IMAGE") and cls.OUTPUT_NODE is True
-    seed = dict((n, o) for n, _, o in widget_inputs(cls))["seed"]
-    assert seed["control_after_generate"] is False       # a new seed per queue would train again every time
+    # no control_after_generate (the frontend adds one to any INT named seed): a new seed per queue would train
+    # again every time
+    assert not dict((n, o) for n, _, o in widget_inputs(cls))["training_seed"].get("control_after_generate")
 
 
 def test_dataset_list_and_path_resolution(pack, N, tmp_path, monkeypatch):
@@ -559,7 +561,7 @@ def t5(pack, ref):
 
 def train(N, model, te, save_name="x", steps=2, **kw):
     args = dict(dataset="clips", path="", trigger="mystyle", steps=steps, rank=2, learning_rate=0.001, batch=1,
-                seed=0, save_name=save_name)
+                training_seed=0, save_name=save_name)
     args.update(kw)
     return N["MagnetTrainLora"]().train(model, te, **args)
 
@@ -625,3 +627,23 @@ def test_train_node_refuses_a_model_with_a_lora_and_bad_inputs(pack, N, base, t5
         with pytest.raises(pack.magnet.errors.MagnetError, match=match) as info:
             train(N, model, te, **{"save_name": "x", **kw})
         assert str(info.value).startswith("MAGNeT Train LoRA: ")
+
+
+def test_train_a_lora_workflow_trains_then_generates_with_and_without_it(pack, ref, clips, loras_dir, monkeypatch):
+    from test_workflows import load as load_workflow, run_graph, workflow
+    monkeypatch.setenv("MAGNET_MODELS_DIR", str(ref))
+    monkeypatch.setenv("MAGNET_TEXT_ENCODERS_DIR", str(ref))
+    wf = load_workflow(workflow("train_a_lora"))
+    trainer, = [n for n in wf["nodes"] if n["type"] == "MagnetTrainLora"]
+    sinks = run_graph(wf, pack.NODE_CLASS_MAPPINGS, {
+        "MagnetModelLoader": {"release": "magnet-music", "dtype": "fp32"},
+        "MagnetTextEncoderLoader": {"text_encoder": "t5-base"},
+        "MagnetTrainLora": {"path": "clips", "steps": 3, "rank": 2, "learning_rate": 0.02},
+        "MagnetSampler": {"decoding_steps": "3,2,2,2", "duration": 1.0}})
+    prefix = {n["id"]: n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "SaveAudio"}
+    saved = {prefix[nid]: kwargs["audio"] for nid, (typ, kwargs) in sinks.items() if typ == "SaveAudio"}
+    assert set(saved) == {"audio/magnet_with_lora", "audio/magnet_without_lora"}
+    assert (loras_dir / f"{trainer['widgets_values'][-1]}.safetensors").is_file()
+    with_lora, without = saved["audio/magnet_with_lora"]["waveform"], saved["audio/magnet_without_lora"]["waveform"]
+    assert with_lora.shape == without.shape and with_lora.shape[:2] == (1, 1)
+    assert not torch.equal(with_lora, without)              # same seed and prompt: only the LoRA differs
