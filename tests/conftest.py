@@ -57,6 +57,11 @@ def models(music_model, audio_model):
     return {"music": music_model, "audio": audio_model}
 
 
+# The sampling values the goldens were computed with: the reference's generation defaults, for every
+# fixture (the audio fixture's own xp.cfg stores others, which the engine uses when none are given).
+REFERENCE_SAMPLING = dict(temperature=3.0, top_k=0, top_p=0.9, max_cfg_coef=10.0, min_cfg_coef=1.0)
+
+
 def golden_prompts(model, golden, name) -> list[str]:
     """The prompts a golden entry was computed for, read back from its T5 ids (cond rows first)."""
     ids = golden[f"{name}.t5_input_ids"]

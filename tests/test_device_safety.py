@@ -246,7 +246,7 @@ def test_no_decoding_path_makes_a_float64_tensor(model, forward):
             if forward == "gpu-like" and not name.startswith("one window"):
                 continue                # the rest of the loop is the same as with the CPU's forward
             with NoFloat64() as mode:
-                out = call()
+                out = call().codes
             assert out.dtype == torch.long and 0 <= int(out.min()) and int(out.max()) < model.cfg.card, name
             assert not mode.found, f"{name}: float64 made by {mode.found[:5]}"
             ran.append(name)

@@ -2,13 +2,10 @@
 import pytest
 import torch
 
-from conftest import golden_prompts
+from conftest import REFERENCE_SAMPLING as REFERENCE, golden_prompts
 from magnet.sampling import SamplingParams
 
 FIXTURES = ["music", "audio"]
-# the sampling values the goldens were computed with (the reference's generation defaults, for both fixtures;
-# the audio fixture's own xp.cfg stores others, which the engine would use when none are given)
-REFERENCE = dict(temperature=3.0, top_k=0, top_p=0.9, max_cfg_coef=10.0, min_cfg_coef=1.0)
 
 
 @pytest.mark.parametrize("name", FIXTURES)

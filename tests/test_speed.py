@@ -11,10 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import golden_prompts
+from conftest import REFERENCE_SAMPLING, golden_prompts
 from magnet import fastpath
 from magnet.fastpath import (FastPathSettings, StaticStep, active_positions, band_attention, drop_int8_copy,
                              int8_copy, parallel_forward)
+from magnet.errors import MagnetError
 from magnet.sampling import FastMode, SamplingParams
 from magnet.transformer import LM, LMConfig, band_mask
 from random_weights import init_random
@@ -120,8 +121,8 @@ def test_exact_mode_decodes_every_golden_with_and_without_pruning(models, golden
     monkeypatch.setattr(model, "fastpath", FastPathSettings(prune_on_cpu=prune))
     cond = model.encode_text(golden_prompts(model, golden, name))
     params = SamplingParams(use_sampling=False, decoding_steps=golden_cfg["decoding_steps"],
-                            span_arrangement=arrangement, span_scoring=scoring)
-    codes = model.generate_from_condition(cond, frames=golden_cfg[name]["T"], params=params)
+                            span_arrangement=arrangement, span_scoring=scoring, **REFERENCE_SAMPLING)
+    codes = model.generate_from_condition(cond, frames=golden_cfg[name]["T"], params=params).codes
     assert torch.equal(codes, golden[f"{name}.{key}"])
 
 
@@ -170,7 +171,6 @@ def test_fast_mode_caps_the_steps_of_later_codebooks_only():
     assert SamplingParams(decoding_steps=(20, 2, 10, 1), fast=True).check(4).decoding_steps == (20, 2, 5, 1)
     assert SamplingParams(fast=FastMode(later_steps=None)).check(4).decoding_steps == (20, 10, 10, 10)
     assert fast.check(4) == fast                        # idempotent
-    from magnet.errors import MagnetError
     with pytest.raises(MagnetError, match="later_steps"):
         SamplingParams(fast=FastMode(later_steps=0)).check(4)
     with pytest.raises(MagnetError, match="fast"):
@@ -256,11 +256,11 @@ def test_fast_mode_generates_through_the_api(music_model):
     assert torch.equal(codes, again)
     params = SamplingParams(decoding_steps=(4, 4, 4, 4), fast=True)
     cond = music_model.encode_text(["dub techno"])
-    via_cond = music_model.generate_from_condition(cond, frames=50, params=params, seed=0)
+    via_cond = music_model.generate_from_condition(cond, frames=50, params=params, seed=0).codes
     assert torch.equal(via_cond, codes)
     exact = music_model.generate(["dub techno"], seed=0, duration=1.0, params=params, fast=False)
     want = music_model.generate_from_condition(cond, frames=50, params=SamplingParams(decoding_steps=(4, 4, 4, 4)),
-                                               seed=0)
+                                               seed=0).codes
     assert exact.shape == want.shape
     assert torch.equal(exact, want)                     # the override turns fast mode off
     assert not torch.equal(exact, codes)
@@ -273,7 +273,7 @@ def test_sampling_keywords_fold_into_one_params_object(music_model):
                                                             temperature=2.0).decoding_steps
     q = music_model.sampling_params(SamplingParams(top_k=5, decoding_steps=(3, 2, 2, 2)), top_p=0.0)
     assert (q.top_k, q.top_p, q.decoding_steps) == (5, 0.0, (3, 2, 2, 2))
-    with pytest.raises(TypeError, match="temprature"):
+    with pytest.raises(MagnetError, match="unknown sampling argument.*temprature"):
         music_model.generate(["x"], temprature=1.0)
 
 
@@ -311,7 +311,7 @@ def test_static_steps_decode_the_goldens_and_the_same_samples(models, golden, go
     codes as the CPU loop: greedy goldens and seeded samples."""
     model = models[name]
     cond = model.encode_text(golden_prompts(model, golden, name))
-    params = SamplingParams(use_sampling=False, decoding_steps=golden_cfg["decoding_steps"])
+    params = SamplingParams(use_sampling=False, decoding_steps=golden_cfg["decoding_steps"], **REFERENCE_SAMPLING)
     sampled = model.generate(["dub techno"], seed=2, duration=1.2, decoding_steps=(4, 3, 2, 1))
     monkeypatch.setattr(model, "fastpath", FastPathSettings(static_steps_on_cpu=True, graph_min_steps=2))
     made = []
@@ -321,7 +321,7 @@ def test_static_steps_decode_the_goldens_and_the_same_samples(models, golden, go
         made.append(k.get("graph"))
         real(self, *a, **k)
     monkeypatch.setattr(StaticStep, "__init__", spy)
-    codes = model.generate_from_condition(cond, frames=golden_cfg[name]["T"], params=params)
+    codes = model.generate_from_condition(cond, frames=golden_cfg[name]["T"], params=params).codes
     assert torch.equal(codes, golden[f"{name}.greedy.nonoverlap.max"])
     assert made == [False] * 4                                  # one per stage (every stage has > 1 step)
     assert torch.equal(model.generate(["dub techno"], seed=2, duration=1.2, decoding_steps=(4, 3, 2, 1)), sampled)
