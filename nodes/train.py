@@ -206,8 +206,8 @@ class MagnetTrainLora:
                                        "tooltip": "an optional word put before every caption (e.g. mystyle); "
                                                   "use it in prompts to call up what was learnt"}),
                 "steps": ("INT", {"default": 200, "min": 1, "max": 100000,
-                                  "tooltip": "optimizer steps. A few hundred for a handful of clips; each step "
-                                             "costs about one decoding step's time on a GPU"}),
+                                  "tooltip": "optimizer steps; a few hundred for a handful of clips (watch "
+                                             "the loss flatten)"}),
                 "rank": ("INT", {"default": DEFAULT_RANK, "min": 1, "max": 256,
                                  "tooltip": f"LoRA rank: how much it can learn (and its file size); "
                                             f"{DEFAULT_RANK} suits a style, 4-8 a small change"}),
@@ -249,10 +249,10 @@ class MagnetTrainLora:
                 raise MagnetError(f"input `learning_rate` is {lr:g}; it must be above 0 (typical: 0.0001).")
             data = resolve_dataset(dataset, path)
             out = save_path(save_name)
-            if getattr(model.obj, "loras", None) or any(getattr(p, "patches", None) for p in model.patchers):
+            m, te = ready(model, text_encoder)
+            if getattr(m, "loras", None) or any(getattr(p, "patches", None) for p in model.patchers):
                 raise MagnetError("the model has a LoRA applied (MAGNeT LoRA Loader): connect the Model Loader's "
                                   "model directly; a LoRA is trained on the release itself.")
-            m, te = ready(model, text_encoder)
             whole(m.codec, codec_device(m.device))
             settings = TrainSettings(steps=int(steps), rank=int(rank), lr=lr, batch=int(batch), seed=seed,
                                      trigger=str(trigger or "").strip())

@@ -647,3 +647,19 @@ def test_train_a_lora_workflow_trains_then_generates_with_and_without_it(pack, r
     with_lora, without = saved["audio/magnet_with_lora"]["waveform"], saved["audio/magnet_without_lora"]["waveform"]
     assert with_lora.shape == without.shape and with_lora.shape[:2] == (1, 1)
     assert not torch.equal(with_lora, without)              # same seed and prompt: only the LoRA differs
+
+
+def test_trainer_readies_its_models_in_one_call(pack, N, loras_dir, clips, monkeypatch):
+    class Used(Exception):
+        pass
+
+    class Stub:
+        def __getattr__(self, name):
+            raise Used(name)
+    calls = []
+    monkeypatch.setattr(pack.nodes.comfy, "load", lambda *patchers: calls.append([p.name for p in patchers]))
+    handle = pack.nodes.common.Handle
+    with pytest.raises(Used):
+        train(N, handle(Stub(), "m", [SimpleNamespace(name="model")]),
+              handle(Stub(), "t", [SimpleNamespace(name="text_encoder")]))
+    assert calls == [["model", "text_encoder"]]
