@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import re
 import struct
 import zlib
@@ -70,9 +71,10 @@ def list_datasets() -> list[str]:
     root = comfy.input_dir()
     names = []
     if root is not None and root.is_dir():
-        names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                       if p.is_dir() and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    return [NONE, *names]
+        for here, dirs, _ in os.walk(root):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]       # hidden ones (the token cache) pruned
+            names += [Path(here, d).relative_to(root).as_posix() for d in dirs]
+    return [NONE, *sorted(names)]
 
 
 def resolve_dataset(dataset: str, path: str) -> Path:
