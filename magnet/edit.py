@@ -140,22 +140,23 @@ class _TailRescorer:
 
 def _decode_kept(lm, cond, given, keep, keep_codebooks, params, generator, job, rescorer, engine):
     """sampling.generate with `given`/`keep` (frames kept in every codebook), where in addition codebooks
-    < keep_codebooks are kept at every frame."""
+    < keep_codebooks are kept at every frame (`params`: the sampling of codebooks
+    keep_codebooks.., as `_vary_job` makes it)."""
     frames = given.shape[-1]
     if keep_codebooks == 0:
         return sampling.generate(lm, cond, frames, params, given=given, keep=keep, generator=generator, job=job,
                                  rescorer=rescorer, **engine)
     k = keep_codebooks
     tail = _TailLM(lm, given[:, :k].to(next(lm.parameters()).device))
-    tparams = replace(params, decoding_steps=tuple(params.decoding_steps[k:]))
     resc = None if rescorer is None or rescorer.weight == 0 else _TailRescorer(rescorer, tail)
-    out = sampling.generate(tail, cond, frames, tparams, given=given[:, k:], keep=keep, generator=generator,
+    out = sampling.generate(tail, cond, frames, params, given=given[:, k:], keep=keep, generator=generator,
                             job=job, rescorer=resc, **engine)
     return tail.full(out)
 
 
 class _Vary(NamedTuple):
-    """A checked audio to audio job: the codes, what to keep, the sampling, and its windows."""
+    """A checked audio to audio job: the codes, what to keep, the sampling of the codebooks it decodes
+    (keep_codebooks.. : their decoding steps only), and its windows."""
     codes: torch.Tensor
     strength: float
     keep_codebooks: int
@@ -222,6 +223,8 @@ def _vary_job(model, codes, strength, keep_codebooks, params: SamplingParams, ov
     W = SpanArrangement.of(params, model.cfg.span_len).usable_window(min(model.max_frames, T))
     ov = longform.default_overlap(W) if overlap is None else \
         min(model.overlap_frames(overlap, params.span_arrangement), W - L)
+    if k:               # the decoding loop decodes codebooks k.. only: their steps, checked once here
+        params = replace(params, decoding_steps=tuple(params.decoding_steps[k:])).check(model.cfg.n_q - k)
     return _Vary(codes, strength, k, params, W, ov)
 
 
@@ -239,7 +242,7 @@ def _vary(model, cond: TextCondition, job: _Vary, seed, progress, rescorer) -> G
             keep[:w.context] = True
             if not bool(keep.all()):
                 work.append((w, keep))
-        counter = StepCounter(total=len(work) * sum(params.decoding_steps[k:]), progress=progress)
+        counter = StepCounter(total=len(work) * sum(params.decoding_steps), progress=progress)
         out = codes.clone()
         for w, keep in work:
             given = out[..., w.start:w.end].cpu()

@@ -238,7 +238,10 @@ class CodecLM:
 
     # -- checks of what callers hand in ---------------------------------------------------------------
     def check_condition(self, cond: TextCondition) -> TextCondition:
-        """The conditioning must come from this release's T5 (its width)."""
+        """The conditioning must be a TextCondition from this release's T5 (its width)."""
+        if not isinstance(cond, TextCondition):
+            raise MagnetError(f"the conditioning must be encoded text (a TextCondition from model.encode_text, or "
+                              f"the Text Encode node), got {type(cond).__name__}.")
         if cond.text_dim != self.cfg.text_dim:
             raise MagnetError(f"the conditioning comes from a text encoder of width {cond.text_dim} "
                               f"({cond.encoder}), but {self.source or 'this model'} expects {self.cfg.text_dim} "

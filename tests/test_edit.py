@@ -394,14 +394,6 @@ def test_prompt_timeline_node_gives_a_timeline_conditioning(N, music_model):
         N["MagnetPromptTimeline"]().encode(_handle(m.text_encoder), "0:10 a\n0:01 b")
 
 
-def _sampler_honours_timelines():
-    import inspect
-    from magnet import model as model_mod
-    return "timeline" in inspect.getsource(model_mod.MagnetModel.generate_from_condition)
-
-
-@pytest.mark.skipif(not _sampler_honours_timelines(),
-                    reason="MagnetModel.generate_from_condition does not hand timelines to magnet.edit yet")
 def test_the_sampler_node_runs_a_prompt_timeline(N, music_model):
     m = music_model
     (cond,) = N["MagnetPromptTimeline"]().encode(_handle(m.text_encoder), "0:00 a\n0:01 b")
