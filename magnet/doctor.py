@@ -588,8 +588,8 @@ def check_greedy(dev, ref, cond, frames: int, arrangement: str, steps=STEPS):
     """Greedy decoding on the device vs the CPU float32 reference (the same loop through `LM.forward`)."""
     from .sampling import SamplingParams
     params = SamplingParams(use_sampling=False, decoding_steps=steps, span_arrangement=arrangement)
-    out = dev.generate_from_condition(cond, frames=frames, params=params, seed=0)
-    want = ref.generate_from_condition(cond, frames=frames, params=params, seed=0)
+    out = dev.generate_from_condition(cond, frames=frames, params=params, seed=0).codes
+    want = ref.generate_from_condition(cond, frames=frames, params=params, seed=0).codes
     exact = _precision(dev) == torch.float32
     expected = frames - frames % dev.cfg.span_len if arrangement == "nonoverlap" and frames <= dev.max_frames \
         else frames

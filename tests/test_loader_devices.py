@@ -6,13 +6,11 @@ import torch
 from pack import load_pack
 
 
-@pytest.fixture(scope="module")
-def pack(ref):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MAGNET_MODELS_DIR", str(ref))
-    mp.setenv("MAGNET_TEXT_ENCODERS_DIR", str(ref))
-    yield load_pack()
-    mp.undo()
+@pytest.fixture
+def pack(ref, monkeypatch):
+    for var in ("MAGNET_MODELS_DIR", "MAGNET_TEXT_ENCODERS_DIR"):      # the loaders list the fixtures
+        monkeypatch.setenv(var, str(ref))
+    return load_pack()
 
 
 @pytest.mark.parametrize("device", ["gpu\u00b2", "cpu:\u00b2", "cuda:99999999999999999999", "cuda:-1", "cuda:1",
