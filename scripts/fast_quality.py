@@ -90,13 +90,13 @@ def fixture_report():
         model = MagnetModel.from_pretrained(REFERENCE / f"magnet-{name}", text_encoder=REFERENCE / t5, device="cpu")
         cond = model.encode_text(golden_prompts(model, golden, name))
         base = SamplingParams(use_sampling=False, decoding_steps=(20, 10, 10, 10))
-        exact = model.generate_from_condition(cond, frames=100, params=base)
+        exact = model.generate_from_condition(cond, frames=100, params=base).codes
         print(f"fixture {name} (greedy, 100 frames, steps 20,10,10,10): tokens equal to exact mode, per codebook")
         for label, fast in (("int8 only", FastMode(later_steps=None, skip_unit_cfg=False)),
                             ("null-pass skip only", FastMode(later_steps=None, int8=False)),
                             ("steps 20,5,5,5 only", FastMode(int8=False, skip_unit_cfg=False)),
                             ("all (fast=True)", FastMode())):
-            codes = model.generate_from_condition(cond, frames=100, params=replace(base, fast=fast))
+            codes = model.generate_from_condition(cond, frames=100, params=replace(base, fast=fast)).codes
             agree = (codes == exact).float().mean(dim=(0, 2))
             print(f"  {label:22} " + "  ".join(f"cb{k} {100 * v:5.1f}%" for k, v in enumerate(agree.tolist())))
 
