@@ -18,6 +18,7 @@ import yaml
 from .codec import Codec
 from .compat import is_zip_file, load_torch_file
 from .errors import MagnetError, first_line
+from .sampling import SPAN_ARRANGEMENTS, SPAN_SCORINGS
 from .transformer import LM, LMConfig, official_name
 
 
@@ -379,7 +380,7 @@ def _probability(v):
     return v if v is not None and v <= 1 else None
 
 
-def _choice(*allowed):
+def _choice(allowed):
     return lambda v: v if isinstance(v, str) and v in allowed else None
 
 
@@ -390,8 +391,8 @@ def _steps(v):
 
 GENERATION_KEYS = {
     "temp": _real, "top_k": _whole, "top_p": _probability, "max_cfg_coef": _real, "min_cfg_coef": _real,
-    "decoding_steps": _steps, "span_arrangement": _choice("nonoverlap", "stride1"),
-    "span_scoring": _choice("max", "prod"),
+    "decoding_steps": _steps, "span_arrangement": _choice(SPAN_ARRANGEMENTS),
+    "span_scoring": _choice(SPAN_SCORINGS),
 }
 """xp.cfg `generate.lm` keys read as a release's own generation settings, each with its check (the value, or
 None for a value of the wrong type or range)."""
