@@ -80,7 +80,8 @@ def parse_device(device, what: str = "device") -> torch.device:
     if isinstance(device, torch.device):
         kind, index = device.type, device.index
     elif isinstance(device, str):
-        m = DEVICE_NAME.fullmatch(device.strip().lower())
+        name = device.strip()
+        m = DEVICE_NAME.fullmatch(name.lower()) if name.isascii() else None     # lower() maps some non-ASCII to ASCII
         if m is None or m.group(1) not in DEVICE_ALIASES:
             raise MagnetError(f"{what} {device!r} is not a device name (a device is cpu, cuda, cuda:N, mps or xpu, "
                               f"N a whole number). {choose}")
