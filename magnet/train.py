@@ -170,3 +170,276 @@ def release_training(model) -> dict:
         except Exception:       # an unreadable config: the kind's default (loading the model read it already)
             pass
     return {"dropout": dropout, "span_len": span_len}
+
+
+# -- LoRA training ---------------------------------------------------------------------------------------
+
+@dataclass
+class TrainSettings:
+    """How to train a LoRA. `alpha` None = the rank (scale 1); `cond_dropout` None = the release's own
+    classifier-free-guidance training dropout; `crop_seconds` None = the release's window; `warmup` in optimizer
+    steps; `save_every` 0 = only at the end; `val_dir` a folder of held-out clips (captions as for training)."""
+    steps: int = 500
+    rank: int = 16
+    alpha: float | None = None
+    dropout: float = 0.0
+    lr: float = 1e-4
+    batch: int = 1
+    grad_accum: int = 1
+    warmup: int = 20
+    weight_decay: float = 0.0
+    seed: int = 0
+    trigger: str = ""
+    targets: tuple = ()
+    checkpointing: bool = False
+    save_every: int = 0
+    val_dir: str | None = None
+    cond_dropout: float | None = None
+    crop_seconds: float | None = None
+    cache_dir: str | None = None
+
+    def checked(self) -> "TrainSettings":
+        from . import lora as lora_mod
+        s = dataclasses.replace(self)
+        for name, low in (("steps", 1), ("rank", 1), ("batch", 1), ("grad_accum", 1), ("warmup", 0),
+                          ("save_every", 0)):
+            v = getattr(s, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise MagnetError(f"training setting {name} = {v!r} must be a whole number >= {low}.")
+        for name in ("lr", "dropout", "weight_decay"):
+            v = getattr(s, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise MagnetError(f"training setting {name} = {v!r} must be a finite number >= 0.")
+        if not s.lr > 0:
+            raise MagnetError(f"learning rate {s.lr!r} must be more than 0 (typical: 1e-4 to 1e-3).")
+        if s.dropout >= 1:
+            raise MagnetError(f"LoRA dropout {s.dropout} must be below 1.")
+        if s.alpha is None:
+            s.alpha = float(s.rank)
+        if not (isinstance(s.alpha, (int, float)) and math.isfinite(s.alpha) and s.alpha > 0):
+            raise MagnetError(f"LoRA alpha {s.alpha!r} must be a finite number > 0 (default: the rank).")
+        if s.cond_dropout is not None and not (0 <= float(s.cond_dropout) < 1):
+            raise MagnetError(f"condition dropout {s.cond_dropout!r} must be in [0, 1).")
+        if s.crop_seconds is not None and not (math.isfinite(float(s.crop_seconds)) and s.crop_seconds > 0):
+            raise MagnetError(f"crop_seconds {s.crop_seconds!r} must be a number of seconds > 0.")
+        s.targets = lora_mod.check_targets(s.targets or lora_mod.DEFAULT_TARGETS)
+        s.seed = int(s.seed)
+        return s
+
+
+@dataclass
+class TrainResult:
+    path: Path | None
+    losses: list = field(default_factory=list)       # one per optimizer step (this run)
+    val_losses: list = field(default_factory=list)   # (step, loss) at each save and at the end
+    steps_done: int = 0                              # optimizer steps in the file, resumed ones included
+    cancelled: bool = False
+    clips: int = 0
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warmup over `warmup` steps, then a cosine from 1 to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    rest = max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / rest)))
+
+
+class _Captions:
+    """T5 states of each caption, encoded once: a batch pads them to its longest with zero rows (zero mask),
+    exactly as encoding the batch together does (the padded positions are zero in the memory)."""
+
+    def __init__(self, model, captions):
+        self.model = model
+        self.cache: dict = {}
+        for c in dict.fromkeys(captions):
+            cond = model.encode_text([c])
+            n = max(1, int(cond.input_ids.shape[1]))
+            self.cache[c] = (cond.hidden[0, :n].float().cpu().clone(), cond.mask[0, :n].cpu().clone())
+
+    def batch(self, captions, device):
+        """captions (None = the null condition) -> (hidden [B, L, D], mask [B, L]) on `device`."""
+        D = self.model.cfg.text_dim
+        rows = [self.cache[c] if c is not None else None for c in captions]
+        L = max([r[0].shape[0] for r in rows if r is not None] or [1])
+        hidden = torch.zeros(len(rows), L, D)
+        mask = torch.zeros(len(rows), L, dtype=torch.long)
+        for i, r in enumerate(rows):
+            if r is not None:
+                hidden[i, :r[0].shape[0]] = r[0]
+                mask[i, :r[1].shape[0]] = r[1]
+        return hidden.to(device), mask.to(device)
+
+
+def _autocast_dtype(device: torch.device):
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _checkpointed(layer):
+    from torch.utils.checkpoint import checkpoint
+    inner = layer.forward
+
+    def forward(*args, **kwargs):
+        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+    layer.forward = forward
+
+
+def _example_batch(data, settings, frames, K, table, span_len, dropout, rng: random.Random, gen: torch.Generator):
+    """One batch: (codes [B, K, T], valid [B, T], captions with None for dropped ones, stage, stage mask)."""
+    idx = [rng.randrange(len(data)) for _ in range(settings.batch)]
+    windows = [data.window(i, frames, gen) for i in idx]
+    codes = torch.stack([w[0] for w in windows])
+    valid = torch.stack([w[1] for w in windows])
+    captions = [None if rng.random() < dropout else data.clips[i].caption for i in idx]
+    stage = rng.randrange(K)
+    mask = spans_mask(masking_rates(len(idx), gen), frames, span_len, table, gen)
+    return codes, valid, captions, stage, mask
+
+
+def validation_loss(train_lm, data, captions: _Captions, frames: int, span_len: int, device, seed: int = 0) -> float:
+    """Mean stage loss over the held-out clips: every clip's first window, each stage, fixed masks at rate 0.5."""
+    gen = torch.Generator().manual_seed(seed)
+    table = span_starts_table(frames, span_len)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for i, clip in enumerate(data.clips):
+            codes, valid = data.window(i, frames, torch.Generator().manual_seed(seed))
+            hidden, mask = captions.batch([clip.caption], device)
+            mem = text_memory(train_lm, hidden, mask)
+            for stage in range(codes.shape[0]):
+                sm = spans_mask(torch.tensor([0.5]), frames, span_len, table, gen)
+                loss = masked_loss(train_lm, codes[None].to(device), mem, stage, sm.to(device), valid[None].to(device))
+                total += float(loss)
+                n += 1
+    return total / max(n, 1)
+
+
+def train_lora(model, data_dir, out, settings: TrainSettings | None = None, *, progress=None, should_stop=None,
+               resume=None, log: Callable[[str], None] | None = None) -> TrainResult:
+    """Train a LoRA on the audio in `data_dir` and write it to `out` (.safetensors).
+
+    progress(step, total, loss) after each optimizer step; should_stop() polled before each micro-batch (a
+    cancel stops within one step: the file then holds the adapters after the last complete step, written
+    atomically; a half-written file never exists). resume: a LoRA file of this model to continue from (its
+    `steps` count; the optimizer's moments start afresh). The model (LM, T5, codec) is not changed."""
+    from . import lora as lora_mod
+    from .dataset import AudioFolder
+    s = (settings or TrainSettings()).checked()
+    log = log or (lambda msg: None)
+    out = Path(out).expanduser()
+    if out.suffix != ".safetensors":
+        raise MagnetError(f"output {out} must end in .safetensors.")
+    if getattr(model, "text_encoder", None) is None:
+        raise MagnetError("training needs the text encoder: load the model with text_encoder=<T5 folder>.")
+    lm = model.lm
+    device = next(lm.parameters()).device
+    if device.type != "cuda" and next(lm.parameters()).dtype != torch.float32:
+        raise MagnetError(f"training on {device.type} needs float32 weights: load the model with dtype='fp32'.")
+    rel = release_training(model)
+    span_len = rel["span_len"]
+    dropout = rel["dropout"] if s.cond_dropout is None else float(s.cond_dropout)
+    frames = model.max_frames if s.crop_seconds is None else max(span_len + 1, int(s.crop_seconds * model.frame_rate))
+    frames = min(frames, model.max_frames)
+    table = span_starts_table(frames, span_len)
+    K = lm.cfg.n_q
+
+    data = AudioFolder(data_dir, model, trigger=s.trigger, cache_dir=s.cache_dir)
+    val = AudioFolder(s.val_dir, model, trigger=s.trigger, what="validation folder") if s.val_dir else None
+    for p, why in data.skipped:
+        log(f"skipped {p} ({why})")
+    captions = _Captions(model, data.captions + (val.captions if val else []))
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(s.seed)
+        init = torch.Generator().manual_seed(s.seed)
+        train_lm, adapters = lora_mod.attach(lm, s.targets, s.rank, s.alpha, s.dropout, generator=init)
+        start = 0
+        if resume is not None:
+            prev = lora_mod.as_lora(resume)
+            lora_mod.check_lora_fits(prev, model)
+            lora_mod.load_into(adapters, prev)
+            start = int(prev.meta.get("steps") or 0)
+        train_lm.train()
+        if s.checkpointing:
+            for layer in train_lm.transformer.layers:
+                _checkpointed(layer)
+        params = [p for a in adapters.values() for p in (a.lora_A, a.lora_B)]
+        opt = torch.optim.AdamW(params, lr=s.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=s.weight_decay)
+        total = max(s.steps, start)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i + start, s.warmup, total))
+        amp = _autocast_dtype(device)
+        scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+        result = TrainResult(path=None, steps_done=start, clips=len(data))
+        training = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(s).items()}
+        training.update(cond_dropout=dropout, span_len=span_len, frames=frames)
+
+        def save(steps_done: int):
+            recent = result.losses[-10:]
+            val_loss = None
+            if val is not None:
+                train_lm.eval()
+                val_loss = validation_loss(train_lm, val, captions, frames, span_len, device, s.seed)
+                train_lm.train()
+                result.val_losses.append((steps_done, val_loss))
+            meta = lora_mod.lora_meta(model, rank=s.rank, alpha=s.alpha, targets=s.targets, training=training,
+                                      trigger=s.trigger, clips=len(data), steps=steps_done,
+                                      train_loss=sum(recent) / len(recent) if recent else None, val_loss=val_loss)
+            result.path = lora_mod.save_lora(out, lora_mod.adapter_tensors(adapters), meta)
+
+        step = start
+        while step < s.steps:
+            rng = random.Random(s.seed * 1_000_003 + step)
+            gen = torch.Generator().manual_seed(s.seed * 1_000_003 + step)
+            step_loss = 0.0
+            stopped = False
+            for _ in range(s.grad_accum):
+                if should_stop is not None and should_stop():
+                    stopped = True
+                    break
+                codes, valid, caps, stage, smask = _example_batch(data, s, frames, K, table, span_len, dropout,
+                                                                  rng, gen)
+                hidden, tmask = captions.batch(caps, device)
+                ctx = torch.autocast(device.type, dtype=amp) if amp is not None else _null()
+                with ctx:
+                    mem = text_memory(train_lm, hidden, tmask)
+                    loss = masked_loss(train_lm, codes.to(device), mem, stage, smask.to(device), valid.to(device))
+                loss = loss / s.grad_accum
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                step_loss += float(loss.detach())
+            if stopped:
+                opt.zero_grad(set_to_none=True)
+                result.cancelled = True
+                break
+            if not math.isfinite(step_loss):
+                raise MagnetError(f"the training loss became {step_loss} at step {step + 1}: the training diverged. "
+                                  f"Lower the learning rate (now {s.lr:g}).")
+            if scaler is not None:
+                scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            result.losses.append(step_loss)
+            result.steps_done = step
+            if progress is not None:
+                progress(step, s.steps, step_loss)
+            if s.save_every and step % s.save_every == 0 and step < s.steps:
+                save(step)
+        if step > start or not result.cancelled:
+            save(step)
+    return result
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -85,10 +85,10 @@ def test_stage_loss_is_differentiable_and_depends_on_the_masked_positions_only(m
         # codebook 1 outside the mask): change a target inside the mask instead and the loss moves
         other = codes.clone()
         other[0, 1, 8] = (codes[0, 1, 8] + 1) % lm.cfg.card
-        assert float(stage_loss(music_model, other, ["a prompt"], 1, mask)) != float(loss)
+        assert float(stage_loss(music_model, other, ["a prompt"], 1, mask).detach()) != float(loss.detach())
         far = codes.clone()
         far[0, 2:, 20] = (codes[0, 2:, 20] + 1) % lm.cfg.card    # codebooks above the stage are all masked
-        assert float(stage_loss(music_model, far, ["a prompt"], 1, mask)) == float(loss)
+        assert float(stage_loss(music_model, far, ["a prompt"], 1, mask).detach()) == float(loss.detach())
     finally:
         w.requires_grad_(False)
         w.grad = None
@@ -106,3 +106,169 @@ def test_stage_loss_refuses_bad_arguments(music_model):
         stage_loss(music_model, codes, ["a"], 0, mask)
     with pytest.raises(MagnetError, match="integer codes"):
         stage_loss(music_model, codes.float(), ["a", None], 0, mask)
+
+
+# -- the training loop ------------------------------------------------------------------------------------
+
+from magnet import lora as L                                      # noqa: E402
+from magnet.sampling import SamplingParams                         # noqa: E402
+from magnet.train import TrainSettings, masked_loss, stage_inputs, text_memory, train_lora   # noqa: E402
+
+CAPTION = "zqx glassy rising tone"
+
+
+def clip_folder(tmp_path, monkeypatch, model, seed=0, name="data"):
+    """A folder with one captioned clip whose tokens are random (the tiny fixture codec maps most sounds to a
+    few tokens, which would make memorising trivial): the file is real, its encoding is replaced."""
+    import numpy as np
+    import soundfile as sf
+    import magnet.dataset as D
+    folder = tmp_path / name
+    folder.mkdir()
+    sf.write(str(folder / "clip.wav"), np.full((2205, 1), 0.1, np.float32), 22050)
+    (folder / "clip.txt").write_text(CAPTION)
+    codes = torch.randint(0, model.cfg.card, (model.cfg.n_q, model.max_frames),
+                          generator=torch.Generator().manual_seed(seed))
+    monkeypatch.setattr(D, "encode_file", lambda m, p: codes.clone())
+    return folder, codes
+
+
+def fast(**kw):
+    base = dict(steps=4, rank=4, lr=1e-3, warmup=1, seed=0, cache_dir=None)
+    base.update(kw)
+    return TrainSettings(**base)
+
+
+def test_training_on_one_clip_lowers_the_loss_and_greedy_generation_reproduces_it(music_model, tmp_path, monkeypatch):
+    from magnet.train import validation_loss, _Captions
+    from magnet.dataset import AudioFolder
+    folder, codes = clip_folder(tmp_path, monkeypatch, music_model)
+    before = {k: v.clone() for k, v in music_model.lm.state_dict().items()}
+    res = train_lora(music_model, folder, tmp_path / "clip.safetensors",
+                     TrainSettings(steps=300, rank=16, lr=5e-3, warmup=5, seed=0, val_dir=str(folder)))
+    assert res.steps_done == 300 and len(res.losses) == 300 and not res.cancelled
+    data = AudioFolder(folder, music_model)
+    base_val = validation_loss(music_model.lm, data, _Captions(music_model, data.captions), music_model.max_frames,
+                               music_model.cfg.span_len, "cpu")
+    trained_val = res.val_losses[-1][1]
+    assert trained_val < 0.6 * base_val, (trained_val, base_val)
+    lw = L.load_lora(res.path)
+    assert float(lw.meta["val_loss"]) == trained_val and lw.meta["steps"] == "300" and lw.meta["clips"] == "1"
+    # the base model is untouched and frozen
+    for k, v in music_model.lm.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not any(p.requires_grad for p in music_model.lm.parameters())
+    # memorisation: greedy decoding with the caption gives back the clip's codebook-0 tokens
+    p = SamplingParams(use_sampling=False)
+    base = music_model.generate([CAPTION], seed=0, params=p)
+    tuned = music_model.with_lora(res.path).generate([CAPTION], seed=0, params=p)
+    T = tuned.shape[-1]
+    share_base = float((base[0, 0] == codes[0, :T]).float().mean())
+    share = float((tuned[0, 0] == codes[0, :T]).float().mean())
+    chance = 1.0 / music_model.cfg.card
+    assert share_base < 3 * chance + 0.03, share_base
+    assert share >= 0.4, share           # measured 0.57 (chance 1/64 = 0.016; base 0.02)
+
+
+def test_the_same_seed_on_the_cpu_gives_the_same_lora_bit_for_bit(music_model, tmp_path, monkeypatch):
+    folder, _ = clip_folder(tmp_path, monkeypatch, music_model)
+    runs = [L.load_lora(train_lora(music_model, folder, tmp_path / f"{i}.safetensors", fast(seed=s, dropout=0.1)).path)
+            for i, s in enumerate((7, 7, 8))]
+    assert runs[0].tensors.keys() == runs[1].tensors.keys()
+    assert all(torch.equal(runs[0].tensors[k], runs[1].tensors[k]) for k in runs[0].tensors)
+    assert any(not torch.equal(runs[0].tensors[k], runs[2].tensors[k]) for k in runs[0].tensors)
+
+
+def test_gradient_checkpointing_gives_the_same_steps(music_model, tmp_path, monkeypatch):
+    folder, _ = clip_folder(tmp_path, monkeypatch, music_model)
+    a = train_lora(music_model, folder, tmp_path / "a.safetensors", fast(steps=3))
+    b = train_lora(music_model, folder, tmp_path / "b.safetensors", fast(steps=3, checkpointing=True))
+    assert a.losses == pytest.approx(b.losses, rel=1e-5)
+    ta, tb = L.load_lora(a.path).tensors, L.load_lora(b.path).tensors
+    assert all(torch.allclose(ta[k], tb[k], atol=1e-6) for k in ta)
+
+
+def test_cancel_stops_within_a_step_and_leaves_a_complete_file_never_a_partial_one(music_model, tmp_path,
+                                                                                     monkeypatch):
+    folder, _ = clip_folder(tmp_path, monkeypatch, music_model)
+    out_dir = tmp_path / "out"
+    polls = []
+    done = []
+
+    def should_stop():
+        polls.append(len(done))
+        return len(done) >= 3
+    res = train_lora(music_model, folder, out_dir / "lora.safetensors", fast(steps=50, save_every=2, grad_accum=2),
+                     progress=lambda step, total, loss: done.append(step), should_stop=should_stop)
+    assert res.cancelled and res.steps_done == 3 and done == [1, 2, 3]
+    assert polls[-1] == 3 and len(polls) == 7           # polled before every micro-batch, stopped at the first
+    lw = L.load_lora(res.path)
+    assert lw.meta["steps"] == "3"
+    assert sorted(p.name for p in out_dir.iterdir()) == ["lora.safetensors"]
+    # cancelled before the first step, with no checkpoint yet: no file at all
+    res = train_lora(music_model, folder, out_dir / "none.safetensors", fast(), should_stop=lambda: True)
+    assert res.cancelled and res.path is None and not (out_dir / "none.safetensors").exists()
+
+
+def test_a_failed_save_keeps_the_previous_file_and_leaves_no_partial_one(music_model, tmp_path, monkeypatch):
+    import safetensors.torch as st
+    path = tmp_path / "keep.safetensors"
+    tensors = {"a.lora_A.weight": torch.ones(2, 3), "a.lora_B.weight": torch.zeros(3, 2)}
+    L.save_lora(path, tensors, {"magnet_lora": "1"})
+    old = path.read_bytes()
+    real = st.save_file
+
+    def half_then_fail(t, filename, metadata=None):
+        real(t, filename, metadata=metadata)
+        raise OSError("disk full")
+    monkeypatch.setattr(st, "save_file", half_then_fail)
+    with pytest.raises(OSError):
+        L.save_lora(path, {k: v * 2 for k, v in tensors.items()}, {"magnet_lora": "1"})
+    assert path.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["keep.safetensors"]
+
+
+def test_resume_continues_from_a_lora_file(music_model, tmp_path, monkeypatch):
+    folder, _ = clip_folder(tmp_path, monkeypatch, music_model)
+    first = train_lora(music_model, folder, tmp_path / "a.safetensors", fast(steps=4))
+    res = train_lora(music_model, folder, tmp_path / "b.safetensors", fast(steps=6), resume=first.path)
+    assert res.steps_done == 6 and len(res.losses) == 2
+    assert L.load_lora(res.path).meta["steps"] == "6"
+    with pytest.raises(MagnetError, match="rank"):
+        train_lora(music_model, folder, tmp_path / "c.safetensors", fast(steps=6, rank=8), resume=first.path)
+
+
+def test_padding_takes_no_loss(music_model):
+    lm = music_model.lm
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, lm.cfg.card, (1, lm.cfg.n_q, 40), generator=g)
+    valid = torch.zeros(1, 40, dtype=torch.bool)
+    valid[0, :25] = True
+    mask = torch.ones(1, 40, dtype=torch.bool)
+    inputs, loss_at = stage_inputs(codes, 0, mask, lm.mask_id, valid)
+    assert bool((inputs[0, :, 25:] == lm.mask_id).all()) and not bool(loss_at[0, 25:].any())
+    cond = music_model.encode_text([CAPTION])
+    mem = text_memory(lm, cond.hidden[:1], cond.mask[:1])
+    with torch.no_grad():
+        a = masked_loss(lm, codes, mem, 0, mask, valid)
+        other = codes.clone()
+        other[..., 25:] = (other[..., 25:] + 1) % lm.cfg.card       # what lies in the padding does not matter
+        b = masked_loss(lm, other, mem, 0, mask, valid)
+        none = masked_loss(lm, codes, mem, 0, mask, torch.zeros_like(valid))
+    assert float(a) == float(b) and float(none) == 0.0
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(steps=0), "steps"), (dict(lr=0.0), "learning rate"), (dict(lr=float("nan")), "lr"),
+    (dict(rank=0), "rank"), (dict(targets=("q_proj",)), "targets"), (dict(dropout=1.0), "dropout"),
+    (dict(alpha=float("inf")), "alpha"), (dict(cond_dropout=1.5), "condition dropout"),
+])
+def test_bad_training_settings_are_refused(music_model, tmp_path, kw, match):
+    with pytest.raises(MagnetError, match=match):
+        train_lora(music_model, tmp_path, tmp_path / "x.safetensors", fast(**kw))
+
+
+def test_bad_output_and_empty_folder_are_refused(music_model, tmp_path):
+    with pytest.raises(MagnetError, match="safetensors"):
+        train_lora(music_model, tmp_path, tmp_path / "x.pt", fast())
+    with pytest.raises(MagnetError, match="no audio files"):
+        train_lora(music_model, tmp_path, tmp_path / "x.safetensors", fast())
