@@ -30,7 +30,6 @@ once and returns the codes (`return_seed=True`: `model.Generated`, the codes and
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple, Sequence
@@ -39,7 +38,7 @@ import torch
 
 from . import longform, sampling
 from .errors import MagnetError
-from .model import MAX_SECONDS, Generated, MagnetModel, check_fits, codes_arg, seconds_arg
+from .model import MAX_SECONDS, Generated, MagnetModel, check_fits, codes_arg, finite_arg, seconds_arg
 from .sampling import SamplingParams, SpanArrangement, StepCounter
 from .text import TextCondition
 
@@ -56,18 +55,6 @@ def _engine(model) -> dict:
 def _sampling(model, params: SamplingParams | None, fast=None, kw: dict | None = None) -> SamplingParams:
     """`model.sampling_params(params, **kw)`, where fast=None leaves `params.fast` as it is."""
     return model.sampling_params(params, **(kw or {}), **({} if fast is None else {"fast": fast}))
-
-
-def _number(value, what: str) -> float:
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        v = float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise MagnetError(f"{what} {value!r} must be a number.") from None
-    if not math.isfinite(v):
-        raise MagnetError(f"{what} {value!r} must be a finite number.")
-    return v
 
 
 # -- audio to audio -----------------------------------------------------------------------------------
@@ -195,7 +182,7 @@ def vary_from_condition(model, cond: TextCondition, codes: torch.Tensor, *, stre
 
 
 def _strength(strength) -> float:
-    s = _number(strength, "strength")
+    s = finite_arg(strength, "strength")
     if not 0.0 <= s <= 1.0:
         raise MagnetError(f"strength {strength!r} must be between 0 (keep the audio) and 1 (keep only its "
                           f"length), e.g. 0.4.")
@@ -203,7 +190,7 @@ def _strength(strength) -> float:
 
 
 def _keep_codebooks(k, n_q: int) -> int:
-    v = _number(k, "keep_codebooks")
+    v = finite_arg(k, "keep_codebooks")
     if v != int(v) or not 0 <= v < n_q:
         raise MagnetError(f"keep_codebooks {k!r} must be a whole number from 0 to {n_q - 1} (this model has "
                           f"{n_q} codebooks; keeping all {n_q} would change nothing): 0 redraws everything, 1 "
@@ -259,14 +246,14 @@ def loop_seconds(duration=None, bars=None, bpm=None, beats_per_bar=4) -> float:
     if duration is not None and (bars is not None or bpm is not None):
         raise MagnetError("give either a duration in seconds or bars and bpm, not both.")
     if duration is not None:
-        d = _number(duration, "duration")
+        d = finite_arg(duration, "duration")
         if not d > 0:
             raise MagnetError(f"duration {duration!r} must be more than 0 seconds.")
         return d
     if bars is None or bpm is None:
         raise MagnetError("give the loop's length: a duration in seconds, or bars and bpm (e.g. bars=4, "
                           "bpm=120).")
-    bars, bpm, beats = _number(bars, "bars"), _number(bpm, "bpm"), _number(beats_per_bar, "beats_per_bar")
+    bars, bpm, beats = finite_arg(bars, "bars"), finite_arg(bpm, "bpm"), finite_arg(beats_per_bar, "beats_per_bar")
     if not bpm > 0:
         raise MagnetError(f"bpm {bpm:g} must be more than 0 beats per minute, e.g. 120.")
     if not bars > 0:
@@ -408,11 +395,11 @@ def decode_loop(model, codes: torch.Tensor, *, duration: float | None = None, re
     codes = codes_arg(codes, codec.n_q, codec.card, "decode the loop with the codec that made it")
     B, F = codes.shape[0], codes.shape[-1]
     fr, sr = float(codec.frame_rate), int(codec.sample_rate)
-    seconds = F / fr if duration is None else _number(duration, "duration")
+    seconds = F / fr if duration is None else finite_arg(duration, "duration")
     if duration is not None and int(round(seconds * fr)) != F:
         raise MagnetError(f"duration {seconds:g} s does not match the loop's {F} frames ({F / fr:g} s): give the "
                           f"duration the loop was generated with (or none).")
-    reps = _number(repeats, "repeats")
+    reps = finite_arg(repeats, "repeats")
     if reps != int(reps) or reps < 1:
         raise MagnetError(f"repeats {repeats!r} must be a whole number >= 1.")
     reps = int(reps)
@@ -483,7 +470,7 @@ def parse_timeline(timeline) -> list[tuple[float, str]]:
     else:
         try:
             for t, p in timeline:
-                entries.append((_number(t, "timeline time"), p))
+                entries.append((finite_arg(t, "timeline time"), p))
         except (TypeError, ValueError):
             raise MagnetError("timeline must be text ('0:00 prompt' lines) or a list of (seconds, prompt) "
                               "pairs.") from None

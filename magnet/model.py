@@ -81,6 +81,19 @@ MAX_SECONDS = 3600.0   # one call's generation: beyond an hour it cannot finish 
                        # 5-10 s costs tens of decoding steps), so longer pieces are made in parts
 
 
+def finite_arg(value, what: str, kind: str = "number") -> float:
+    """A number a user hands in: a finite float (a bool is not one), or a MagnetError naming `what`."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        v = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise MagnetError(f"{what} {value!r} must be a {kind}.") from None
+    if not math.isfinite(v):
+        raise MagnetError(f"{what} {value!r} must be a finite {kind}.")
+    return v
+
+
 def seconds_arg(duration) -> float:
     """A user's duration in seconds: a finite number > 0 and at most MAX_SECONDS, or a MagnetError."""
     try:
@@ -451,16 +464,8 @@ class MagnetModel(CodecLM):
     def _region_frames(self, start, end, total: int, span_arrangement: str) -> tuple[int, int]:
         """Seconds [start, end) -> frames, widened outwards to whole frames, checked against the clip."""
         fr = self.frame_rate
-        vals = []
-        for name, v in (("start", start), ("end", end)):
-            try:
-                v = float(v)
-            except (TypeError, ValueError):
-                raise MagnetError(f"region {name} {v!r} must be a number of seconds.") from None
-            if not math.isfinite(v):
-                raise MagnetError(f"region {name} {v} must be a finite number of seconds.")
-            vals.append(v)
-        start, end = vals
+        start, end = (finite_arg(v, f"region {name}", "number of seconds") for name, v in (("start", start),
+                                                                                          ("end", end)))
         clip = total / fr
         if not start < end:
             raise MagnetError(f"region start {start:g} s must be before its end {end:g} s.")

@@ -59,7 +59,7 @@ import torch
 from . import sampling
 from .codec import Codec
 from .errors import MagnetError
-from .model import CodecLM, Generated, MagnetModel, seconds_arg
+from .model import CodecLM, Generated, MagnetModel, finite_arg, seconds_arg
 from .text import TextCondition, TextEncoder
 from .transformer import LM, KVCache, Memory
 
@@ -434,12 +434,7 @@ def generate_hybrid(magnet: MagnetModel, musicgen: MusicGenModel, prompts: Seque
 
 def ar_seconds_to_frames(magnet: MagnetModel, ar_seconds) -> int:
     """Seconds MusicGen writes -> frames (whole frames, rounded down; at least one)."""
-    try:
-        ar_seconds = float(ar_seconds)
-    except (TypeError, ValueError):
-        raise MagnetError(f"ar_seconds {ar_seconds!r} must be a number of seconds.") from None
-    if not math.isfinite(ar_seconds):
-        raise MagnetError(f"ar_seconds {ar_seconds} must be a finite number of seconds.")
+    ar_seconds = finite_arg(ar_seconds, "ar_seconds", "number of seconds")
     ar_frames = int(ar_seconds * magnet.frame_rate)
     if not ar_frames >= 1:
         raise MagnetError(f"ar_seconds {ar_seconds:g} is shorter than one frame: give at least "

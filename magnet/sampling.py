@@ -188,7 +188,8 @@ class SamplingParams:
             raise MagnetError(f"span_arrangement {given['span_arrangement']!r} is unknown: use one of "
                               f"{', '.join(SPAN_ARRANGEMENTS)}.")
         if given["span_scoring"] not in SPAN_SCORINGS:
-            raise MagnetError(f"span_scoring {given['span_scoring']!r} is unknown: use one of {', '.join(SPAN_SCORINGS)}.")
+            raise MagnetError(f"span_scoring {given['span_scoring']!r} is unknown: use one of "
+                              f"{', '.join(SPAN_SCORINGS)}.")
         fast = self.fast
         if fast is True:
             fast = FastMode()
