@@ -121,11 +121,10 @@ SEED_TOOLTIP = ("random seed; the same seed and settings give the same audio. co
                 "next one (randomize / increment / fixed); the seed used is the value shown in the widget")
 
 
-def seed_input(tooltip: str = SEED_TOOLTIP, *, control_after_generate: bool = True) -> tuple:
-    """The seed widget: 0 to 2**64 - 1 (what `seed_arg` takes), with ComfyUI's control_after_generate (off where
-    a node should not pick a new seed after each run)."""
-    return ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
-                    "control_after_generate": control_after_generate, "tooltip": tooltip})
+def seed_input(tooltip: str = SEED_TOOLTIP) -> tuple:
+    """The seed widget: 0 to 2**64 - 1 (what `seed_arg` takes), with ComfyUI's control_after_generate."""
+    return ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                    "tooltip": tooltip})
 
 
 # "The release's own" setting (what its xp.cfg `generate.lm` stores): -1 in a number widget, the first choice
