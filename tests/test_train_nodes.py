@@ -663,3 +663,25 @@ def test_trainer_readies_its_models_in_one_call(pack, N, loras_dir, clips, monke
         train(N, handle(Stub(), "m", [SimpleNamespace(name="model")]),
               handle(Stub(), "t", [SimpleNamespace(name="text_encoder")]))
     assert calls == [["model", "text_encoder"]]
+
+
+def test_lora_folders_are_a_magnet_folder_in_every_comfyui_lora_folder(pack, monkeypatch, tmp_path):
+    class FolderPaths:                                    # folder_paths as far as the registration uses it
+        models_dir = str(tmp_path / "models")
+        folder_names_and_paths = {"loras": ([str(tmp_path / "models" / "loras"), "/data/loras"], {".safetensors"})}
+
+        def get_folder_paths(self, name):
+            return list(self.folder_names_and_paths[name][0])
+
+        def add_model_folder_path(self, name, path, is_default=False):
+            paths, exts = self.folder_names_and_paths.setdefault(name, ([], set()))
+            if path in paths:
+                paths.remove(path)
+            paths.insert(0, path) if is_default else paths.append(path)
+    fp = FolderPaths()
+    monkeypatch.setattr(pack.nodes.comfy, "folder_paths", fp)
+    pack.nodes.comfy.register_lora_folders()
+    pack.nodes.comfy.register_lora_folders()              # twice (a reload) changes nothing
+    assert fp.folder_names_and_paths["magnet_loras"] == (
+        [str(tmp_path / "models" / "loras" / "magnet"), "/data/loras/magnet"], {".safetensors"})
+    assert pack.nodes.train.save_path("x") == tmp_path / "models" / "loras" / "magnet" / "x.safetensors"
