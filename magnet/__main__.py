@@ -1,4 +1,4 @@
-"""Command line: `python -m magnet generate|vary|convert|download|evaluate|doctor ...` (see `python -m magnet -h`)."""
+"""Command line: `python -m magnet generate|vary|train|convert|download|evaluate|doctor ...` (see `python -m magnet -h`)."""
 from __future__ import annotations
 
 import argparse
@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
     g.add_argument("--loudness", default=None, help="normalise to this LUFS target, -70..0, e.g. -14")
     g.add_argument("--device", default=None, help=DEVICE_HELP)
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]", help=_lora_help())
     g.add_argument("--dtype", default=None, help="weights: fp32, fp16 (half), bf16 (default: fp16 on CUDA GPUs of "
                                                  "compute capability 7.0 or newer except GTX 16xx, else fp32)")
 
@@ -76,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("input", metavar="IN", help="audio file to vary (WAV, FLAC, OGG, MP3, ...)")
     v.add_argument("prompt", help="text prompt that steers the redrawn parts")
     v.add_argument("--model", required=True, help="release folder or converted .safetensors file")
+    v.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]", help=_lora_help())
     v.add_argument("--text-encoder", help="T5 folder (default: found beside the release, or $MAGNET_TEXT_ENCODER_DIR)")
     v.add_argument("--codec", help="transformers EnCodec folder, for releases whose codec file is a pointer")
     v.add_argument("-o", "--output", default="magnet_vary.wav", help="WAV path (default magnet_vary.wav)")
@@ -136,7 +138,14 @@ def _parser() -> argparse.ArgumentParser:
     dr.add_argument("--json", action="store_true", help="print one JSON object on stdout (progress on stderr)")
     dr.add_argument("--no-speed", action="store_true", help="skip the step-time measurement (on a CPU, most of "
                                                             "the doctor's time)")
+    from .train import add_cli as add_train
+    add_train(sub)
     return ap
+
+
+def _lora_help() -> str:
+    from .lora import LORA_OPTION_HELP
+    return LORA_OPTION_HELP
 
 
 # -- option checks: each names the option and the fix -------------------------------------------------
@@ -237,10 +246,12 @@ def _generate(a) -> int:
     dtype = parse_dtype(a.dtype, device, "--dtype")
     out = Path(a.output)
     _output_folder(out, "-o/--output")
+    loras = _loras(a)
 
     print(f"loading {a.model} ...", file=sys.stderr)
     model = MagnetModel.from_pretrained(a.model, text_encoder=a.text_encoder, device=device, dtype=dtype,
                                         codec=a.codec)
+    model = _with_loras(model, loras)
     progress = _ProgressBar()
     try:
         codes, seed = model.generate(a.prompts, duration=a.seconds, overlap=a.overlap, seed=a.seed,
@@ -297,9 +308,11 @@ def _vary(a) -> int:
     _output_folder(out, "-o/--output")
     wav, sr = audio.read_audio(a.input)
     seconds = wav.shape[-1] / sr
+    loras = _loras(a)
     print(f"loading {a.model} ...", file=sys.stderr)
     model = MagnetModel.from_pretrained(a.model, text_encoder=a.text_encoder, device=device, dtype=dtype,
                                         codec=a.codec)
+    model = _with_loras(model, loras)
     if keep >= model.cfg.n_q:
         raise MagnetError(f"--keep-codebooks {keep}: this model has {model.cfg.n_q} codebooks; give at most "
                           f"{model.cfg.n_q - 1} (keeping all would change nothing).")
@@ -315,6 +328,21 @@ def _vary(a) -> int:
     print(f"wrote {out} ({result.shape[-1] / model.sample_rate:.2f} s, {model.sample_rate} Hz)")
     print(f"seed {seed}", file=sys.stderr)
     return 0
+
+
+def _loras(a) -> list:
+    from .lora import parse_lora_spec
+    return [parse_lora_spec(spec) for spec in a.lora]
+
+
+def _with_loras(model, loras):
+    from .lora import apply_specs
+    return apply_specs(model, loras)
+
+
+def _train(a) -> int:
+    from .train import run_cli
+    return run_cli(a)
 
 
 def _convert(a) -> int:
@@ -441,7 +469,7 @@ def main(argv=None) -> int:
     try:
         a = _parser().parse_args(argv)
         return {"generate": _generate, "download": _download, "convert": _convert, "evaluate": _evaluate,
-                "vary": _vary, "doctor": _doctor}[a.cmd](a)
+                "vary": _vary, "doctor": _doctor, "train": _train}[a.cmd](a)
     except SystemExit as e:          # -h / --help
         return e.code if isinstance(e.code, int) else 0
     except MagnetError as e:

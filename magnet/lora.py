@@ -385,3 +385,36 @@ def lora_meta(model, *, rank: int, alpha: float, targets: Iterable[str], trainin
             "trigger": trigger or "", "clips": str(int(clips)), "steps": str(int(steps)),
             "train_loss": "" if train_loss is None else repr(float(train_loss)),
             "val_loss": "" if val_loss is None else repr(float(val_loss))}
+
+
+# -- the command line's --lora FILE[:STRENGTH] --------------------------------------------------------------
+
+LORA_OPTION_HELP = ("a LoRA file from `python -m magnet train`, optionally with its strength (default 1), e.g. "
+                    "--lora mysound.safetensors:0.8; repeat to stack several")
+
+
+def parse_lora_spec(spec: str) -> tuple[Path, float]:
+    """'FILE' or 'FILE:STRENGTH' -> (path, strength); the file must exist (a colon inside a path, as in
+    C:\\..., is kept when what follows the last colon is not a number)."""
+    text = str(spec).strip()
+    path, strength = text, 1.0
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            strength = float(tail)
+            path = head
+        except ValueError:
+            pass
+    strength = check_strength(strength)
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise MagnetError(f"--lora {spec!r}: LoRA file not found: {p}. Give FILE or FILE:STRENGTH, e.g. "
+                          f"--lora mysound.safetensors:0.8.")
+    return p, strength
+
+
+def apply_specs(model, specs):
+    """The model with each (path, strength) of `specs` applied in order (the base model when none)."""
+    for path, strength in specs:
+        model = apply_lora(model, path, strength)
+    return model

@@ -443,3 +443,113 @@ class _null:
 
     def __exit__(self, *exc):
         return False
+
+
+# -- the command line: python -m magnet train DATA_DIR --model REL --out FILE ... ---------------------------
+
+def add_cli(sub) -> None:
+    """The `train` subcommand's arguments."""
+    t = sub.add_parser("train", help="fine-tune a LoRA on a folder of audio (captions from <name>.txt)",
+                       description="Train a LoRA on the audio files in DATA_DIR (any format soundfile reads; captions "
+                                   "from <name>.txt, audiocraft <name>.json, else the file name) and write it to "
+                                   "--out. Use it with `generate --lora FILE[:STRENGTH]`.")
+    t.add_argument("data_dir", metavar="DATA_DIR", help="folder of audio files")
+    t.add_argument("--model", required=True, help="release folder or converted .safetensors file")
+    t.add_argument("--out", required=True, help="the LoRA file to write (.safetensors)")
+    t.add_argument("--text-encoder", help="T5 folder (default: found beside the release, or $MAGNET_TEXT_ENCODER_DIR)")
+    t.add_argument("--codec", help="transformers EnCodec folder, for releases whose codec file is a pointer")
+    t.add_argument("--steps", default="500", help="optimizer steps (default 500)")
+    t.add_argument("--rank", default="16", help="LoRA rank (default 16)")
+    t.add_argument("--alpha", default=None, help="LoRA alpha (default: the rank)")
+    t.add_argument("--lr", default="1e-4", help="peak learning rate (default 1e-4)")
+    t.add_argument("--batch", default="1", help="clips per micro-batch (default 1)")
+    t.add_argument("--grad-accum", default="1", help="micro-batches per optimizer step (default 1)")
+    t.add_argument("--warmup", default="20", help="warmup steps before the cosine decay (default 20)")
+    t.add_argument("--seed", default="0", help="random seed (default 0; the same seed on the CPU gives the same LoRA)")
+    t.add_argument("--trigger", default="", help="a word put before every caption (then use it in your prompts)")
+    t.add_argument("--targets", default=None, help="comma-separated layers to adapt (default: "
+                                                    "self_attn.in_proj,self_attn.out_proj,cross_attention.in_proj,"
+                                                    "cross_attention.out_proj,linear1,linear2)")
+    t.add_argument("--dropout", default="0", help="LoRA dropout (default 0)")
+    t.add_argument("--checkpointing", action="store_true", help="gradient checkpointing: less memory, ~30%% slower")
+    t.add_argument("--save-every", default="0", help="also write the file every N steps (default: only at the end)")
+    t.add_argument("--val-dir", default=None, help="folder of held-out clips: a validation loss at each save")
+    t.add_argument("--crop-seconds", default=None, help="training window in seconds (default: the release's)")
+    t.add_argument("--cache-dir", default=None, help="token cache folder (default: DATA_DIR/.magnet_cache)")
+    t.add_argument("--resume", default=None, metavar="LORA", help="continue from this LoRA file (its step count)")
+    t.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda, else mps, else cpu)")
+
+
+def _cli_number(value, option: str, kind=float, low=None):
+    try:
+        x = kind(str(value).strip())
+        if kind is float and not math.isfinite(x):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise MagnetError(f"{option} {value!r} is not a {'whole ' if kind is int else ''}number. See "
+                          f"`python -m magnet train -h`.") from None
+    if low is not None and x < low:
+        raise MagnetError(f"{option} {value!r} must be at least {low}. See `python -m magnet train -h`.")
+    return x
+
+
+def run_cli(a) -> int:
+    """`python -m magnet train`: tqdm progress with the running loss; Ctrl-C stops after the current step and
+    keeps the file of the last complete step."""
+    import sys
+    from .model import MagnetModel
+    s = TrainSettings(
+        steps=_cli_number(a.steps, "--steps", int, 1), rank=_cli_number(a.rank, "--rank", int, 1),
+        alpha=None if a.alpha is None else _cli_number(a.alpha, "--alpha"), lr=_cli_number(a.lr, "--lr"),
+        batch=_cli_number(a.batch, "--batch", int, 1), grad_accum=_cli_number(a.grad_accum, "--grad-accum", int, 1),
+        warmup=_cli_number(a.warmup, "--warmup", int, 0), seed=_cli_number(a.seed, "--seed", int),
+        trigger=a.trigger or "", targets=tuple(a.targets.split(",")) if a.targets else (),
+        dropout=_cli_number(a.dropout, "--dropout"), checkpointing=bool(a.checkpointing),
+        save_every=_cli_number(a.save_every, "--save-every", int, 0), val_dir=a.val_dir,
+        crop_seconds=None if a.crop_seconds is None else _cli_number(a.crop_seconds, "--crop-seconds"),
+        cache_dir=a.cache_dir).checked()
+    out = Path(a.out)
+    if out.suffix != ".safetensors":
+        raise MagnetError(f"--out {out} must end in .safetensors.")
+    print(f"loading {a.model} ...", file=sys.stderr)
+    model = MagnetModel.from_pretrained(a.model, text_encoder=a.text_encoder, device=a.device, codec=a.codec)
+    from tqdm import tqdm
+    bar = tqdm(total=s.steps, unit="step", desc="training", file=sys.stderr)
+    stop = {"now": False}
+    recent: list = []
+
+    def progress(step, total, loss):
+        recent.append(loss)
+        del recent[:-10]
+        bar.n = step
+        bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
+
+    import signal
+    previous = signal.getsignal(signal.SIGINT)
+
+    def interrupt(signum, frame):
+        if stop["now"]:
+            raise KeyboardInterrupt
+        stop["now"] = True
+        bar.write("stopping after this step (Ctrl-C again to abort without saving) ...")
+    try:
+        signal.signal(signal.SIGINT, interrupt)
+    except ValueError:          # not the main thread
+        pass
+    try:
+        res = train_lora(model, a.data_dir, out, s, progress=progress, should_stop=lambda: stop["now"],
+                         resume=a.resume, log=bar.write)
+    finally:
+        bar.close()
+        try:
+            signal.signal(signal.SIGINT, previous)
+        except ValueError:
+            pass
+    if res.path is None:
+        print("stopped before the first step: nothing written", file=sys.stderr)
+        return 130
+    val = f", validation loss {res.val_losses[-1][1]:.3f}" if res.val_losses else ""
+    print(f"wrote {res.path} ({res.steps_done} steps on {res.clips} clip(s), loss "
+          f"{sum(res.losses[-10:]) / max(1, len(res.losses[-10:])):.3f}{val})"
+          + (" - stopped early" if res.cancelled else ""))
+    return 0

@@ -272,3 +272,36 @@ def test_bad_output_and_empty_folder_are_refused(music_model, tmp_path):
         train_lora(music_model, tmp_path, tmp_path / "x.pt", fast())
     with pytest.raises(MagnetError, match="no audio files"):
         train_lora(music_model, tmp_path, tmp_path / "x.safetensors", fast())
+
+
+def test_cli_trains_then_generates_and_varies_with_the_lora(ref, tmp_path, capsys):
+    import numpy as np
+    import soundfile as sf
+    from magnet.__main__ import main
+    data = tmp_path / "data"
+    data.mkdir()
+    t = np.arange(22050) / 22050
+    sf.write(str(data / "a.wav"), (0.3 * np.sin(2 * np.pi * 330 * t)).astype(np.float32), 22050)
+    (data / "a.txt").write_text(CAPTION)
+    out = tmp_path / "my.safetensors"
+    rc = main(["train", str(data), "--model", str(ref / "magnet-music"), "--text-encoder", str(ref / "t5-base"),
+               "--out", str(out), "--steps", "3", "--rank", "2", "--lr", "1e-3", "--seed", "5", "--trigger", "zqx",
+               "--device", "cpu"])
+    o = capsys.readouterr()
+    assert rc == 0 and out.is_file() and "wrote" in o.out, o.err
+    lw = L.load_lora(out)
+    assert lw.meta["trigger"] == "zqx" and lw.meta["steps"] == "3" and lw.rank == 2
+    wav = tmp_path / "g.wav"
+    rc = main(["generate", "zqx tone", "--model", str(ref / "magnet-music"), "--text-encoder", str(ref / "t5-base"),
+               "--seconds", "0.5", "--steps", "2,1,1,1", "--seed", "1", "--device", "cpu", "-o", str(wav),
+               "--lora", f"{out}:0.7", "--lora", str(out)])
+    assert rc == 0 and wav.is_file(), capsys.readouterr().err
+    rc = main(["vary", str(data / "a.wav"), "zqx", "--model", str(ref / "magnet-music"), "--text-encoder",
+               str(ref / "t5-base"), "--seed", "1", "--steps", "2,1,1,1", "--device", "cpu", "-o",
+               str(tmp_path / "v.wav"), "--lora", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    capsys.readouterr()
+    for bad, msg in ((f"{out}:nan", "strength"), (str(tmp_path / "none.safetensors"), "not found")):
+        rc = main(["generate", "x", "--model", str(ref / "magnet-music"), "--device", "cpu", "--lora", bad])
+        err = capsys.readouterr().err
+        assert rc == 2 and msg in err and err.count("\n") == 1, err
