@@ -44,13 +44,12 @@ def list_loras() -> list[str]:
 
 
 def _inside(root: Path, name: str) -> Path | None:
-    """root/name when it stays inside root (no `..`, no absolute path), else None."""
-    try:
-        path = (root / name).resolve()
-        path.relative_to(root.resolve())
-    except (ValueError, OSError):
+    """root/name when the name stays inside root (no `..`, not absolute), else None. Judged on the name, not
+    the resolved path: a LoRA file may be a link to one kept elsewhere."""
+    rel = Path(str(name).replace("\\", "/"))
+    if not str(name) or rel.is_absolute() or rel.drive or ".." in rel.parts:
         return None
-    return path
+    return root / rel
 
 
 def resolve_lora(name: str) -> Path:

@@ -449,7 +449,15 @@ def test_nan_tensors_no_metadata_bad_strength_and_missing_files_are_refused(pack
     for strength in (float("nan"), float("inf"), -float("inf")):
         assert "finite" in refusal("good.safetensors", strength)
     assert "was not found" in refusal("none", lora_name="missing.safetensors")
-    assert "was not found" in refusal("none", lora_name="../good.safetensors")   # stays inside the LoRA folders
+    for outside in ("../good.safetensors", str(good), "sub/../../good.safetensors"):   # only inside the folders
+        assert "was not found" in refusal("none", lora_name=outside)
+
+
+def test_a_lora_file_may_be_a_link_to_one_kept_elsewhere(pack, N, base, loras_dir, tmp_path):
+    elsewhere = lora_file(pack, tmp_path / "kept" / "style.safetensors", base, 12)
+    (loras_dir / "linked.safetensors").symlink_to(elsewhere)
+    assert "linked.safetensors" in N["MagnetLoraLoader"].INPUT_TYPES()["required"]["lora"][0]
+    assert not torch.equal(logits(load(N, plain(pack, base), "linked.safetensors").obj), logits(base))
 
 
 # -- the trainer --------------------------------------------------------------------------------------------
