@@ -161,7 +161,7 @@ class MagnetLoraLoader:
 
     def load(self, model, lora, strength, lora_name=""):
         with user_errors(self.DISPLAY_NAME):
-            strength = check_strength(strength)
+            strength = check_strength(finite(strength, "strength"))
             name = str(lora_name or "").strip() or (None if lora in (None, "", NONE) else lora)
             if name is None:
                 return (model,)
