@@ -257,8 +257,8 @@ class Progress:
 
 
 def interrupt_requested() -> bool:
-    """Whether the user pressed Cancel, without raising (the trainer stops after the step it is in and keeps
-    its last checkpoint); `check_interrupt` then raises."""
+    """Whether the user pressed Cancel, without raising (the trainer stops after the step it is in and saves
+    the steps done); `check_interrupt` then raises."""
     if mm is None:
         return False
     fn = getattr(mm, "processing_interrupted", None)
