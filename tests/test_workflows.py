@@ -43,6 +43,8 @@ EXTERNAL = {
                                      ("filename_prefix", "STRING"), ("format", "COMBO"), ("pingpong", "BOOLEAN"),
                                      ("save_output", "BOOLEAN"), ("audio", "AUDIO"), ("meta_batch", "VHS_BatchManager"),
                                      ("vae", "VAE")], outputs=["VHS_FILENAMES"]),
+    # the frontend's own Markdown note (a virtual node: never sent to the server); one widget, its text
+    "MarkdownNote": dict(inputs=[], outputs=[], extra_widgets=1, virtual=True),
 }
 WIDGETS = WIDGET_TYPES | {"COMBO"}
 
@@ -170,9 +172,12 @@ def test_widget_values_fit_the_inputs(ours, path):
         assert not values, f"{n['type']}: extra widget values {values}"
 
 
-def run_graph(wf, ours, overrides):
+def run_graph(wf, ours, overrides, externals=None):
     """Execute a workflow's nodes in dependency order with plain Python; core output nodes just receive
-    their inputs. Returns {node id: outputs}."""
+    their inputs, frontend-only nodes (notes) are left out. `externals` {node type: function(**inputs) ->
+    outputs} stands in for core/other-pack nodes (e.g. a LoadAudio). Returns {node id: (type, inputs)} of the
+    nodes whose outputs nothing here runs (the output nodes)."""
+    externals = externals or {}
     nodes = {n["id"]: n for n in wf["nodes"]}
     links = {link[0]: link for link in wf["links"]}
     results, sinks = {}, {}
@@ -182,7 +187,14 @@ def run_graph(wf, ours, overrides):
             return results[nid]
         n = nodes[nid]
         kwargs = {}
-        if n["type"] in ours or "run" in EXTERNAL.get(n["type"], {}):
+        if n["type"] in externals:
+            values = n.get("widgets_values")
+            names = [name for name, t in EXTERNAL[n["type"]]["inputs"] if t in WIDGETS]
+            if isinstance(values, list):
+                kwargs.update(zip(names, values))
+            elif isinstance(values, dict):
+                kwargs.update({k: v for k, v in values.items() if k in names})
+        elif n["type"] in ours or "run" in EXTERNAL.get(n["type"], {}):
             values = list(n["widgets_values"])
             specs = widget_inputs(ours[n["type"]]) if n["type"] in ours else \
                 [(name, t, {}) for name, t in EXTERNAL[n["type"]]["inputs"]]
@@ -199,14 +211,17 @@ def run_graph(wf, ours, overrides):
             cls = ours[n["type"]]
             out = getattr(cls(), cls.FUNCTION)(**kwargs)
             results[nid] = out["result"] if isinstance(out, dict) else out
+        elif n["type"] in externals:
+            results[nid] = externals[n["type"]](**kwargs)
         elif "run" in EXTERNAL[n["type"]]:
             results[nid] = EXTERNAL[n["type"]]["run"](**kwargs)
         else:
             sinks[nid] = (n["type"], kwargs)
             results[nid] = ()
         return results[nid]
-    for nid in nodes:
-        run(nid)
+    for nid, n in nodes.items():
+        if not EXTERNAL.get(n["type"], {}).get("virtual"):
+            run(nid)
     return sinks
 
 
