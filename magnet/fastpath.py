@@ -201,6 +201,15 @@ class Int8Layer:
         self.fc1 = int8(layer.linear1.weight, layer.linear1.bias)
         self.fc2 = int8(layer.linear2.weight, layer.linear2.bias)
 
+    @staticmethod
+    def sources(layer) -> tuple:
+        """The weights (and biases) the copies of one layer are made from."""
+        sa, ca = layer.self_attn, layer.cross_attention
+        ws = (sa.in_proj_weight, sa.in_proj_bias, sa.out_proj.weight, sa.out_proj.bias, ca.in_proj_weight,
+              ca.in_proj_bias, ca.out_proj.weight, ca.out_proj.bias, layer.linear1.weight, layer.linear1.bias,
+              layer.linear2.weight, layer.linear2.bias)
+        return tuple(w for w in ws if w is not None)
+
     @property
     def nbytes(self) -> int:
         return sum(getattr(self, n).nbytes for n in ("qkv", "out", "cq", "cout", "fc1", "fc2"))
@@ -216,9 +225,14 @@ class Int8Linears:
 
     @staticmethod
     def _fingerprint(lm, reduce_range: bool):
-        w = lm.transformer.layers[0].linear1.weight
-        # weights made under inference_mode (ComfyUI runs nodes in it) have no version counter
-        return (w.device, w.dtype, w.data_ptr(), None if w.is_inference() else w._version, reduce_range)
+        """Every weight the copy was made from: a weight replaced (ComfyUI's LoRA patches swap the parameter
+        of any one linear) or changed in place (its version counter) makes the copy stale. Weights made under
+        inference_mode (ComfyUI runs nodes in it) have no version counter: their data pointer still counts."""
+        def key(w):
+            return (w.data_ptr(), None if w.is_inference() else w._version)
+        w0 = lm.transformer.layers[0].linear1.weight
+        weights = tuple(key(w) for layer in lm.transformer.layers for w in Int8Layer.sources(layer))
+        return (w0.device, w0.dtype, weights, reduce_range)
 
     def matches(self, lm, reduce_range: bool = True) -> bool:
         return self._key == self._fingerprint(lm, reduce_range)
