@@ -303,11 +303,15 @@ class LoraLinear(nn.Module):
         self.lora_A = nn.Parameter(a.to(w.device))
         self.lora_B = nn.Parameter(torch.zeros(w.shape[0], rank, device=w.device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = None          # the adapted weight made once for a whole forward/backward (`premerged`)
+
+    def adapted_weight(self) -> torch.Tensor:
+        w = self.base.weight
+        return w + (self.scale * (self.lora_B @ self.lora_A)).to(w.dtype)
 
     @property
     def weight(self) -> torch.Tensor:
-        w = self.base.weight
-        return w + (self.scale * (self.lora_B @ self.lora_A)).to(w.dtype)
+        return self.merged if self.merged is not None else self.adapted_weight()
 
     @property
     def bias(self):
@@ -345,6 +349,26 @@ def attach(lm: nn.Module, targets: Sequence[str], rank: int, alpha: float, dropo
         parent._modules[attr] = layer
         adapters[name] = layer
     return new, adapters
+
+
+class premerged:
+    """Within this context the layers whose weight the LM reads directly (the packed q/k/v projections,
+    `*.in_proj`) hold their adapted weight, made once: the self-attention, the cross-attention memory and its
+    queries then share one tensor (one gradient) instead of making it at each read, and a checkpointed layer
+    recomputes with the very same tensor. Use it around one forward and its backward."""
+
+    def __init__(self, adapters: dict):
+        self.layers = [layer for name, layer in adapters.items() if name.endswith("in_proj")]
+
+    def __enter__(self):
+        for layer in self.layers:
+            layer.merged = layer.adapted_weight()
+        return self
+
+    def __exit__(self, *exc):
+        for layer in self.layers:
+            layer.merged = None
+        return False
 
 
 def adapter_tensors(adapters: dict) -> dict:
