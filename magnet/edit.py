@@ -518,7 +518,7 @@ def encode_timeline(model_or_encoder, timeline) -> TimelineCondition:
                              timeline=parts)
 
 
-MIN_SECTION = 0.25   # a section that ends beyond the first window: at least this fraction of the window long
+MIN_SECTION = 0.25   # a section (not the last) ending beyond the first window: at least this part of the window
 MAX_COST = 4         # a timeline: at most this many times the decodings of a plain generation of its length
 
 
@@ -538,9 +538,10 @@ def timeline_plan(model, entries, frames: int, params: SamplingParams, overlap: 
 
     Each entry's section runs from its time to the next one's: one decoding while it ends within the
     first window, else the window slid from what exists to its end. Its cost is bounded like a plain
-    generation's: every section that ends beyond the first window must be at least MIN_SECTION (a quarter)
-    of the window long, and all sections together may run at most MAX_COST (4) times the window decodings
-    of a plain generation of the same length. Otherwise a MagnetError says which rule and what to change."""
+    generation's: every section but the last that ends beyond the first window must be at least MIN_SECTION
+    (a quarter) of the window long (each costs at least one decoding of the window), and all sections
+    together may run at most MAX_COST (4) times the window decodings of a plain generation of the same
+    length. Otherwise a MagnetError says which rule and what to change, before anything is encoded."""
     fr, L, W1 = model.frame_rate, model.cfg.span_len, model.max_frames
     seconds = frames / fr
     for t, p in entries:
@@ -554,15 +555,15 @@ def timeline_plan(model, entries, frames: int, params: SamplingParams, overlap: 
     times = [int(round(t * fr)) for t, _ in entries]
     runs, done = [], prompt_frames
     for i, (t, (_, p)) in enumerate(zip(times, entries)):
-        start, end = max(t, prompt_frames), times[i + 1] if i + 1 < len(times) else frames
+        last = i == len(times) - 1
+        start, end = max(t, prompt_frames), frames if last else times[i + 1]
         if end <= start:
             continue
-        if end > W1 and end - start < least:
+        if end > W1 and end - start < least and not last:
             raise MagnetError(f"the timeline section at {t / fr:g} s ({p!r}) is {(end - start) / fr:g} s long: "
-                              f"beyond the first window ({W1 / fr:g} s) each section must last at least "
+                              f"beyond the first window ({W1 / fr:g} s) each section but the last must last at least "
                               f"{least / fr:g} s (a quarter of the window; each costs a window's decoding). "
                               f"Merge it with its neighbours or move its time.")
-        last = i == len(times) - 1
         if end <= W1:                             # within one window: one decoding, trimmed to whole spans
             end = end if last else spans.trim(end)
             if end - done < spans.unit:

@@ -327,6 +327,9 @@ def test_a_timeline_costs_at_most_a_stated_multiple_of_a_plain_generation(music_
     params = m.sampling_params(decoding_steps=STEPS)
     plan = edit.timeline_plan(m, edit.parse_timeline("0:00 a\n0:01 b\n0:02 c"), 145, params)
     assert plan.decodings == 3 and len(plan.runs) == 3
+    assert len(edit.timeline_plan(m, edit.parse_timeline("0:00 a\n2.8 b"), 145, params).runs) == 2   # a short end
+    with pytest.raises(MagnetError, match="section at 2.2 s .* but the last must last at least"):
+        edit.timeline_plan(m, edit.parse_timeline("0:00 a\n2.2 b\n2.4 c"), 145, params)
 
 
 def test_the_nan_guard_names_the_codebook_being_decoded(music_model, clip, monkeypatch):
