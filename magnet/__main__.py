@@ -70,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]", help=_lora_help())
     g.add_argument("--dtype", default=None, help="weights: fp32, fp16 (half), bf16 (default: fp16 on CUDA GPUs of "
                                                  "compute capability 7.0 or newer except GTX 16xx, else fp32)")
+    g.add_argument("--download", action="store_true",
+                   help="fetch what is missing first from the official Hugging Face repositories: --model may then "
+                        "be an official name (e.g. magnet-small-10secs, into models/magnet/), and its codec and T5 "
+                        "come too")
 
     v = sub.add_parser("vary", help="audio to audio: redraw a share of an audio file with a prompt",
                        description="Encode an audio file, redraw --strength of its spans with the prompt (the rest "
@@ -90,10 +94,16 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--fast", action="store_true", help="fast mode (see generate --help)")
     v.add_argument("--device", default=None, help=DEVICE_HELP)
     v.add_argument("--dtype", default=None, help="weights: fp32, fp16 (half), bf16")
+    v.add_argument("--download", action="store_true",
+                   help="fetch what is missing first from the official Hugging Face repositories: --model may then "
+                        "be an official name (e.g. magnet-small-10secs, into models/magnet/), and its codec and T5 "
+                        "come too")
 
     d = sub.add_parser("download", help="download an official release, T5 or codec from the Hugging Face hub")
-    d.add_argument("name", help="e.g. magnet-small-10secs, audio-magnet-small, t5-base, t5-large, encodec_32khz")
-    d.add_argument("--dir", default=None, help="target folder (default: models/magnet/NAME or models/text_encoders/NAME)")
+    d.add_argument("name", help="e.g. magnet-small-10secs, audio-magnet-small, musicgen-small, t5-base, t5-large, "
+                                "encodec_32khz, larger_clap_music")
+    d.add_argument("--dir", default=None, help="target folder (default: models/magnet/NAME, models/text_encoders/NAME "
+                                               "or models/clap/NAME)")
     d.add_argument("--models-dir", default="models", help="models folder, e.g. ComfyUI/models (default: models)")
 
     c = sub.add_parser("convert", help="write a release as one .safetensors file (faster to load, never code)")
@@ -250,7 +260,7 @@ def _generate(a) -> int:
 
     print(f"loading {a.model} ...", file=sys.stderr)
     model = MagnetModel.from_pretrained(a.model, text_encoder=a.text_encoder, device=device, dtype=dtype,
-                                        codec=a.codec)
+                                        codec=a.codec, download=a.download)
     model = _with_loras(model, loras)
     progress = _ProgressBar()
     try:
@@ -311,7 +321,7 @@ def _vary(a) -> int:
     loras = _loras(a)
     print(f"loading {a.model} ...", file=sys.stderr)
     model = MagnetModel.from_pretrained(a.model, text_encoder=a.text_encoder, device=device, dtype=dtype,
-                                        codec=a.codec)
+                                        codec=a.codec, download=a.download)
     model = _with_loras(model, loras)
     if keep >= model.cfg.n_q:
         raise MagnetError(f"--keep-codebooks {keep}: this model has {model.cfg.n_q} codebooks; give at most "
@@ -439,8 +449,33 @@ def _doctor(a) -> int:
 
 def _download(a) -> int:
     from .hub import download
-    print(f"downloaded into {download(a.name, a.dir, a.models_dir)}")
+    bar = _ByteBar()
+    try:
+        path = download(a.name, a.dir, a.models_dir, progress=bar,
+                        echo=lambda line: print(line, file=sys.stderr, flush=True))
+    finally:
+        bar.close()
+    print(f"downloaded into {path}")
     return 0
+
+
+class _ByteBar:
+    """progress(done_bytes, total_bytes) of a download as a tqdm bar on stderr (called from a thread too)."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, done, total):
+        if self.bar is None:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="downloading", file=sys.stderr)
+        self.bar.total = total
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
 
 
 class _ProgressBar:

@@ -1,76 +1,334 @@
-"""Optional downloads from the Hugging Face hub: an explicit action (`python -m magnet download`), never
-done behind the user's back. Offline, or without huggingface_hub, it fails with the folder to fill by hand."""
+"""Downloads of the official models from the Hugging Face hub, always an explicit choice: the CLI's `download`
+command and `--download`, `from_pretrained(..., download=True)`, and the ComfyUI loaders' `download` widget
+(`if missing`). Only the official repositories below are ever contacted, never a name or URL from elsewhere.
+
+A download goes into a hidden `.<name>.partial` folder beside its target and is renamed to the target only
+when every file is there, so an interrupted download never leaves a folder that looks like a model; the next
+attempt keeps the files already complete and resumes the one that was interrupted (huggingface_hub resumes
+its `.incomplete` files in a local folder). Offline, or without huggingface_hub, it fails with the files, the
+folder to put them in and the command that fetches them."""
 from __future__ import annotations
 
 import errno
-
+import logging
+import os
+import shutil
+import threading
 from pathlib import Path
+from typing import Callable
 
-from .checkpoints import OFFICIAL
+from .checkpoints import CODEC_FILE, OFFICIAL
 from .errors import MagnetError, first_line
+
+log = logging.getLogger(__name__)
 
 RELEASES = ["facebook/magnet-small-10secs", "facebook/magnet-medium-10secs", "facebook/magnet-small-30secs",
             "facebook/magnet-medium-30secs", "facebook/audio-magnet-small", "facebook/audio-magnet-medium",
             "facebook/musicgen-small", "facebook/musicgen-medium"]
 TEXT_ENCODERS = {"t5-base": "google-t5/t5-base", "t5-large": "google-t5/t5-large"}
 CODECS = ["facebook/encodec_32khz"]
-# what each kind needs (no TensorFlow/Flax/pickle duplicates)
-PATTERNS = {
-    "release": [*OFFICIAL.files, "*.md"],          # releases come in the official format
-    "text_encoder": ["config.json", "model.safetensors", "spiece.model", "tokenizer.json", "tokenizer_config.json",
-                     "special_tokens_map.json"],
-    "codec": ["config.json", "model.safetensors", "preprocessor_config.json"],
+CLAPS = {"larger_clap_music": "laion/larger_clap_music"}
+# the hub branch to read: larger_clap_music's main branch has only pickled weights; refs/pr/1 adds model.safetensors
+REVISIONS = {"laion/larger_clap_music": "refs/pr/1"}
+# what each kind needs, then what it uses when the repository has it (no TensorFlow/Flax/pickle duplicates)
+FILES = {
+    "release": (tuple(OFFICIAL.files), ()),             # releases come in the official format
+    "text_encoder": (("config.json", "model.safetensors", "spiece.model"),
+                     ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")),
+    "codec": (("config.json", "model.safetensors"), ("preprocessor_config.json",)),
+    "clap": (("config.json", "model.safetensors"),
+             ("preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "vocab.json", "merges.txt")),
 }
+PATTERNS = {kind: [*required, *optional] for kind, (required, optional) in FILES.items()}
+# the models/ subfolder each kind lives in (the loaders' lists and ComfyUI's folder names)
+FOLDERS = {"release": "magnet", "codec": "magnet", "text_encoder": "text_encoders", "clap": "clap"}
+DOWNLOAD_CHOICES = ["if missing", "never"]
+PARTIAL = ".{}.partial"
+Progress = Callable[[int, int], None]
+
+
+def _short(repo: str) -> str:
+    return repo.split("/")[-1]
 
 
 def resolve_name(name: str) -> tuple[str, str, str]:
     """A short name ('magnet-small-10secs', 't5-base') or a repo id -> (repo id, kind, folder name)."""
-    short = name.rstrip("/").split("/")[-1]
+    short = str(name).rstrip("/").split("/")[-1]
     if short in TEXT_ENCODERS:
         return TEXT_ENCODERS[short], "text_encoder", short
+    if short in CLAPS:
+        return CLAPS[short], "clap", short
     for repo in CODECS:
-        if short == repo.split("/")[-1]:
+        if short == _short(repo):
             return repo, "codec", short
     for repo in RELEASES:
-        if short == repo.split("/")[-1]:
+        if short == _short(repo):
             return repo, "release", short
-    known = [r.split("/")[-1] for r in RELEASES] + list(TEXT_ENCODERS) + [c.split("/")[-1] for c in CODECS]
+    known = [_short(r) for r in RELEASES] + list(TEXT_ENCODERS) + [_short(c) for c in CODECS] + list(CLAPS)
     raise MagnetError(f"unknown model {name!r}: choose one of {', '.join(known)}.")
 
 
+def is_official(name: str, kind: str | None = None) -> bool:
+    try:
+        return kind is None or resolve_name(name)[1] == kind
+    except MagnetError:
+        return False
+
+
+def official_names(folder: str, release_kind: str | None = None) -> list[str]:
+    """The official models a loader lists for models/<folder>: the releases of `release_kind` ('magnet' or
+    'musicgen') for 'magnet', the T5s for 'text_encoders', the CLAP for 'clap'."""
+    if folder == "magnet":
+        names = [_short(r) for r in RELEASES]
+        return [n for n in names if n.startswith("musicgen-") == (release_kind == "musicgen")]
+    if folder == "text_encoders":
+        return list(TEXT_ENCODERS)
+    if folder == "clap":
+        return list(CLAPS)
+    return []
+
+
+def release_text_encoder(name: str) -> str | None:
+    """The T5 an official release is conditioned on (t5-large for audio-magnet, else t5-base); None if unknown."""
+    if not is_official(name, "release"):
+        return None
+    return "t5-large" if Path(name).name.startswith("audio-magnet") else "t5-base"
+
+
 def default_folder(kind: str, short: str, models_dir: str | Path = "models") -> Path:
-    sub = {"release": "magnet", "codec": "magnet", "text_encoder": "text_encoders"}[kind]
-    return Path(models_dir) / sub / short
+    return Path(models_dir) / FOLDERS[kind] / short
 
 
-def download(name: str, dest: str | Path | None = None, models_dir: str | Path = "models") -> Path:
-    """Download an official release, T5 or codec into `dest` (default models/magnet/<name> or
-    models/text_encoders/<name>, the folders ComfyUI and the loaders look in)."""
+def command(name: str, dest: str | Path) -> str:
+    return f"python -m magnet download {name} --dir {dest}"
+
+
+def by_hand(name: str, dest: str | Path) -> str:
+    """How to get a model without this process downloading it: the CLI command, or the files by hand."""
+    repo, kind, _ = resolve_name(name)
+    required, _ = FILES[kind]
+    rev = f" (branch {REVISIONS[repo]})" if repo in REVISIONS else ""
+    return (f"Get it with `{command(name, dest)}` on a machine with internet, or put the files of "
+            f"https://huggingface.co/{repo}{rev} ({', '.join(required)}) in {dest}.")
+
+
+def missing(name: str, dest: str | Path, reason: str) -> MagnetError:
+    """The error for an official model that is not on disk and was not downloaded (offline, or `never`)."""
+    return MagnetError(f"{name} is not in {Path(dest).parent} {reason}. {by_hand(name, dest)}")
+
+
+def _is_connection_error(e: BaseException) -> bool:
+    names = {c.__name__ for c in type(e).__mro__}
+    return bool(names & {"ConnectionError", "Timeout", "LocalEntryNotFoundError", "OfflineModeIsEnabled",
+                         "TimeoutError", "ConnectError", "ProxyError"})
+
+
+def _is_absent(e: BaseException) -> bool:
+    """The hub says the file is not in the repository (an optional file some repositories lack)."""
+    return type(e).__name__ in ("EntryNotFoundError", "RemoteEntryNotFoundError")
+
+
+def _sizes(hf, repo: str, revision: str | None) -> dict[str, int] | None:
+    """{file: bytes} of the repository, or None when the hub does not answer (the download then finds out)."""
+    try:
+        info = hf.HfApi().model_info(repo, revision=revision, files_metadata=True)
+        return {s.rfilename: int(s.size or 0) for s in (info.siblings or [])}
+    except Exception:  # offline, an older huggingface_hub, an HTTP error: the size is only for the log
+        return None
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+class _Watch:
+    """Reports the bytes of the file being downloaded (huggingface_hub's `.incomplete` file in the partial
+    folder) every half second, from a thread; a failing `progress` is ignored there."""
+
+    def __init__(self, folder: Path, progress: Progress | None, done: int, total: int):
+        self.folder, self.progress, self.done, self.total = folder, progress, done, total
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True) if progress is not None and total else None
+
+    def _run(self):
+        while not self.stop.wait(0.5):
+            try:
+                now = sum(p.stat().st_size for p in self.folder.rglob("*.incomplete"))
+                self.progress(min(self.done + now, self.total), self.total)
+            except Exception:
+                pass
+
+    def __enter__(self):
+        if self.thread is not None:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+
+
+def download(name: str, dest: str | Path | None = None, models_dir: str | Path = "models", *,
+             progress: Progress | None = None, echo: Callable[[str], None] | None = None) -> Path:
+    """Download an official release, T5, codec or CLAP into `dest` (default models/magnet/<name>,
+    models/text_encoders/<name> or models/clap/<name>, the folders ComfyUI and the loaders look in).
+
+    The files go into `.<name>.partial` beside `dest` first and move to `dest` when all are there; a download
+    interrupted before keeps that folder and the next call resumes it. `progress(done_bytes, total_bytes)` is
+    called as the bytes arrive (when the hub tells the sizes); `echo` receives the lines to show the user
+    (default: the log)."""
+    echo = echo or log.info
     repo, kind, short = resolve_name(name)
     dest = Path(dest) if dest is not None else default_folder(kind, short, models_dir)
-    by_hand = (f"Download the files of https://huggingface.co/{repo} ({', '.join(PATTERNS[kind])}) on a machine "
-               f"with internet and put them in {dest}.")
     try:
-        from huggingface_hub import snapshot_download
+        import huggingface_hub as hf
     except ImportError:
-        raise MagnetError(f"downloading needs huggingface_hub (`pip install huggingface_hub`). Or: {by_hand}") from None
+        raise missing(short, dest, "and downloading needs huggingface_hub (`pip install huggingface_hub`)") from None
+    partial = dest.parent / PARTIAL.format(dest.name)
     try:
-        dest.mkdir(parents=True, exist_ok=True)
-        probe = dest / ".write-test"
+        partial.mkdir(parents=True, exist_ok=True)
+        probe = partial / ".write-test"
         probe.touch()
         probe.unlink()
     except OSError as e:
-        raise MagnetError(f"cannot write into {dest} ({e.strerror or e}): choose a folder you can write to "
-                          f"(--dir / --models-dir).") from None
-    try:
-        snapshot_download(repo, local_dir=str(dest), allow_patterns=PATTERNS[kind])
-    except OSError as e:
-        if getattr(e, "errno", None) not in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
-            raise MagnetError(f"could not download {repo} into {dest} ({type(e).__name__}: "
-                              f"{first_line(e)}). Offline? {by_hand}") from None
-        raise MagnetError(f"could not write {repo} into {dest} ({e.strerror or e}): check free space and "
-                          f"permissions, or choose another folder.") from None
-    except Exception as e:  # offline, DNS, HTTP errors, missing repo: all end the same way for the user
-        raise MagnetError(f"could not download {repo} into {dest} ({type(e).__name__}: "
-                          f"{first_line(e)}). Offline? {by_hand}") from None
+        raise MagnetError(f"cannot write into {dest.parent} ({e.strerror or e}): choose a folder you can write "
+                          f"to (--dir / --models-dir, or the models folder's permissions).") from None
+    revision = REVISIONS.get(repo)
+    required, optional = FILES[kind]
+    sizes = _sizes(hf, repo, revision)
+    if sizes is not None:
+        lacking = [f for f in required if f not in sizes]
+        if lacking:
+            raise MagnetError(f"{repo} on the hub lacks {', '.join(lacking)}, which {short} needs. "
+                              f"{by_hand(short, dest)}")
+        files = [f for f in (*required, *optional) if f in sizes]
+        total = sum(sizes[f] for f in files)
+        echo(f"downloading {short} from https://huggingface.co/{repo} ({_megabytes(total)}: {', '.join(files)}) "
+             f"into {dest}")
+    else:
+        files, total = [*required, *optional], 0
+        echo(f"downloading {short} from https://huggingface.co/{repo} (size unknown) into {dest}")
+    done = 0
+    for f in files:
+        if (partial / f).is_file():              # complete from an earlier, interrupted attempt
+            done += (partial / f).stat().st_size
+            echo(f"  {f}: already downloaded")
+            continue
+        try:
+            with _Watch(partial, progress, done, total):
+                hf.hf_hub_download(repo, f, revision=revision, local_dir=str(partial))
+        except Exception as e:
+            if f in optional and sizes is None and _is_absent(e):
+                continue
+            raise _download_error(e, short, repo, dest) from None
+        done += (partial / f).stat().st_size if (partial / f).is_file() else 0
+        if progress is not None:
+            progress(done, max(total, done))
+    shutil.rmtree(partial / ".cache", ignore_errors=True)          # huggingface_hub's resume bookkeeping
+    _move_into_place(partial, dest)
+    echo(f"downloaded {short} into {dest}")
     return dest
+
+
+def _download_error(e: BaseException, short: str, repo: str, dest: Path) -> MagnetError:
+    if isinstance(e, OSError) and getattr(e, "errno", None) in (errno.ENOSPC, errno.EACCES, errno.EROFS,
+                                                                 errno.EDQUOT):
+        return MagnetError(f"could not write {repo} into {dest.parent} ({e.strerror or e}): check free space "
+                           f"and permissions, or choose another folder. What arrived is kept and the next "
+                           f"attempt continues from there.")
+    why = "offline? " if _is_connection_error(e) else ""
+    return missing(short, dest, f"and could not be downloaded ({why}{type(e).__name__}: {first_line(e)}); "
+                                f"what arrived is kept in {dest.parent / PARTIAL.format(dest.name)} and the "
+                                f"next attempt continues from there")
+
+
+def _move_into_place(partial: Path, dest: Path) -> None:
+    """The complete partial folder becomes `dest` in one rename; into an existing `dest` (a folder the user
+    started filling) the files move one by one."""
+    if not dest.exists():
+        os.replace(partial, dest)
+        return
+    for p in sorted(partial.iterdir()):
+        os.replace(p, dest / p.name)
+    partial.rmdir()
+
+
+def ensure(name: str, roots, *, download_missing: bool, progress: Progress | None = None,
+           echo: Callable[[str], None] | None = None) -> Path | None:
+    """`name` under one of `roots` (the folders a loader lists), downloaded into the first when it is an
+    official model that is missing and `download_missing`; None for a missing name that is not official.
+    Missing with `download_missing` False, or no folder to download into: a MagnetError naming the command."""
+    roots = [Path(r) for r in roots]
+    for root in roots:
+        if name and (root / name).exists():
+            return root / name
+    if not is_official(name):
+        return None
+    _, kind, short = resolve_name(name)
+    if not roots:
+        raise missing(short, default_folder(kind, short), f"(no models/{FOLDERS[kind]} folder is set)")
+    dest = roots[0] / short
+    if not download_missing:
+        raise missing(short, dest, "and the loader's `download` is `never`: set it to `if missing` to fetch it")
+    return download(short, dest, progress=progress, echo=echo)
+
+
+def codec_pointer(release: Path) -> str | None:
+    """The codec repository an official release folder's compression file points to ('facebook/encodec_32khz'),
+    read only when the file is a small pointer (full codec weights: None)."""
+    from .compat import load_torch_file
+    f = Path(release) / CODEC_FILE
+    try:
+        if not f.is_file() or f.stat().st_size > 64 * 1024:
+            return None
+        obj = load_torch_file(f, CODEC_FILE)
+    except (OSError, MagnetError):
+        return None
+    pointer = obj.get("pretrained") if isinstance(obj, dict) else None
+    return pointer if isinstance(pointer, str) else None
+
+
+def ensure_codec(release: Path, search_dirs=(), *, download_missing: bool, progress: Progress | None = None,
+                 echo: Callable[[str], None] | None = None) -> Path | None:
+    """For a release whose codec file points to an official codec (encodec_32khz) that is in none of the
+    places the loader looks (the release folder, beside it, `search_dirs`, $MAGNET_CODEC_DIR): download it
+    beside the release when `download_missing`. Else nothing (loading then says what is missing)."""
+    pointer = codec_pointer(release)
+    if pointer is None or not is_official(pointer, "codec") or os.environ.get("MAGNET_CODEC_DIR"):
+        return None
+    name = _short(pointer)
+    release = Path(os.path.abspath(release))
+    for place in (release, release.parent, *(Path(d) for d in search_dirs)):
+        if (place / name).is_dir():
+            return place / name
+    if not download_missing:
+        return None
+    return download(name, release.parent / name, progress=progress, echo=echo)
+
+
+def prepare(release, text_encoder=None, codec=None, search_dirs=(), models_dir: str | Path = "models",
+            echo: Callable[[str], None] | None = None):
+    """What `from_pretrained(..., download=True)` and the CLI's `--download` do before loading: an official
+    release name that is not on disk (a bare name goes to models/magnet/<name>, a path to that path) is
+    downloaded, with the codec it points to and, when `text_encoder` is None, its T5 (models/text_encoders/
+    <t5> beside models/magnet, else beside the release). Returns (release path, text_encoder)."""
+    if echo is None:
+        import sys
+        echo = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731  (asked for: shown, not logged)
+    path = Path(release)
+    if not path.exists() and is_official(path.name, "release"):
+        bare = str(release) == path.name
+        dest = default_folder("release", path.name, models_dir) if bare else path
+        path = dest if dest.exists() else download(path.name, dest, echo=echo)
+    if codec is None and path.is_dir():
+        ensure_codec(path, search_dirs, download_missing=True, echo=echo)
+    t5 = release_text_encoder(path.name)
+    if text_encoder is None and t5 is not None:
+        from .model import find_text_encoder
+        if find_text_encoder(t5, path, search_dirs) is None:
+            parent = Path(os.path.abspath(path)).parent
+            home = parent.parent / "text_encoders" / t5 if parent.name == "magnet" else parent / t5
+            text_encoder = home if home.is_dir() else download(t5, home, echo=echo)
+    return path, text_encoder

@@ -233,7 +233,8 @@ class CodecLM:
 
     @classmethod
     def from_pretrained(cls, release: str | Path, text_encoder: str | Path | TextEncoder | bool | None = None, *,
-                        device=None, dtype=None, codec: str | Path | None = None, search_dirs: Sequence = ()):
+                        device=None, dtype=None, codec: str | Path | None = None, search_dirs: Sequence = (),
+                        download: bool = False):
         """Load an official release folder (`state_dict.bin` + `compression_state_dict.bin`) or a file
         made by `python -m magnet convert`; a release of the other kind (MAGNeT / MusicGen) is refused.
 
@@ -244,7 +245,12 @@ class CodecLM:
             the transformers EnCodec folder; else it is looked for in $MAGNET_CODEC_DIR, in and beside
             the release folder and in `search_dirs`.
         device/dtype: default CUDA with fp16 weights when available, else CPU float32.
+        download: fetch what is missing from the official Hugging Face repositories first (`hub.prepare`): an
+            official name such as 'magnet-small-10secs' (into models/magnet/), its codec and its T5.
         """
+        if download:
+            from .hub import prepare
+            release, text_encoder = prepare(release, text_encoder, codec, search_dirs)
         lm, codec_mod, te, r = load_parts(release, cls.KIND, cls.KIND_ERROR, text_encoder=text_encoder,
                                           device=device, dtype=dtype, codec=codec, search_dirs=search_dirs)
         return cls(lm, codec_mod, te, source=str(r.source), generation=r.generation)

@@ -6,7 +6,7 @@ from ..magnet.musicgen import (ARParams, MusicGenModel, MusicGenRescorer, ar_pro
 from . import comfy
 from .common import (AR_MODEL, CATEGORY, CONDITIONING, MODEL, RESCORER, TOKENS, Handle, check_tokens, finite, ready,
                      seed_arg, seed_input, tokens_payload, user_errors)
-from .loaders import device_input, dtype_input, label, list_releases, load_cached
+from .loaders import device_input, download_input, dtype_input, label, list_releases, load_cached, with_official
 
 
 class MagnetMusicGenLoader:
@@ -20,13 +20,14 @@ class MagnetMusicGenLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "release": (list_releases("musicgen"), {
+            "release": (with_official(list_releases("musicgen"), "magnet", "musicgen"), {
                 "tooltip": "a MusicGen release under models/magnet (folder with state_dict.bin + "
                            "compression_state_dict.bin, or a converted .safetensors); MAGNeT releases are in "
-                           "the MAGNeT Model Loader"}),
+                           "the MAGNeT Model Loader. musicgen-small/-medium are listed even when not on disk "
+                           "(see download)"}),
             "device": device_input(),
             "dtype": dtype_input(),
-        }}
+        }, "optional": {"download": download_input()}}
 
     RETURN_TYPES = (AR_MODEL,)
     RETURN_NAMES = ("ar_model",)
@@ -34,13 +35,13 @@ class MagnetMusicGenLoader:
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
-    def load(self, release, device="auto", dtype="auto"):
+    def load(self, release, device="auto", dtype="auto", download="if missing"):
         def build(path, home, dev, dt):
             m = MusicGenModel.from_pretrained(path, text_encoder=False, device=home, dtype=dt,
                                               search_dirs=comfy.model_dirs("magnet"))
             return Handle(m, path.name, [comfy.manage(m.lm, dev, f"MusicGen LM ({label(path)})")])
         with user_errors(self.DISPLAY_NAME):
-            return (load_cached(self, "musicgen", "magnet", release, "release", device, build, dtype),)
+            return (load_cached(self, "musicgen", "magnet", release, "release", device, build, dtype, download),)
 
 
 class MagnetARPrompt:

@@ -7,7 +7,7 @@ from ..magnet.clap import ClapScorer
 from ..magnet.errors import MagnetError
 from . import comfy
 from .common import CATEGORY, CLAP, Handle, audio_in, audio_out, user_errors
-from .loaders import device_input, list_folders, load_cached
+from .loaders import device_input, download_input, list_folders, load_cached, with_official
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +27,11 @@ class MagnetClapLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"clap": (list_clap_models(), {"tooltip": "a transformers CLAP folder under models/clap "
-                                                                      "(e.g. larger_clap_music)"}),
-                             "device": device_input()}}
+        return {"required": {"clap": (with_official(list_clap_models(), "clap"), {
+                                 "tooltip": "a transformers CLAP folder under models/clap (e.g. larger_clap_music, "
+                                            "listed even when not on disk: see download)"}),
+                             "device": device_input()},
+                "optional": {"download": download_input()}}
 
     RETURN_TYPES = (CLAP,)
     RETURN_NAMES = ("clap",)
@@ -37,12 +39,12 @@ class MagnetClapLoader:
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
-    def load(self, clap, device="auto"):
+    def load(self, clap, device="auto", download="if missing"):
         def build(path, home, dev, _):
             scorer = ClapScorer.from_pretrained(path, device=home)
             return Handle(scorer, path.name, [comfy.manage(scorer.model, dev, f"CLAP ({path.name})")])
         with user_errors(self.DISPLAY_NAME):
-            return (load_cached(self, "clap", "clap", clap, "clap", device, build),)
+            return (load_cached(self, "clap", "clap", clap, "clap", device, build, download=download),)
 
 
 class MagnetClapRank:

@@ -134,9 +134,13 @@ def choices(cls, name):
 
 
 def test_loaders_list_only_what_they_load(N, one_models_folder):
-    assert choices(N["MagnetModelLoader"], "release") == ["magnet-converted.safetensors", "magnet-music"]
-    assert choices(N["MagnetMusicGenLoader"], "release") == ["musicgen", "musicgen-converted.safetensors"]
-    assert choices(N["MagnetTextEncoderLoader"], "text_encoder") == ["t5-base"]
+    """What is on disk, then the official models not on disk (downloaded when chosen), never a duplicate."""
+    official = ["magnet-small-10secs", "magnet-medium-10secs", "magnet-small-30secs", "magnet-medium-30secs",
+                "audio-magnet-small", "audio-magnet-medium"]
+    assert choices(N["MagnetModelLoader"], "release") == ["magnet-converted.safetensors", "magnet-music", *official]
+    assert choices(N["MagnetMusicGenLoader"], "release") == ["musicgen", "musicgen-converted.safetensors",
+                                                             "musicgen-small", "musicgen-medium"]
+    assert choices(N["MagnetTextEncoderLoader"], "text_encoder") == ["t5-base", "t5-large"]
     assert choices(N["MagnetClapLoader"], "clap") == ["larger_clap_music"]
 
 
