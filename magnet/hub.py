@@ -71,9 +71,10 @@ def resolve_name(name: str) -> tuple[str, str, str]:
 
 def is_official(name: str, kind: str | None = None) -> bool:
     try:
-        return kind is None or resolve_name(name)[1] == kind
+        found = resolve_name(name)[1]
     except MagnetError:
         return False
+    return kind is None or found == kind
 
 
 def official_names(folder: str, release_kind: str | None = None) -> list[str]:
@@ -264,7 +265,7 @@ def ensure(name: str, roots, *, download_missing: bool, progress: Progress | Non
     for root in roots:
         if name and (root / name).exists():
             return root / name
-    if not is_official(name):
+    if "/" in str(name) or "\\" in str(name) or not is_official(name):    # only a bare official name
         return None
     _, kind, short = resolve_name(name)
     if not roots:

@@ -64,7 +64,7 @@ def list_releases(kind: str = "magnet") -> list[str]:
         if not root.is_dir():
             continue
         for p in sorted(root.iterdir()):
-            if release_kind(p) == kind:
+            if not p.name.startswith(".") and release_kind(p) == kind:     # .<name>.partial: a download under way
                 names.append(p.name)
     return sorted(set(names))
 
@@ -76,7 +76,7 @@ def list_folders(kind: str, model_type: str) -> list[str]:
         if not root.is_dir():
             continue
         for p in sorted(root.iterdir()):
-            if p.is_dir() and model_type_of(p) == model_type:
+            if p.is_dir() and not p.name.startswith(".") and model_type_of(p) == model_type:
                 names.append(p.name)
     return sorted(set(names))
 

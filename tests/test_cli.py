@@ -242,7 +242,8 @@ def test_download_offline_names_the_folder_to_fill(tmp_path, capsys, monkeypatch
 
     def offline(*a, **k):
         raise ConnectionError("offline")
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda *a, **k: offline())
     rc, _, err = run(capsys, "download", "t5-base", "--models-dir", tmp_path)
     assert rc == 2
     assert_one_line_error(rc, err, str(tmp_path / "text_encoders" / "t5-base"), "spiece.model")
