@@ -37,7 +37,12 @@ FAMILY = {"01": ("#1b2250", "#8fa8ff"), "02": ("#173d2a", "#7fe0a0"), "03": ("#1
           "04": ("#123c45", "#ffd36b"), "05": ("#4a3a10", "#ffd36b"), "06": ("#4a2410", "#ffa36b"),
           "07": ("#4a2410", "#ffe08a"), "08": ("#4a1030", "#ff8fc8"), "09": ("#3a1040", "#e09fff"),
           "10": ("#4a1030", "#ffb0a0"), "11": ("#103a3a", "#9ff0d0"), "12": ("#2c3a0c", "#d8ff8f"),
-          "13": ("#401020", "#ffc08f"), "14": ("#2a1650", "#c8a0ff")}
+          "13": ("#401020", "#ffc08f"), "14": ("#e4dcf5", "#6a3fc0")}
+
+
+def luminance(colour):
+    r, g, b = Image.new("RGB", (1, 1), colour).getpixel((0, 0))
+    return (0.299 * r + 0.587 * g + 0.114 * b) / 255
 
 
 def fail(msg):
@@ -220,7 +225,7 @@ def panel(img, draw, box, label, audio, accent, marks=(), shade=None):
     tag = f"{label}  {dur:.1f} s" if label else f"{dur:.1f} s"
     w = draw.textlength(tag, font=f)
     draw.rectangle([x0 + 6, y0 + 6, x0 + 18 + w, y0 + 34], fill=(0, 0, 0))
-    draw.text((x0 + 12, y0 + 8), tag, font=f, fill=accent)
+    draw.text((x0 + 12, y0 + 8), tag, font=f, fill=accent if luminance(accent) > 0.45 else "white")
 
 
 def render(stem, wf, sinks, out: Path, overrides=None):
@@ -231,8 +236,9 @@ def render(stem, wf, sinks, out: Path, overrides=None):
     draw = ImageDraw.Draw(img)
     big = font(46)
     y = 22
+    ink = "white" if luminance(bg) < 0.5 else "#1a1a1a"
     for line in wrap(draw, title, big, SIZE - 48)[:2]:
-        draw.text((24, y), line, font=big, fill="white")
+        draw.text((24, y), line, font=big, fill=ink)
         y += 56
     draw.text((24, y + 2), f"MAGNeT template {num}", font=font(20, bold=False), fill=accent)
     top = y + 40
@@ -323,12 +329,17 @@ def render(stem, wf, sinks, out: Path, overrides=None):
             bottom = bar - 20
         gap = 16
         h = (bottom - top - gap * (len(audios) - 1)) // len(audios)
+        longest = max(seconds(a) for _, a in audios)
         for i, (name, audio) in enumerate(audios):
-            marks = ()
-            if num == "12" and audio["waveform"].shape[-1] > min(a["waveform"].shape[-1] for _, a in audios):
+            marks, box = (), (left, top + i * (h + gap), right, top + i * (h + gap) + h)
+            if num == "12":             # on one time axis: the loop, then three of it end to end
                 loop = min(seconds(a) for _, a in audios)
                 marks = [loop * k for k in range(1, round(seconds(audio) / loop))]
-            panel(img, draw, (left, top + i * (h + gap), right, top + i * (h + gap) + h), name, audio, accent,
+                box = (left, box[1], left + int((right - left) * seconds(audio) / longest), box[3])
+            if num == "14":             # side by side: with the LoRA | without it
+                w = (right - left - gap) // len(audios)
+                box = (left + i * (w + gap), top, left + i * (w + gap) + w, bottom)
+            panel(img, draw, box, name, audio, accent,
                   marks=marks, **(extra if i == len(audios) - 1 or num in ("03", "07") else {}))
     img.save(out, "JPEG", quality=88)
 
