@@ -9,6 +9,7 @@ its `.incomplete` files in a local folder). Offline, or without huggingface_hub,
 folder to put them in and the command that fetches them."""
 from __future__ import annotations
 
+import contextvars
 import errno
 import logging
 import os
@@ -150,7 +151,9 @@ class _Watch:
     def __init__(self, folder: Path, progress: Progress | None, done: int, total: int):
         self.folder, self.progress, self.done, self.total = folder, progress, done, total
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True) if progress is not None and total else None
+        # run in a copy of the caller's context (ComfyUI keeps the executing node there, for its progress bar)
+        self.thread = (threading.Thread(target=contextvars.copy_context().run, args=(self._run,), daemon=True)
+                       if progress is not None and total else None)
 
     def _run(self):
         while not self.stop.wait(0.5):
@@ -239,10 +242,15 @@ def _download_error(e: BaseException, short: str, repo: str, dest: Path) -> Magn
         return MagnetError(f"could not write {repo} into {dest.parent} ({e.strerror or e}): check free space "
                            f"and permissions, or choose another folder. What arrived is kept and the next "
                            f"attempt continues from there.")
-    why = "offline? " if _is_connection_error(e) else ""
-    return missing(short, dest, f"and could not be downloaded ({why}{type(e).__name__}: {first_line(e)}); "
-                                f"what arrived is kept in {dest.parent / PARTIAL.format(dest.name)} and the "
-                                f"next attempt continues from there")
+    partial = dest.parent / PARTIAL.format(dest.name)
+    if any(p.is_file() for p in partial.rglob("*")):
+        kept = f"; what arrived is kept in {partial} and the next attempt continues from there"
+    else:
+        shutil.rmtree(partial, ignore_errors=True)
+        kept = ""
+    why = (f"the hub cannot be reached: offline? ({type(e).__name__})" if _is_connection_error(e)
+           else f"{type(e).__name__}: {first_line(e)}")
+    return missing(short, dest, f"and could not be downloaded ({why}){kept}")
 
 
 def _move_into_place(partial: Path, dest: Path) -> None:

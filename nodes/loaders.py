@@ -93,11 +93,23 @@ def wants_download(download) -> bool:
     return choice == hub.DOWNLOAD_CHOICES[0]
 
 
+class _NodeBar:
+    """The node's progress bar for a download, made only when bytes arrive (a load from disk makes none)."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, done: int, total: int):
+        if self.bar is None:
+            self.bar = comfy.Progress(total)
+        self.bar(done, total)
+
+
 def resolve(kind: str, name: str, what: str, download="never") -> Path:
     """`name` under models/<kind>; an official model that is missing is downloaded there first when
     `download` is `if missing` (progress on the node's bar), else the error names the command."""
     roots = comfy.model_dirs(kind)
-    found = hub.ensure(name, roots, download_missing=wants_download(download), progress=comfy.Progress(),
+    found = hub.ensure(name, roots, download_missing=wants_download(download), progress=_NodeBar(),
                        echo=log.info)
     if found is not None:
         return found
@@ -126,7 +138,7 @@ def load_cached(owner, kind: str, folder: str, name: str, what: str, device: str
     path = resolve(folder, name, what, download)
     if folder == "magnet" and path.is_dir():       # a release whose codec file points to encodec_32khz
         hub.ensure_codec(path, comfy.model_dirs("magnet"), download_missing=wants_download(download),
-                         progress=comfy.Progress(), echo=log.info)
+                         progress=_NodeBar(), echo=log.info)
     home = comfy.offload_device() if comfy.IN_COMFY and str(device).strip().lower() == "auto" else dev
     key = (kind, file_key(path), str(dev), str(dt))
     return CACHE.get(key, lambda: build(path, home, dev, dt), owner=(kind, id(owner)))
