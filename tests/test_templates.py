@@ -51,6 +51,19 @@ def test_every_template_has_a_note_naming_its_models_their_folders_and_the_downl
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_every_download_command_in_a_note_is_one_the_cli_takes_and_fills_the_folder_named(path):
+    from magnet import hub
+    from magnet.__main__ import _parser
+    rows = re.findall(r"^- `([^`]+)/`: `python -m magnet (download .+?)`$", note_of(load(path)), re.M)
+    assert rows, "no download command in the note"
+    for folder, args in rows:
+        a = _parser().parse_args(args.split())
+        _, kind, short = hub.resolve_name(a.name)            # an unknown name raises MagnetError
+        assert a.models_dir == "ComfyUI/models" and a.dir is None, args
+        assert hub.default_folder(kind, short, a.models_dir).as_posix() == f"ComfyUI/models/{folder}", (folder, args)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_every_template_opens_with_its_whole_graph_in_view_at_a_readable_scale(path):
     """The saved view (extra.ds): canvas = (graph + offset) * scale must hold every node, title included."""
     wf = load(path)
