@@ -243,7 +243,9 @@ def _download_error(e: BaseException, short: str, repo: str, dest: Path) -> Magn
                            f"and permissions, or choose another folder. What arrived is kept and the next "
                            f"attempt continues from there.")
     partial = dest.parent / PARTIAL.format(dest.name)
-    if any(p.is_file() for p in partial.rglob("*")):
+    arrived = [p for p in partial.rglob("*") if p.is_file() and p.stat().st_size
+               and (".cache" not in p.relative_to(partial).parts or p.name.endswith(".incomplete"))]
+    if arrived:                                  # not huggingface_hub's empty locks and notes alone
         kept = f"; what arrived is kept in {partial} and the next attempt continues from there"
     else:
         shutil.rmtree(partial, ignore_errors=True)

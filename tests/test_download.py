@@ -153,7 +153,11 @@ def test_an_interrupted_download_is_never_listed_and_the_next_run_completes_it(o
 def test_offline_the_message_names_the_files_the_folder_and_the_command(ours, models, monkeypatch):
     import huggingface_hub
 
-    def offline(*a, **k):
+    def offline(*a, local_dir=None, **k):
+        if local_dir:                      # huggingface_hub leaves its lock and notes before it fails
+            (Path(local_dir) / ".cache" / "huggingface").mkdir(parents=True, exist_ok=True)
+            (Path(local_dir) / ".cache" / "huggingface" / ".gitignore").write_text("*")
+            (Path(local_dir) / ".cache" / "huggingface" / "config.json.lock").write_text("")
         raise ConnectionError("Failed to resolve 'huggingface.co'")
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda *a, **k: offline())
@@ -164,6 +168,7 @@ def test_offline_the_message_names_the_files_the_folder_and_the_command(ours, mo
     assert text.startswith("MAGNeT Text Encoder Loader: ") and text.count("MAGNeT Text Encoder Loader") == 1
     assert f"`python -m magnet download t5-base --dir {dest}`" in text
     assert "spiece.model" in text and "cannot be reached" in text and "google-t5/t5-base" in text
+    assert "what arrived is kept" not in text
     assert list((models / "text_encoders").iterdir()) == []            # nothing arrived: no partial folder either
 
 
