@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .devices import autocast_for
 from .errors import MagnetError
 
 MUSIC_DROPOUT = 0.3          # classifier_free_guidance.training_dropout of the music releases
@@ -401,7 +402,7 @@ def train_lora(model, data_dir, out, settings: TrainSettings | None = None, *, p
                 codes, valid, caps, stage, smask = _example_batch(data, s, frames, K, table, span_len, dropout,
                                                                   rng, gen)
                 hidden, tmask = captions.batch(caps, device)
-                ctx = torch.autocast(device.type, dtype=amp) if amp is not None else _null()
+                ctx = autocast_for(device, amp if amp is not None else torch.float32)
                 with lora_mod.premerged(adapters):
                     with ctx:
                         mem = text_memory(train_lm, hidden, tmask)
@@ -437,14 +438,6 @@ def train_lora(model, data_dir, out, settings: TrainSettings | None = None, *, p
         if step > start or not result.cancelled:
             save(step)
     return result
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # -- the command line: python -m magnet train DATA_DIR --model REL --out FILE ... ---------------------------
