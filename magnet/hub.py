@@ -132,11 +132,15 @@ def _is_absent(e: BaseException) -> bool:
 
 
 def _sizes(hf, repo: str, revision: str | None) -> dict[str, int] | None:
-    """{file: bytes} of the repository, or None when the hub does not answer (the download then finds out)."""
+    """{file: bytes} of the repository, or None when the hub does not tell them (an older huggingface_hub, an
+    HTTP error: the size is only for the log, the download then finds out). An unreachable hub raises at once
+    (one wait for the user, not one per file)."""
     try:
         info = hf.HfApi().model_info(repo, revision=revision, files_metadata=True)
         return {s.rfilename: int(s.size or 0) for s in (info.siblings or [])}
-    except Exception:  # offline, an older huggingface_hub, an HTTP error: the size is only for the log
+    except Exception as e:
+        if _is_connection_error(e):
+            raise
         return None
 
 
@@ -201,7 +205,10 @@ def download(name: str, dest: str | Path | None = None, models_dir: str | Path =
                           f"to (--dir / --models-dir, or the models folder's permissions).") from None
     revision = REVISIONS.get(repo)
     required, optional = FILES[kind]
-    sizes = _sizes(hf, repo, revision)
+    try:
+        sizes = _sizes(hf, repo, revision)
+    except Exception as e:
+        raise _download_error(e, short, repo, dest) from None
     if sizes is not None:
         lacking = [f for f in required if f not in sizes]
         if lacking:

@@ -150,8 +150,14 @@ def test_an_interrupted_download_is_never_listed_and_the_next_run_completes_it(o
     assert release_files == ["state_dict.bin", "compression_state_dict.bin"]   # the complete file not again
 
 
-def test_offline_the_message_names_the_files_the_folder_and_the_command(ours, models, monkeypatch):
+@pytest.mark.parametrize("info_fails", ["offline", "http"])
+def test_offline_the_message_names_the_files_the_folder_and_the_command(ours, models, monkeypatch, info_fails):
+    """Unreachable at the size query (fails at once), or at the files' download (after the size query failed
+    another way: the download goes ahead without sizes)."""
     import huggingface_hub
+
+    class HTTPError(Exception):
+        pass
 
     def offline(*a, local_dir=None, **k):
         if local_dir:                      # huggingface_hub leaves its lock and notes before it fails
@@ -160,7 +166,8 @@ def test_offline_the_message_names_the_files_the_folder_and_the_command(ours, mo
             (Path(local_dir) / ".cache" / "huggingface" / "config.json.lock").write_text("")
         raise ConnectionError("Failed to resolve 'huggingface.co'")
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
-    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda *a, **k: offline())
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info",
+                        lambda *a, **k: offline() if info_fails == "offline" else (_ for _ in ()).throw(HTTPError()))
     dest = models / "text_encoders" / "t5-base"
     with pytest.raises(NodeError) as info:
         ours["MagnetTextEncoderLoader"]().load("t5-base", "cpu")
