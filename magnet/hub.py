@@ -327,11 +327,12 @@ def ensure_codec(release: Path, search_dirs=(), *, download_missing: bool, progr
 
 
 def prepare(release, text_encoder=None, codec=None, search_dirs=(), models_dir: str | Path = "models",
-            echo: Callable[[str], None] | None = None):
+            echo: Callable[[str], None] | None = None, find_text_encoder: Callable | None = None):
     """What `from_pretrained(..., download=True)` and the CLI's `--download` do before loading: an official
     release name that is not on disk (a bare name goes to models/magnet/<name>, a path to that path) is
     downloaded, with the codec it points to and, when `text_encoder` is None, its T5 (models/text_encoders/
-    <t5> beside models/magnet, else beside the release). Returns (release path, text_encoder)."""
+    <t5> beside models/magnet, else beside the release) unless `find_text_encoder(name, release, search_dirs)`
+    (model.find_text_encoder) finds it. Returns (release path, text_encoder)."""
     if echo is None:
         import sys
         echo = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731  (asked for: shown, not logged)
@@ -344,8 +345,7 @@ def prepare(release, text_encoder=None, codec=None, search_dirs=(), models_dir: 
         ensure_codec(path, search_dirs, download_missing=True, echo=echo)
     t5 = release_text_encoder(path.name)
     if text_encoder is None and t5 is not None:
-        from .model import find_text_encoder
-        if find_text_encoder(t5, path, search_dirs) is None:
+        if find_text_encoder is None or find_text_encoder(t5, path, search_dirs) is None:
             parent = Path(os.path.abspath(path)).parent
             home = parent.parent / "text_encoders" / t5 if parent.name == "magnet" else parent / t5
             text_encoder = home if home.is_dir() else download(t5, home, echo=echo)

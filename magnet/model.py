@@ -250,7 +250,8 @@ class CodecLM:
         """
         if download:
             from .hub import prepare
-            release, text_encoder = prepare(release, text_encoder, codec, search_dirs)
+            release, text_encoder = prepare(release, text_encoder, codec, search_dirs,
+                                            find_text_encoder=find_text_encoder)
         lm, codec_mod, te, r = load_parts(release, cls.KIND, cls.KIND_ERROR, text_encoder=text_encoder,
                                           device=device, dtype=dtype, codec=codec, search_dirs=search_dirs)
         return cls(lm, codec_mod, te, source=str(r.source), generation=r.generation)

@@ -219,9 +219,11 @@ def test_api_and_cli_download_only_when_asked(ref, models, fake_hub, tmp_path, m
     monkeypatch.chdir(tmp_path)            # the bare name goes to ./models/magnet/<name>
     with pytest.raises(MagnetError):
         MagnetModel.from_pretrained("magnet-small-10secs", device="cpu")
-    assert fake_hub.fetched == []
-    rc = cli.main(["generate", "a riff", "--model", "magnet-small-10secs", "--seconds", "0.5", "--steps",
-                   "2,1,1,1", "--device", "cpu", "-o", str(tmp_path / "out.wav"), "--download"])
+    args = ["generate", "a riff", "--model", "magnet-small-10secs", "--seconds", "0.5", "--steps", "2,1,1,1",
+            "--device", "cpu", "-o", str(tmp_path / "out.wav")]
+    assert cli.main(args) == 2                                      # not asked: no download
+    assert fake_hub.fetched == [] and fake_hub.info_calls == 0
+    rc = cli.main([*args, "--download"])
     assert rc == 0 and (tmp_path / "out.wav").is_file()
     assert visible(models / "magnet") == ["encodec_32khz", "magnet-small-10secs"]
     assert visible(models / "text_encoders") == ["t5-base"]
