@@ -9,6 +9,7 @@ import pytest
 
 from jpeg_dc import luma_blocks
 from pack import ROOT
+from pack import widget_inputs
 from test_workflows import WORKFLOWS, load
 
 TITLE_H = 30                      # LiteGraph.NODE_TITLE_HEIGHT: a node's title bar sits above pos[1]
@@ -17,6 +18,12 @@ MIN_SCALE = 0.6                   # below this the widgets' text is too small to
 # loader widget -> the models folder its choice lives in
 MODEL_FOLDERS = {("MagnetModelLoader", 0): "magnet", ("MagnetMusicGenLoader", 0): "magnet",
                  ("MagnetTextEncoderLoader", 0): "text_encoders", ("MagnetClapLoader", 0): "clap"}
+
+
+@pytest.fixture(scope="module")
+def ours():
+    from pack import load_pack
+    return load_pack().NODE_CLASS_MAPPINGS
 
 
 def boxes(wf):
@@ -75,6 +82,28 @@ def test_every_template_opens_with_its_whole_graph_in_view_at_a_readable_scale(p
         a, b = ((x0 + ox) * s, (y0 + oy) * s), ((x1 + ox) * s, (y1 + oy) * s)
         assert cx0 <= a[0] and b[0] <= cx1 and cy0 <= a[1] and b[1] <= cy1, \
             f"node {nid} spans canvas {a}..{b}, outside {CANVAS}"
+
+
+def frontend_height(cls) -> int:
+    """The least height ComfyUI's frontend (1.2x, ComfyUI 0.3.64) gives one of our nodes on load: 20 per row of
+    sockets (inputs beside outputs), 24 per widget (a seed's control counts), 14 of margin; it grows a node
+    saved smaller. Nodes with a multiline text box size it by the box (0 here)."""
+    widgets = widget_inputs(cls)
+    if any(opts.get("multiline") for _, _, opts in widgets):
+        return 0
+    names = {name for name, _, _ in widgets}
+    spec = cls.INPUT_TYPES()
+    sockets = [n for section in ("required", "optional") for n in spec.get(section, {}) if n not in names]
+    rows = sum(2 if opts.get("control_after_generate") else 1 for _, _, opts in widgets)
+    return max(len(sockets), len(cls.RETURN_TYPES)) * 20 + rows * 24 + 14
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_every_node_is_saved_at_least_as_tall_as_the_frontend_draws_it(ours, path):
+    """Otherwise the frontend grows it on load, over the node below it and out of the saved view."""
+    for n in load(path)["nodes"]:
+        if n["type"] in ours:
+            assert n["size"][1] >= frontend_height(ours[n["type"]]), (n["id"], n["type"], n["size"])
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
