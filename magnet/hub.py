@@ -144,6 +144,22 @@ def _sizes(hf, repo: str, revision: str | None) -> dict[str, int] | None:
         return None
 
 
+def _old_hub_kwargs(hf) -> dict:
+    """huggingface_hub before 0.23 (as old transformers releases bring): real files in the local folder rather
+    than links into its cache, and resuming switched on (both are how later releases always work)."""
+    import inspect
+    try:
+        params = inspect.signature(hf.hf_hub_download).parameters
+    except (TypeError, ValueError):
+        return {}
+    out = {}
+    if "local_dir_use_symlinks" in params:
+        out["local_dir_use_symlinks"] = False
+    if "resume_download" in params and params["resume_download"].default is False:
+        out["resume_download"] = True
+    return out
+
+
 def _megabytes(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
@@ -229,7 +245,7 @@ def download(name: str, dest: str | Path | None = None, models_dir: str | Path =
             continue
         try:
             with _Watch(partial, progress, done, total):
-                hf.hf_hub_download(repo, f, revision=revision, local_dir=str(partial))
+                hf.hf_hub_download(repo, f, revision=revision, local_dir=str(partial), **_old_hub_kwargs(hf))
         except Exception as e:
             if f in optional and sizes is None and _is_absent(e):
                 continue

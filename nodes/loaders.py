@@ -1,9 +1,8 @@
 """Loader nodes: a MAGNeT release (-> model + codec) and a T5 text encoder, through the shared cache."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import logging
+from pathlib import Path
 
 import torch
 
