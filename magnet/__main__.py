@@ -449,7 +449,7 @@ def _doctor(a) -> int:
 
 def _download(a) -> int:
     from .hub import download
-    bar = _ByteBar()
+    bar = _ProgressBar("downloading", unit="B", unit_scale=True)
     try:
         path = download(a.name, a.dir, a.models_dir, progress=bar,
                         echo=lambda line: print(line, file=sys.stderr, flush=True))
@@ -459,36 +459,18 @@ def _download(a) -> int:
     return 0
 
 
-class _ByteBar:
-    """progress(done_bytes, total_bytes) of a download as a tqdm bar on stderr (called from a thread too)."""
-
-    def __init__(self):
-        self.bar = None
-
-    def __call__(self, done, total):
-        if self.bar is None:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="downloading", file=sys.stderr)
-        self.bar.total = total
-        self.bar.n = done
-        self.bar.refresh()
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
 class _ProgressBar:
     """progress(done, total) as a tqdm bar on stderr, made at the first step (a refused argument prints no
     empty bar); close() ends its line, so an error then prints on a line of its own."""
 
-    def __init__(self):
+    def __init__(self, desc: str = "decoding", **tqdm_kw):
         self.bar = None
+        self.desc, self.tqdm_kw = desc, tqdm_kw or {"unit": "step"}
 
     def __call__(self, done, total):
         if self.bar is None:
             from tqdm import tqdm
-            self.bar = tqdm(total=total, unit="step", desc="decoding", file=sys.stderr)
+            self.bar = tqdm(total=total, desc=self.desc, file=sys.stderr, **self.tqdm_kw)
         self.bar.total = total
         self.bar.n = done
         self.bar.refresh()
