@@ -288,8 +288,9 @@ def apply_lora(model, lora, strength: float = 1.0):
 class LoraLinear(nn.Module):
     """A frozen linear layer plus a trainable low-rank update: y = x W^T + b + scale * (drop(x) A^T) B^T.
 
-    `weight` is the adapted weight W + scale * B A (code that reads the weight directly, such as the packed q/k/v
-    projection, sees the adapted layer); `forward` computes the update in factored form (less memory)."""
+    `weight` is the adapted weight W + scale * B A (for code that reads a weight directly); `forward` and `rows`
+    (what the attention calls for its packed q/k/v projection) compute the update in factored form: no full-size
+    adapted weight, nor its gradient, is made in training."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
                  generator: torch.Generator | None = None):
@@ -303,7 +304,6 @@ class LoraLinear(nn.Module):
         self.lora_A = nn.Parameter(a.to(w.device))
         self.lora_B = nn.Parameter(torch.zeros(w.shape[0], rank, device=w.device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = None          # the adapted weight made once for a whole forward/backward (`premerged`)
 
     def adapted_weight(self) -> torch.Tensor:
         w = self.base.weight
@@ -311,7 +311,7 @@ class LoraLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.merged if self.merged is not None else self.adapted_weight()
+        return self.adapted_weight()
 
     @property
     def bias(self):
@@ -326,8 +326,18 @@ class LoraLinear(nn.Module):
         return self.base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        a, b = self.lora_A, self.lora_B
+        return self.rows(x)
+
+    def rows(self, x: torch.Tensor, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        """Output rows lo:hi (all by default) in factored form: the frozen weight's rows, plus the update through
+        the rank-r bottleneck. The attention calls this for its packed q/k/v projection (queries and memory
+        keys/values are different rows), so no full-size adapted weight or its gradient is ever made."""
+        w, bias, b = self.base.weight, self.base.bias, self.lora_B
+        if not (lo == 0 and hi is None):
+            w, b = w[lo:hi], b[lo:hi]
+            bias = None if bias is None else bias[lo:hi]
+        y = F.linear(x, w, bias)
+        a = self.lora_A
         return y + self.scale * F.linear(F.linear(self.dropout(x).to(a.dtype), a), b).to(y.dtype)
 
 
@@ -349,26 +359,6 @@ def attach(lm: nn.Module, targets: Sequence[str], rank: int, alpha: float, dropo
         parent._modules[attr] = layer
         adapters[name] = layer
     return new, adapters
-
-
-class premerged:
-    """Within this context the layers whose weight the LM reads directly (the packed q/k/v projections,
-    `*.in_proj`) hold their adapted weight, made once: the self-attention, the cross-attention memory and its
-    queries then share one tensor (one gradient) instead of making it at each read, and a checkpointed layer
-    recomputes with the very same tensor. Use it around one forward and its backward."""
-
-    def __init__(self, adapters: dict):
-        self.layers = [layer for name, layer in adapters.items() if name.endswith("in_proj")]
-
-    def __enter__(self):
-        for layer in self.layers:
-            layer.merged = layer.adapted_weight()
-        return self
-
-    def __exit__(self, *exc):
-        for layer in self.layers:
-            layer.merged = None
-        return False
 
 
 def adapter_tensors(adapters: dict) -> dict:

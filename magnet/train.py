@@ -403,13 +403,12 @@ def train_lora(model, data_dir, out, settings: TrainSettings | None = None, *, p
                                                                   rng, gen)
                 hidden, tmask = captions.batch(caps, device)
                 ctx = autocast_for(device, amp if amp is not None else torch.float32)
-                with lora_mod.premerged(adapters):
-                    with ctx:
-                        mem = text_memory(train_lm, hidden, tmask)
-                        loss = masked_loss(train_lm, codes.to(device), mem, stage, smask.to(device),
-                                           valid.to(device))
-                    loss = loss / s.grad_accum
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                with ctx:
+                    mem = text_memory(train_lm, hidden, tmask)
+                    loss = masked_loss(train_lm, codes.to(device), mem, stage, smask.to(device),
+                                       valid.to(device))
+                loss = loss / s.grad_accum
+                (scaler.scale(loss) if scaler is not None else loss).backward()
                 step_loss += float(loss.detach())
             if stopped:
                 opt.zero_grad(set_to_none=True)

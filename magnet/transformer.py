@@ -154,6 +154,17 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.num_heads, -1).transpose(1, 2)
 
+    def project(self, x, lo: int = 0, hi: int | None = None):
+        """Rows lo:hi of the packed q/k/v projection applied to `x` (all of it by default). A projection with
+        its own `rows` (a LoRA layer in training) computes them itself, in factored form."""
+        rows = getattr(self.in_proj, "rows", None)
+        if rows is not None:
+            return rows(x, lo, hi)
+        w, b = self.in_proj_weight, self.in_proj_bias
+        if lo == 0 and hi is None:
+            return F.linear(x, w, b)
+        return F.linear(x, w[lo:hi], None if b is None else b[lo:hi])
+
     def _merge(self, x):  # [B, H, T, D] -> [B, T, H*D]
         B, H, T, D = x.shape
         return x.transpose(1, 2).reshape(B, T, H * D)
@@ -161,7 +172,7 @@ class Attention(nn.Module):
     def forward(self, x, mask=None, cache: KVCache | None = None, layer: int = 0, causal: bool = False):
         """Self-attention. `mask`: [T, T], boolean (True = attend) or additive, or None (full, or causal if
         `causal`)."""
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = self.project(x).chunk(3, dim=-1)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
         if cache is not None:
             k, v = cache.append(layer, k, v)
@@ -172,19 +183,13 @@ class Attention(nn.Module):
 
     def memory_kv(self, memory):
         """Keys and values of the cross-attention memory, computed once per generation."""
-        dim = self.in_proj_weight.shape[1]
-        wk, wv = self.in_proj_weight[dim:2 * dim], self.in_proj_weight[2 * dim:]
-        bk = bv = None
-        if self.in_proj_bias is not None:
-            bk, bv = self.in_proj_bias[dim:2 * dim], self.in_proj_bias[2 * dim:]
-        return self._heads(F.linear(memory, wk, bk)), self._heads(F.linear(memory, wv, bv))
+        dim = self.in_proj.in_features
+        return self._heads(self.project(memory, dim, 2 * dim)), self._heads(self.project(memory, 2 * dim, 3 * dim))
 
     def cross(self, x, k, v):
         """Cross-attention of `x` to precomputed memory keys/values. No padding mask: padded memory
         positions are zero vectors that still take part in the softmax, as in the reference."""
-        dim = self.in_proj_weight.shape[1]
-        bq = None if self.in_proj_bias is None else self.in_proj_bias[:dim]
-        q = self._heads(F.linear(x, self.in_proj_weight[:dim], bq))
+        q = self._heads(self.project(x, 0, self.in_proj.in_features))
         return self.out_proj(self._merge(F.scaled_dot_product_attention(q, k, v)))
 
 

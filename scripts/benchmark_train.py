@@ -65,8 +65,7 @@ def run_train(a) -> dict:
     saved, seen = [0], set()
 
     def step(stage, count=False):
-        with lora.premerged(adapters):
-            one_step(stage, count)
+        one_step(stage, count)
 
     def one_step(stage, count):
         mask = spans_mask(torch.tensor([0.5]), T, 3, table, g)
