@@ -140,3 +140,15 @@ def seam_ranks(jumps, joins, guard=2):
             ranks.append(float((ref < row[j - 1]).mean()))
             ratios.append(float(row[j - 1] / ref.max()))
     return np.array(ranks), np.array(ratios)
+
+
+@pytest.fixture(scope="module")
+def pack():
+    """The pack loaded as ComfyUI loads custom_nodes/<folder> (test files that need another set-up override it)."""
+    from pack import load_pack
+    return load_pack()
+
+
+@pytest.fixture(scope="module")
+def N(pack):
+    return pack.NODE_CLASS_MAPPINGS

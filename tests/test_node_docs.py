@@ -13,16 +13,6 @@ from pack import ROOT, load_pack
 DOCS = ROOT / "nodes" / "web" / "docs"
 
 
-@pytest.fixture(scope="module")
-def pack():
-    return load_pack()
-
-
-@pytest.fixture(scope="module")
-def N(pack):
-    return pack.NODE_CLASS_MAPPINGS
-
-
 def inputs(cls):
     spec = cls.INPUT_TYPES()
     return [(name, entry) for section in ("required", "optional") for name, entry in spec.get(section, {}).items()]

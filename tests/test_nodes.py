@@ -84,6 +84,7 @@ def test_loaders_list_what_is_on_disk(N):
 
 def test_same_file_in_two_loaders_is_one_object_and_switching_releases_it(pack, N):
     from magnet_node_pack.magnet.cache import CACHE
+    CACHE.clear()     # loaders of earlier tests may still hold these releases; the counts below are this test's own
     a, b = N["MagnetModelLoader"](), N["MagnetModelLoader"]()
     m1, c1 = a.load("magnet-audio", "auto", "auto")
     m2, c2 = b.load("magnet-audio", "auto", "auto")

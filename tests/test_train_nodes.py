@@ -198,16 +198,6 @@ def in_comfy(pack, monkeypatch):
 
 # -- models, LoRA files -----------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def pack():
-    return load_pack()
-
-
-@pytest.fixture(scope="module")
-def N(pack):
-    return pack.NODE_CLASS_MAPPINGS
-
-
 def music(pack, ref):
     return pack.magnet.model.MagnetModel.from_pretrained(ref / "magnet-music", text_encoder=False, device="cpu",
                                                          dtype=torch.float32)
