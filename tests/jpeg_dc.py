@@ -120,13 +120,7 @@ def _decode(segs, comps, sel, dc_tables, ac_tables, quant, restart, width, heigh
             for ci, (is_luma, h, v, dct, act) in enumerate(plan):
                 for by in range(v):
                     for bx in range(h):
-                        length = 1
-                        while bits[pos:pos + length] not in dct:
-                            length += 1
-                            if length > 16:
-                                raise ValueError("corrupt JPEG scan (DC code)")
-                        s = dct[bits[pos:pos + length]]
-                        pos += length
+                        s, pos = _symbol(bits, pos, dct, "DC")
                         diff = 0
                         if s:
                             raw = bits[pos:pos + s]
@@ -137,13 +131,7 @@ def _decode(segs, comps, sel, dc_tables, ac_tables, quant, restart, width, heigh
                             out[my * v + by, mx * h + bx] = pred[ci] * q0 / 8 + 128
                         k = 1
                         while k < 64:                     # skip the AC coefficients
-                            length = 1
-                            while bits[pos:pos + length] not in act:
-                                length += 1
-                                if length > 16:
-                                    raise ValueError("corrupt JPEG scan (AC code)")
-                            rs = act[bits[pos:pos + length]]
-                            pos += length
+                            rs, pos = _symbol(bits, pos, act, "AC")
                             r, s = rs >> 4, rs & 15
                             if s == 0:
                                 if r != 15:
@@ -154,3 +142,12 @@ def _decode(segs, comps, sel, dc_tables, ac_tables, quant, restart, width, heigh
                             k += r + 1
             mcu += 1
     return np.clip(out[:-(-height // 8), :-(-width // 8)], 0, 255)
+
+
+def _symbol(bits: str, pos: int, table: dict, what: str) -> tuple[int, int]:
+    """The Huffman symbol at `pos` of the bit string and the position after its code."""
+    for length in range(1, 17):
+        code = bits[pos:pos + length]
+        if code in table:
+            return table[code], pos + length
+    raise ValueError(f"corrupt JPEG scan ({what} code)")
