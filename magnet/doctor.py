@@ -3,7 +3,8 @@
 Three parts, each line printed as it is known:
 
 1. The environment: Python, torch and transformers, the device (name, memory), the dtype a model takes
-   there by default and the autocast policy, and which kernels run (oneDNN linears, int8, the SDPA kernels
+   there by default and the autocast policy, and which kernels run (oneDNN linears, the CPU's features and
+   the linear layers fast mode chose here (bf16, int8 or fp32, with the measured rates), the SDPA kernels
    that accept the model's attention, CUDA graphs).
 2. Checks on the device against the specification. A tiny random-weight MAGNeT (built here, seeded, no
    download) is written as a converted release and loaded on the device as any release is
@@ -243,10 +244,16 @@ def environment(device: torch.device, model=None) -> dict:
     env["kernels"] = {
         "onednn_linears": device.type == "cpu" and fastpath.onednn_available(),
         "int8_fast_mode": device.type == "cpu" and fastpath.int8_available(),
+        "bf16_fast_mode": device.type == "cpu" and fastpath.bf16_accelerated(),
         "prune_positions": device.type == "cpu" and bool(getattr(settings, "prune_on_cpu", False)),
         "cuda_graphs": device.type == "cuda" and _graphs_wanted(settings),
         "MAGNET_CUDA_GRAPHS": os.environ.get("MAGNET_CUDA_GRAPHS"),
     }
+    if device.type == "cpu":
+        env["cpu"]["features"] = fastpath.cpu_features()
+        choice = fastpath.choose_linears()
+        env["kernels"]["fast_linears"] = {"path": choice.path, "how": choice.how, "gflops": choice.rates,
+                                          "env": os.environ.get(fastpath.LINEARS_ENV)}
     with contextlib.suppress(Exception):
         dt = model.dtype if model is not None else devices.default_dtype(device)
         if device.type == "cuda" and model is not None and getattr(_autocast(model), "_enabled", False):
@@ -282,8 +289,15 @@ def _environment_lines(env: dict) -> list[str]:
     graphs = yn[k["cuda_graphs"]] if env["device"].startswith("cuda") else "n/a (not CUDA)"
     if k.get("MAGNET_CUDA_GRAPHS") is not None:
         graphs += f" (MAGNET_CUDA_GRAPHS={k['MAGNET_CUDA_GRAPHS']})"
-    lines.append(f"kernels  oneDNN linears {yn[k['onednn_linears']]}, int8 fast mode {yn[k['int8_fast_mode']]}, "
-                 f"position pruning {yn[k['prune_positions']]}, CUDA graphs {graphs}")
+    lines.append(f"kernels  oneDNN linears {yn[k['onednn_linears']]}, int8 {yn[k['int8_fast_mode']]}, bf16 in "
+                 f"hardware {yn[k.get('bf16_fast_mode', False)]}, position pruning {yn[k['prune_positions']]}, "
+                 f"CUDA graphs {graphs}")
+    if "features" in cpu:
+        lines.append(f"cpu has  {fastpath.cpu_features_text(cpu['features'])}")
+    if k.get("fast_linears"):
+        f = k["fast_linears"]
+        lines.append(f"fast     {fastpath.LinearsChoice(f['path'], f['how'], f['gflops']).describe()}"
+                     + (f" ({fastpath.LINEARS_ENV}={f['env']})" if f.get("env") else ""))
     if k.get("sdpa"):
         lines.append(f"sdpa     kernels that run full attention: {', '.join(k['sdpa']['full']) or 'none'}; "
                      f"the band mask: {', '.join(k['sdpa']['band']) or 'none'}")
@@ -674,7 +688,8 @@ def check_activations(peaks: list):
 
 def _fast_fill(lm, seed: int = 0) -> None:
     """Weights of the right scale, cheaply: one random tile of uniform values copied over every tensor and
-    scaled to N(0, 1/fan_in)'s variance (the values repeat: this model is only timed). Norms 1, biases 0."""
+    scaled to N(0, 1/fan_in)'s variance and rounded to float16 (the values repeat: this model is only timed).
+    Norms 1, biases 0."""
     device = next(lm.parameters()).device
     g = torch.Generator().manual_seed(seed)
     tile = (torch.rand(1 << 20, generator=g) * 2 - 1).to(device)
@@ -683,9 +698,10 @@ def _fast_fill(lm, seed: int = 0) -> None:
             if p.dim() >= 2:
                 flat = p.view(-1)
                 bound = math.sqrt(3.0 / p.shape[-1])
+                scaled = (tile * bound).half()       # float16 values, as the releases are published
                 for i in range(0, flat.numel(), tile.numel()):
                     n = min(tile.numel(), flat.numel() - i)
-                    flat[i:i + n].copy_(tile[:n]).mul_(bound)
+                    flat[i:i + n].copy_(scaled[:n])
             else:
                 p.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
 
@@ -707,7 +723,8 @@ def _peak_memory(device: torch.device) -> tuple[float | None, str]:
 
 def check_speed(device: torch.device, dtype=None, arch: dict | None = None, frames: int = 500, repeats=None):
     """Seconds per decoding step of a real-size architecture (default: the small releases', 10 s = 500 frames,
-    one prompt with guidance = 2 rows), random weights; exact mode, and int8 fast mode on the CPU. The
+    one prompt with guidance = 2 rows), random weights; exact mode, and on the CPU fast mode with the linear
+    layers it chooses here (`fastpath.choose_linears`: bf16 or int8; none when float32 is fastest). The
     real-time factor assumes every step costs a full step (an upper bound where the CPU prunes positions)."""
     from .model import MagnetModel
     from .sampling import FastMode
@@ -765,17 +782,19 @@ def check_speed(device: torch.device, dtype=None, arch: dict | None = None, fram
     if "exact_band" in times:
         text += f" (band stages {per1:.3g} s)"
     text += f", RTF {numbers['rtf_exact']:.3g} at {','.join(map(str, steps))} steps"
-    if device.type == "cpu" and fastpath.use_int8(FastMode(), device, dtype):
+    linears = fastpath.fast_linears(FastMode(), device, dtype)
+    if linears is not None:
         t = time.perf_counter()
-        fastpath.int8_copy(lm)
-        numbers["int8_copy_seconds"] = time.perf_counter() - t
-        per8 = timed(0, FastMode())
+        fastpath.fast_copy(lm, linears)
+        numbers["fast_copy_seconds"] = time.perf_counter() - t
+        numbers["fast_linears"] = linears
+        per_fast = timed(0, FastMode())
         fast_steps = FastMode().steps(steps)
-        numbers["seconds_per_step_int8"] = per8
-        numbers["rtf_fast"] = sum(fast_steps) * per8 / seconds
-        text += (f"; fast (int8) {per8:.3g} s/step, RTF {numbers['rtf_fast']:.3g} at "
-                 f"{','.join(map(str, fast_steps))} (int8 copy made once in {numbers['int8_copy_seconds']:.1f} s)")
-        fastpath.drop_int8_copy(lm)
+        numbers["seconds_per_step_fast"] = per_fast
+        numbers["rtf_fast"] = sum(fast_steps) * per_fast / seconds
+        text += (f"; fast ({linears}) {per_fast:.3g} s/step, RTF {numbers['rtf_fast']:.3g} at "
+                 f"{','.join(map(str, fast_steps))} ({linears} copy made once in {numbers['fast_copy_seconds']:.1f} s)")
+        fastpath.drop_fast_copy(lm)
     peak, how = _peak_memory(device)
     numbers["peak_memory_gib"], numbers["peak_memory_kind"] = peak, how
     numbers["weights_gib"] = sum(p.numel() * p.element_size() for p in lm.parameters()) / 2 ** 30

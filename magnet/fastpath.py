@@ -2,14 +2,17 @@
 
 `LM.forward` / `Layer.forward` (transformer.py) are the specification. This module computes the same
 logits for the decoding loop (sampling.py), skipping only work that cannot change them, plus fast mode's
-int8 layers, which change them within a tolerance:
+low-precision layers, which change them within a tolerance:
 
 - only the stage's output head; no cross-attention for the null-condition rows (their memory is exactly
   zero and there are no biases); the first self-attention once for rows that share their codes;
 - position pruning: when the loop names the positions whose logits it uses, only the rows that can reach
   them through the layers are computed (`active_positions`);
 - the band attention of codebooks >= 1 in blocks, without a [T, T] matrix (`band_attention`);
-- fp32 linears on the CPU through oneDNN (`linear`), or, in fast mode, an int8 copy (`Int8Linears`);
+- fp32 linears on the CPU through oneDNN (`linear`), or, in fast mode, one low-precision copy of the
+  layers (`FastLinears`): bf16 (AMX / avx512_bf16) or int8 (VNNI / AVX2), whichever this CPU runs
+  fastest (`choose_linears`, measured once), with the float32 weights it replaces held losslessly in
+  float16 meanwhile (`magnet.lowp`), so fast mode needs no more memory than exact mode;
 - static buffers and, on CUDA, a CUDA graph per stage (`StaticStep`).
 
 `StageForward` is one stage's forward, built from (model, memory, stage, fast mode, `FastPathSettings`);
@@ -21,7 +24,9 @@ import functools
 import logging
 import math
 import os
+import platform
 import threading
+import time
 import warnings
 import weakref
 from collections import OrderedDict
@@ -31,8 +36,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .errors import first_line
+from . import lowp
+from .errors import MagnetError, first_line
 from .transformer import activation_dtype
+
+log = logging.getLogger("magnet")
 
 UNIT_CFG_TOLERANCE = 1e-5
 
@@ -75,7 +83,7 @@ class FastPathSettings:
 DEFAULT_SETTINGS = FastPathSettings()
 
 
-# -- oneDNN and int8 linears ------------------------------------------------------------------------
+# -- oneDNN, bf16 and int8 linears; which one fast mode uses ---------------------------------------
 
 @functools.lru_cache(maxsize=None)
 def onednn_available() -> bool:
@@ -102,11 +110,45 @@ def plain_linear(x, w, b):
     return F.linear(x, w, b)
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_features() -> dict:
+    """What this CPU offers fast mode: AMX (bf16 and int8 tiles), avx512_bf16, VNNI (int8 dot products),
+    AVX2, Arm's BF16 / I8MM, from /proc/cpuinfo (Linux; elsewhere these read False), plus the widest
+    vector code torch's own CPU kernels use here and the machine's architecture."""
+    flags: set = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags.update(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:                                  # torch < 2.1
+        capability = "unknown"
+    return {"amx_bf16": "amx_bf16" in flags and "amx_tile" in flags, "amx_int8": "amx_int8" in flags,
+            "avx512_bf16": "avx512_bf16" in flags, "vnni": bool(flags & {"avx512_vnni", "avx_vnni"}),
+            "avx2": "avx2" in flags, "arm_bf16": "bf16" in flags, "arm_i8mm": "i8mm" in flags,
+            "torch_capability": capability, "machine": platform.machine()}
+
+
+def cpu_features_text(features: dict | None = None) -> str:
+    """One line: the features fast mode cares about that this CPU has (and the torch kernels' level)."""
+    f = cpu_features() if features is None else features
+    names = [("amx_bf16", "AMX-BF16"), ("amx_int8", "AMX-INT8"), ("avx512_bf16", "avx512_bf16"), ("vnni", "VNNI"),
+             ("avx2", "AVX2"), ("arm_bf16", "Arm BF16"), ("arm_i8mm", "Arm I8MM")]
+    have = [label for key, label in names if f.get(key)]
+    return (f"{' '.join(have) if have else 'none of AMX/avx512_bf16/VNNI/AVX2'} "
+            f"({f.get('machine', '?')}, torch CPU kernels {f.get('torch_capability', '?')})")
+
+
 class Int8Linear:
     """A linear layer with int8 weights (per output channel scales) and int8 activations quantized on
-    the fly per call, per tensor (fbgemm's dynamic quantization, CPU): about 1.7x the speed of oneDNN
-    fp32 here, at about 2% relative error per layer output. 1 byte per weight. `reduce_range`: see
-    `FastPathSettings.int8_reduce_range`."""
+    the fly per call, per tensor (fbgemm's dynamic quantization on x86, qnnpack on Arm): about 1.7x the
+    speed of oneDNN fp32 on an AVX2 CPU, at about 2% relative error per layer output. 1 byte per weight.
+    `reduce_range`: see `FastPathSettings.int8_reduce_range`."""
 
     def __init__(self, w: torch.Tensor, b: torch.Tensor | None, reduce_range: bool = True):
         w = w.detach().float().cpu().contiguous()
@@ -122,22 +164,165 @@ class Int8Linear:
         return torch.ops.quantized.linear_dynamic(x.contiguous(), self.packed, self.reduce_range)
 
 
+class Bf16Linear:
+    """A linear layer on bf16 weights and activations (oneDNN: AMX tiles or avx512_bf16 dot products, with
+    float32 accumulation). The input is rounded to bf16; the output is bf16 (the caller adds it to the
+    float32 residual stream, or converts it). 2 bytes per weight; about 0.4% relative error per output."""
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None):
+        self.w = w.detach().to(device="cpu", dtype=torch.bfloat16).contiguous()
+        self.b = None if b is None else b.detach().to(device="cpu", dtype=torch.bfloat16)
+        self.nbytes = 2 * self.w.numel() + (0 if self.b is None else 2 * self.b.numel())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(torch.bfloat16), self.w, self.b)
+
+
+def _runs(make) -> bool:
+    """Whether a linear layer made by make(w, b) runs here and is within 3% of float32 on a small product."""
+    try:
+        x, w = torch.linspace(-1, 1, 64).view(4, 16), torch.linspace(1, -1, 128).view(8, 16)
+        y = make(w, None)(x).float()
+        return y.shape == (4, 8) and bool(torch.allclose(y, F.linear(x, w), rtol=3e-2, atol=3e-2))
+    except Exception:       # a build without the kernels, an unsupported CPU
+        return False
+
+
 @functools.lru_cache(maxsize=None)
 def int8_available() -> bool:
-    """Whether dynamic int8 linear layers run on this CPU (fbgemm on x86, qnnpack on ARM); probed once."""
+    """Whether dynamic int8 linear layers run on this CPU (fbgemm on x86, qnnpack on Arm); probed once."""
+    return _runs(Int8Linear)
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_available() -> bool:
+    """Whether bf16 linear layers run on this CPU at all (probed once; without bf16 instructions torch
+    emulates them, correctly and slowly: see `bf16_accelerated`)."""
+    return _runs(Bf16Linear)
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_accelerated() -> bool:
+    """Whether torch's oneDNN runs bf16 products in hardware here (avx512_bf16 / AMX on x86, BF16 on Arm):
+    only then is bf16 worth measuring as a fast-mode candidate."""
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     try:
-        lin = Int8Linear(torch.ones(4, 8), None)
-        return lin(torch.ones(2, 8)).shape == (2, 4)
+        hardware = bool(probe()) if probe is not None else False
     except Exception:
-        return False
+        hardware = False
+    return hardware and bf16_available()
+
+
+LINEARS = ("bf16", "int8", "fp32")
+LINEARS_ENV = "MAGNET_FAST_LINEARS"
+# rows x in -> out of the measurement: a feed-forward pair of the small releases at 256 positions
+MEASURE_SHAPES = ((256, 1024, 4096), (256, 4096, 1024))
+# a low-precision path is chosen only when it beats float32 by this factor (its rounding is not free)
+MIN_GAIN = 1.15
+
+
+def _linear_for(path: str, w: torch.Tensor):
+    if path == "bf16":
+        return Bf16Linear(w, None)
+    if path == "int8":
+        return Int8Linear(w, None)
+    return lambda x: linear(x, w)
+
+
+def measure_linears(paths=LINEARS) -> dict:
+    """GFLOP/s of each path's linear layer on `MEASURE_SHAPES` (best of 3 after a warm-up, torch's current
+    thread count; about 0.1 s per path): the quantization, conversion and packing overheads included."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(torch.randn(rows, n_in, generator=g), torch.randn(n_out, n_in, generator=g) * 0.02)
+              for rows, n_in, n_out in MEASURE_SHAPES]
+    rates = {}
+    with torch.inference_mode():
+        for path in paths:
+            seconds, flop = 0.0, 0
+            for x, w in shapes:
+                f = _linear_for(path, w)
+                f(x)
+                best = math.inf
+                for _ in range(3):
+                    t = time.perf_counter()
+                    f(x)
+                    best = min(best, time.perf_counter() - t)
+                seconds += best
+                flop += 2 * x.shape[0] * x.shape[1] * w.shape[0]
+            rates[path] = flop / max(seconds, 1e-9) / 1e9
+    return rates
+
+
+def pick_linears(rates: dict) -> str:
+    """The path with the highest measured rate, if it beats float32 by `MIN_GAIN`; else float32."""
+    best = max(rates, key=rates.get)
+    if best != "fp32" and rates[best] < MIN_GAIN * rates.get("fp32", 0.0):
+        return "fp32"
+    return best
+
+
+@dataclass(frozen=True)
+class LinearsChoice:
+    """Which linear layers fast mode runs on the CPU: `path` ('bf16', 'int8' or 'fp32'), `how` it was chosen
+    and the measured rates (GFLOP/s per candidate; empty when nothing was measured)."""
+    path: str
+    how: str
+    rates: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        rates = ", ".join(f"{p} {r:.0f}" for p, r in sorted(self.rates.items(), key=lambda kv: -kv[1]))
+        return f"{self.path} linears ({self.how}{'; GFLOP/s ' + rates if rates else ''})"
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_choice(threads: int) -> LinearsChoice:
+    candidates = ["fp32"] + (["bf16"] if bf16_accelerated() else []) + (["int8"] if int8_available() else [])
+    if len(candidates) == 1:
+        choice = LinearsChoice("fp32", "no bf16 or int8 kernels here")
+    else:
+        rates = measure_linears(candidates)
+        choice = LinearsChoice(pick_linears(rates), f"measured on {threads} threads", rates)
+    log.info("MAGNeT fast mode: %s; CPU: %s", choice.describe(), cpu_features_text())
+    return choice
+
+
+def choose_linears(setting: str = "auto") -> LinearsChoice:
+    """The linear layers of fast mode on this CPU. `setting` (`FastMode.linears`): 'auto' = the environment
+    variable MAGNET_FAST_LINEARS if set, else the fastest path by a short measurement made once per thread
+    count (`measure_linears`); 'bf16', 'int8' or 'fp32' force a path (bf16 runs everywhere, emulated where
+    the CPU lacks it; int8 falls back to the measured choice where torch has no int8 kernels)."""
+    value = setting
+    if value == "auto":
+        value = os.environ.get(LINEARS_ENV, "").strip().lower() or "auto"
+        if value not in ("auto",) + LINEARS:
+            raise MagnetError(f"{LINEARS_ENV}={os.environ.get(LINEARS_ENV)!r} is not a fast-mode path: set it to "
+                              f"auto, bf16, int8 or fp32, or unset it.")
+    if value == "auto":
+        return _measured_choice(torch.get_num_threads())
+    if value not in LINEARS:
+        raise MagnetError(f"FastMode.linears {setting!r} must be one of auto, {', '.join(LINEARS)}.")
+    how = "forced" if setting != "auto" else f"forced by {LINEARS_ENV}"
+    if (value == "int8" and not int8_available()) or (value == "bf16" and not bf16_available()):
+        auto = _measured_choice(torch.get_num_threads())
+        log.warning("MAGNeT fast mode: %s linears were asked for, but this torch cannot run them here; using %s",
+                    value, auto.path)
+        return LinearsChoice(auto.path, f"{value} unavailable here", auto.rates)
+    return LinearsChoice(value, how)
+
+
+def fast_linears(fast, device: torch.device, dtype: torch.dtype = torch.float32) -> str | None:
+    """The low-precision linear layers of fast mode (`FastMode`, or None/False for exact mode) for an LM on
+    `device` with weights of `dtype`: 'bf16' or 'int8' on the CPU with float32 weights, else None (float32
+    linears; fp16/bf16 weights on the CPU run their own dtype, CUDA runs autocast)."""
+    if not (fast and device.type == "cpu" and dtype == torch.float32):
+        return None
+    path = choose_linears(getattr(fast, "linears", "auto")).path
+    return None if path == "fp32" else path
 
 
 def use_int8(fast, device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
-    """int8 linears: fast mode (a `FastMode` with int8 on) on the CPU with fp32 weights (the int8 kernels
-    take fp32 activations; fp16/bf16 weights on the CPU run their own dtype instead)."""
-    if not (fast and fast.int8 and device.type == "cpu" and dtype == torch.float32):
-        return False
-    return int8_available()
+    """Whether fast mode runs int8 linears here (`fast_linears` says 'int8')."""
+    return fast_linears(fast, device, dtype) == "int8"
 
 
 class ExactLinears:
@@ -184,82 +369,136 @@ class ExactLinears:
         return self.f(x, self.l2.weight, self.l2.bias)
 
 
-class Int8Layer:
-    """One layer's linear maps on int8 copies of its weights."""
+def layer_sources(layer) -> tuple:
+    """The weights (and biases) fast mode's copy of one layer is made from."""
+    sa, ca = layer.self_attn, layer.cross_attention
+    ws = (sa.in_proj_weight, sa.in_proj_bias, sa.out_proj.weight, sa.out_proj.bias, ca.in_proj_weight,
+          ca.in_proj_bias, ca.out_proj.weight, ca.out_proj.bias, layer.linear1.weight, layer.linear1.bias,
+          layer.linear2.weight, layer.linear2.bias)
+    return tuple(w for w in ws if w is not None)
+
+
+def replaced_weights(layer) -> tuple:
+    """The weights the copy replaces entirely, held as float16 records while it exists (`magnet.lowp`). The
+    cross-attention's packed projection stays as it is: its key/value rows make each generation's memory."""
+    sa, ca = layer.self_attn, layer.cross_attention
+    return (sa.in_proj_weight, sa.out_proj.weight, ca.out_proj.weight, layer.linear1.weight, layer.linear2.weight)
+
+
+class LowPrecisionLayer:
+    """One layer's linear maps on a low-precision copy of its weights (`path` 'bf16' or 'int8'), made from
+    the exact values (records included). Self-attention's q/k/v, and the cross-attention's q, come back in
+    float32 (attention and its softmax run in float32); the other maps return what their kernel gives,
+    which the float32 residual stream absorbs (bf16: the feed-forward's hidden layer and its GELU stay bf16)."""
     split = False            # one packed q/k/v copy only
 
-    def __init__(self, layer, reduce_range: bool = True):
+    def __init__(self, layer, path: str, reduce_range: bool = True):
         sa, ca = layer.self_attn, layer.cross_attention
         d = sa.in_proj_weight.shape[1]
+        ex = lowp.exact_value
 
-        def int8(w, b):
-            return Int8Linear(w, b, reduce_range)
-        self.qkv = int8(sa.in_proj_weight, sa.in_proj_bias)
-        self.out = int8(sa.out_proj.weight, sa.out_proj.bias)
-        self.cq = int8(ca.in_proj_weight[:d], None if ca.in_proj_bias is None else ca.in_proj_bias[:d])
-        self.cout = int8(ca.out_proj.weight, ca.out_proj.bias)
-        self.fc1 = int8(layer.linear1.weight, layer.linear1.bias)
-        self.fc2 = int8(layer.linear2.weight, layer.linear2.bias)
+        def make(w, b):
+            return Int8Linear(w, b, reduce_range) if path == "int8" else Bf16Linear(w, b)
+        cw, cb = ex(ca.in_proj_weight), ca.in_proj_bias
+        self._maps = {"qkv": make(ex(sa.in_proj_weight), sa.in_proj_bias),
+                      "out": make(ex(sa.out_proj.weight), sa.out_proj.bias),
+                      "cq": make(cw[:d], None if cb is None else cb[:d]),
+                      "cout": make(ex(ca.out_proj.weight), ca.out_proj.bias),
+                      "fc1": make(ex(layer.linear1.weight), layer.linear1.bias),
+                      "fc2": make(ex(layer.linear2.weight), layer.linear2.bias)}
+        m = self._maps
+        self.out, self.cout, self.fc1, self.fc2 = m["out"], m["cout"], m["fc1"], m["fc2"]
 
-    @staticmethod
-    def sources(layer) -> tuple:
-        """The weights (and biases) the copies of one layer are made from."""
-        sa, ca = layer.self_attn, layer.cross_attention
-        ws = (sa.in_proj_weight, sa.in_proj_bias, sa.out_proj.weight, sa.out_proj.bias, ca.in_proj_weight,
-              ca.in_proj_bias, ca.out_proj.weight, ca.out_proj.bias, layer.linear1.weight, layer.linear1.bias,
-              layer.linear2.weight, layer.linear2.bias)
-        return tuple(w for w in ws if w is not None)
+    def qkv(self, x):
+        return self._maps["qkv"](x).float()
+
+    def cq(self, x):
+        return self._maps["cq"](x).float()
 
     @property
     def nbytes(self) -> int:
-        return sum(getattr(self, n).nbytes for n in ("qkv", "out", "cq", "cout", "fc1", "fc2"))
+        return sum(m.nbytes for m in self._maps.values())
 
 
-class Int8Linears:
-    """Int8 copies of every transformer layer's linear maps (fast mode, CPU). Embeddings, norms, the
-    output heads and the text projection stay fp32; the fp32 LM is not modified."""
+Int8Layer = LowPrecisionLayer       # the name of earlier releases
 
-    def __init__(self, lm, reduce_range: bool = True):
-        self.layers = [Int8Layer(layer, reduce_range) for layer in lm.transformer.layers]
-        self._key = self._fingerprint(lm, reduce_range)
+
+class FastLinears:
+    """Fast mode's one low-precision copy of every transformer layer's linear maps (CPU), `path` 'bf16' or
+    'int8'. Embeddings, norms, the output heads and the text projection stay float32. Making it turns each
+    weight it replaces into a float16 record where that is lossless (`magnet.lowp`; `recorded` bytes of
+    float32 freed), so fast mode needs no more memory than exact mode; weights float16 cannot hold stay
+    float32 beside the copy (`kept` bytes). Any exact use restores the records and drops the copy."""
+
+    def __init__(self, lm, path: str = "int8", reduce_range: bool = True):
+        if path not in ("bf16", "int8"):
+            raise ValueError(f"no low-precision copy for path {path!r}")
+        self.path, self.layers, self.recorded, self.kept = path, [], 0, 0
+        for layer in lm.transformer.layers:
+            self.layers.append(LowPrecisionLayer(layer, path, reduce_range))
+            for w in replaced_weights(layer):
+                size = w.numel() * 4
+                if lowp.record(w):
+                    self.recorded += size
+                elif w.dtype == torch.float32:
+                    self.kept += size
+        self._key = self._fingerprint(lm, path, reduce_range)
+        if self.kept:
+            log.info("MAGNeT fast mode: %.0f MB of float32 weights are not float16 values (a merged LoRA, a "
+                     "float32 fine-tune) and stay beside the %s copy, so that exact mode stays exact",
+                     self.kept / 2 ** 20, path)
 
     @staticmethod
-    def _fingerprint(lm, reduce_range: bool):
+    def _fingerprint(lm, path: str, reduce_range: bool):
         """Every weight the copy was made from: a weight replaced (ComfyUI's LoRA patches swap the parameter
-        of any one linear) or changed in place (its version counter) makes the copy stale. Weights made under
-        inference_mode (ComfyUI runs nodes in it) have no version counter: their data pointer still counts."""
+        of any one linear) or changed in place (its version counter), or a record restored, makes the copy
+        stale. Weights made under inference_mode (ComfyUI runs nodes in it) have no version counter: their
+        data pointer still counts."""
         def key(w):
-            return (w.data_ptr(), None if w.is_inference() else w._version)
-        w0 = lm.transformer.layers[0].linear1.weight
-        weights = tuple(key(w) for layer in lm.transformer.layers for w in Int8Layer.sources(layer))
-        return (w0.device, w0.dtype, weights, reduce_range)
+            return (w.data_ptr(), w.dtype, None if w.is_inference() else w._version)
+        w0 = lm.transformer.layers[0].linear2.bias
+        weights = tuple(key(w) for layer in lm.transformer.layers for w in layer_sources(layer))
+        return (None if w0 is None else w0.device, weights, path, reduce_range)
 
-    def matches(self, lm, reduce_range: bool = True) -> bool:
-        return self._key == self._fingerprint(lm, reduce_range)
+    def matches(self, lm, path: str = "int8", reduce_range: bool = True) -> bool:
+        return self._key == self._fingerprint(lm, path, reduce_range)
 
     @property
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers)
 
 
-_int8_copies: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+Int8Linears = FastLinears           # the name of earlier releases
+
+_fast_copies: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def int8_copy(lm, reduce_range: bool = True) -> Int8Linears:
-    """The int8 copy of `lm`'s transformer linear layers, made on first use and kept beside the fp32
-    weights (which stay untouched) for as long as the LM lives: about 1 byte per transformer weight
-    (14 * dim^2 bytes per layer: 0.34 GiB for the small model, 1.5 GiB for medium). Remade when the
-    weights change."""
-    copy = _int8_copies.get(lm)
-    if copy is None or not copy.matches(lm, reduce_range):
-        _int8_copies.pop(lm, None)
-        copy = _int8_copies[lm] = Int8Linears(lm, reduce_range)
+def fast_copy(lm, path: str = "int8", reduce_range: bool = True) -> FastLinears:
+    """Fast mode's low-precision copy of `lm`'s transformer linear layers, made on first use and kept for as
+    long as the LM lives and its weights do not change (`FastLinears`): 14 * dim^2 weights per layer, 1 byte
+    each in int8 (0.34 GiB for the small releases), 2 in bf16, while the float32 weights it replaces are held
+    in float16 (`magnet.lowp`). Remade when the weights or the path change (the old copy goes first)."""
+    copy = _fast_copies.get(lm)
+    if copy is None or not copy.matches(lm, path, reduce_range):
+        _fast_copies.pop(lm, None)
+        copy = _fast_copies[lm] = FastLinears(lm, path, reduce_range)
     return copy
 
 
-def drop_int8_copy(lm) -> None:
-    """Free the int8 copy of `lm` (it is rebuilt on the next fast generation)."""
-    _int8_copies.pop(lm, None)
+def int8_copy(lm, reduce_range: bool = True) -> FastLinears:
+    """`fast_copy(lm, 'int8', reduce_range)`."""
+    return fast_copy(lm, "int8", reduce_range)
+
+
+def drop_fast_copy(lm) -> None:
+    """Free the low-precision copy of `lm` and restore its exact weights (the copy is remade on the next fast
+    generation)."""
+    _fast_copies.pop(lm, None)
+    lowp.restore(lm)
+
+
+drop_int8_copy = drop_fast_copy
+lowp.on_restore(lambda module: _fast_copies.pop(module, None))
 
 
 # -- position pruning and the band ------------------------------------------------------------------
@@ -344,11 +583,11 @@ def band_attention(q, k, v, width: int, pos: torch.Tensor | None = None) -> torc
 # -- the forward ------------------------------------------------------------------------------------
 
 def parallel_forward(lm, codes, mem, stage: int, heads=None, wanted: torch.Tensor | None = None,
-                     int8: Int8Linears | None = None) -> torch.Tensor:
+                     copy: FastLinears | None = None) -> torch.Tensor:
     """MAGNeT's forward (pre-norm, non-causal): the same function as `LM.forward`, without the work that
     cannot change its result (see the module docstring). codes [b, K, T] -> logits [B, len(heads), T, card];
     with `wanted` (bool [T]) the logits of those positions only, [B, len(heads), wanted.sum(), card].
-    `int8`: the layers' linear maps run on this int8 copy instead of the fp32 weights."""
+    `copy`: the layers' linear maps run on this low-precision copy (fast mode) instead of the weights."""
     cfg, layers = lm.cfg, lm.transformer.layers
     R, D, H = mem.batch, cfg.dim, cfg.num_heads
     band = cfg.subcodes_context if stage > 0 and cfg.subcodes_context >= 0 else None
@@ -372,7 +611,7 @@ def parallel_forward(lm, codes, mem, stage: int, heads=None, wanted: torch.Tenso
         if pos_out is not None:
             out_rows = pos_out if pos_in is None else torch.searchsorted(pos_in, pos_out)
             out_rows = out_rows.to(x.device)
-        lin = int8.layers[i] if int8 is not None else ExactLinears(layer, pos_in is not None, out_rows is not None)
+        lin = copy.layers[i] if copy is not None else ExactLinears(layer, pos_in is not None, out_rows is not None)
         # self-attention (rows that share their codes share it in the first layer)
         h = layer.norm1(x)
         if band is None and out_rows is not None and lin.split:   # full attention: keys everywhere, queries where wanted
@@ -414,19 +653,19 @@ def parallel_forward(lm, codes, mem, stage: int, heads=None, wanted: torch.Tenso
 @dataclass(frozen=True)
 class StepPlan:
     """What `LM.forward(..., fastpath=plan)` hands to `parallel_forward`: the positions whose logits are
-    wanted (bool [T], None = all) and whether the int8 copy runs."""
+    wanted (bool [T], None = all) and fast mode's low-precision linears ('bf16', 'int8'; None = the
+    weights themselves, exactly)."""
     wanted: torch.Tensor | None = None
-    int8: bool = False
+    linears: str | None = None
     int8_reduce_range: bool = True
 
     def run(self, lm, codes, mem, stage: int, heads) -> torch.Tensor:
-        copy = int8_copy(lm, self.int8_reduce_range) if self.int8 else None
+        copy = fast_copy(lm, self.linears, self.int8_reduce_range) if self.linears else None
         return parallel_forward(lm, codes, mem, stage, heads, self.wanted, copy)
 
 
 # -- static buffers and CUDA graphs -----------------------------------------------------------------
 
-log = logging.getLogger("magnet")
 DOCTOR_HINT = "python -m magnet doctor --device cuda"
 
 _held = threading.local()
@@ -611,7 +850,7 @@ class StageForward:
         self.lm, self.mem, self.guided, self.stage = lm, mem, guided, stage
         self.settings = settings
         parallel = lm.cfg.norm_first and not lm.cfg.causal         # the forward that can prune and run int8
-        self.int8 = parallel and use_int8(fast, device, param.dtype)
+        self.linears = fast_linears(fast, device, param.dtype) if parallel else None
         self.reduce_range = settings.int8_reduce_range
         self.graph = device.type == "cuda"
         self.graphs = graph_state(lm)
@@ -624,7 +863,7 @@ class StageForward:
         self._static_step: StaticStep | None = None
 
     def _forward(self, codes, mem, wanted=None):
-        plan = StepPlan(wanted, self.int8, self.reduce_range) if self.parallel else None
+        plan = StepPlan(wanted, self.linears, self.reduce_range) if self.parallel else None
         kw = {} if plan is None else {"fastpath": plan}
         return self.lm(codes, mem, stage=self.stage, heads=[self.stage], **kw)
 
@@ -633,7 +872,7 @@ class StageForward:
         step reads the weights, the band mask and the wrapper it was captured with by address: it is reused
         only by the same forward while every weight is where it was."""
         k0 = self.mem.kv[0][0] if self.mem.kv else None
-        shape = (self.stage, tuple(codes.shape), self.mem.rows, self.mem.batch, self.int8,
+        shape = (self.stage, tuple(codes.shape), self.mem.rows, self.mem.batch, self.linears,
                  None if k0 is None else (tuple(k0.shape), k0.dtype, str(k0.device)))
         weights = tuple(p.data_ptr() for p in self.lm.parameters())
         return shape, (shape, id(self.lm), weights)      # `weights` last: GraphState.get reads it

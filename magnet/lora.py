@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import lowp
 from .errors import MagnetError, first_line
 
 FORMAT_VERSION = "1"
@@ -254,6 +255,7 @@ def shared_copy(module: nn.Module) -> nn.Module:
 
 def merged_lm(lm: nn.Module, lora: LoraWeights, strength: float) -> nn.Module:
     """A shared copy of `lm` whose adapted weights are W + strength * scale * B @ A (in W's dtype and device)."""
+    lowp.restore(lm)                          # fast mode's float16 records: the exact weights first
     new = shared_copy(lm)
     if strength == 0.0:
         return new
@@ -348,6 +350,7 @@ def attach(lm: nn.Module, targets: Sequence[str], rank: int, alpha: float, dropo
     rank = int(rank)
     if rank < 1:
         raise MagnetError(f"LoRA rank {rank} must be at least 1 (typical: 4 to 64).")
+    lowp.restore(lm)                          # training reads the exact weights (and fast mode's copy goes)
     new = shared_copy(lm)
     names = target_names(new, targets)
     modules = dict(new.named_modules())

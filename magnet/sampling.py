@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import InitVar, dataclass, field, fields, replace
 from typing import Callable, Protocol, Sequence
 
 import torch
@@ -58,24 +58,35 @@ class FastMode:
 
     later_steps: at most this many decoding steps for each codebook >= 1 (codebook 0 keeps its
         steps). None leaves the steps as given.
-    int8: the transformer's linear layers run with int8 weights and dynamically quantized int8
-        activations (CPU only; ignored on other devices or where the int8 kernels are missing). The
-        int8 copy is made on first use and kept beside the fp32 weights (`fastpath.int8_copy`).
+    linears: the transformer's linear layers on the CPU (float32 weights; ignored on other devices):
+        'auto' (the fastest path this CPU runs, measured once: `fastpath.choose_linears`; the environment
+        variable MAGNET_FAST_LINEARS can set it), 'bf16' (bf16 weights and activations: AMX or
+        avx512_bf16), 'int8' (int8 weights, dynamically quantized int8 activations: VNNI/AVX2) or 'fp32'
+        (the weights themselves). A low-precision copy is made on first use; the float32 weights it
+        replaces are held in float16 meanwhile and restored exactly when exact mode runs (`magnet.lowp`).
+        `int8=False` (the earlier field) is linears='fp32'.
     skip_unit_cfg: on steps whose guidance coefficient is 1 to within 1e-5 (the last step of each
         stage with min_cfg_coef = 1: the schedule gives 0.9999996 there), only the conditional rows run
         and their logits are used as they are, instead of mixing in the null-condition pass.
     """
     later_steps: int | None = 5
-    int8: bool = True
+    linears: str = "auto"
     skip_unit_cfg: bool = True
+    int8: InitVar[bool | None] = None
+
+    def __post_init__(self, int8):
+        if int8 is not None and not int8:
+            object.__setattr__(self, "linears", "fp32")
 
     def summary(self) -> str:
         """One line for tooltips and help texts, made from these fields (so it cannot drift from them)."""
         parts = []
         if self.later_steps is not None:
             parts.append(f"at most {self.later_steps} decoding steps for codebooks after the first")
-        if self.int8:
-            parts.append("int8 linear layers on the CPU")
+        if self.linears == "auto":
+            parts.append("linear layers in bf16 or int8 on the CPU, whichever it runs fastest")
+        elif self.linears != "fp32":
+            parts.append(f"{self.linears} linear layers on the CPU")
         if self.skip_unit_cfg:
             parts.append("no null-prompt pass where guidance is 1")
         return "fast mode: " + ", ".join(parts) + "; off = the exact mode, identical to the reference"
@@ -200,6 +211,8 @@ class SamplingParams:
         if fast:
             if fast.later_steps is not None and int(fast.later_steps) < 1:
                 raise MagnetError(f"FastMode.later_steps {fast.later_steps} must be at least 1 (or None).")
+            if fast.linears not in ("auto", "bf16", "int8", "fp32"):
+                raise MagnetError(f"FastMode.linears {fast.linears!r} must be 'auto', 'bf16', 'int8' or 'fp32'.")
             steps = list(fast.steps(steps))
         out = replace(self, decoding_steps=tuple(steps), fast=fast, temperature=num["temperature"],
                       top_p=num["top_p"], top_k=int(num["top_k"]), max_cfg_coef=num["max_cfg_coef"],

@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import lowp
+
 
 @dataclass
 class LMConfig:
@@ -351,6 +353,8 @@ class LM(nn.Module):
         for MAGNeT's pre-norm non-causal LM) computes the same logits with less work (and, in fast mode,
         int8 layers); see `magnet.fastpath`.
         """
+        if lowp.held() and not getattr(fastpath, "linears", None):
+            lowp.restore(self)             # fast mode's float16 records -> the exact float32 weights
         if fastpath is not None:
             return fastpath.run(self, codes, mem, stage, heads)
         x = self.embed(codes, offset=cache.length if cache is not None else 0)

@@ -10,6 +10,7 @@ import torch
 
 from magnet import doctor, fastpath
 from magnet.__main__ import main
+from magnet.sampling import FastMode
 
 TINY_CHECKS = ["load", "logits stage 0", "logits stage 1", "logits stage 2", "logits stage 3", "activations",
                "greedy nonoverlap", "greedy stride1", "long-form", "codec"]
@@ -58,8 +59,11 @@ def test_every_check_passes_on_this_cpu_with_its_numbers(capsys, monkeypatch):
     assert speed["arch"] == SMALL_ARCH and speed["frames"] == 500 and speed["seconds_per_step"] > 0
     assert speed["rtf_exact"] == pytest.approx(50 * speed["seconds_per_step"] / 10)
     assert speed["peak_memory_gib"] > 0 and speed["peak_memory_kind"] == "process peak RSS"
-    if fastpath.int8_available():
-        assert speed["seconds_per_step_int8"] > 0 and speed["rtf_fast"] > 0 and speed["int8_copy_seconds"] >= 0
+    if fastpath.fast_linears(FastMode(), torch.device("cpu")):
+        assert speed["seconds_per_step_fast"] > 0 and speed["rtf_fast"] > 0 and speed["fast_copy_seconds"] >= 0
+        assert speed["fast_linears"] == env["kernels"]["fast_linears"]["path"]
+    assert env["cpu"]["features"] == fastpath.cpu_features()
+    assert env["kernels"]["fast_linears"]["path"] == fastpath.choose_linears().path
 
     lines = err.strip().splitlines()                        # ... the human-readable report on stderr
     assert lines[0] == "MAGNeT doctor" and any(line.startswith("kernels ") for line in lines)
@@ -102,13 +106,20 @@ def test_the_report_as_json_names_the_failed_check_and_its_error(monkeypatch):
     assert checks["greedy stride1"]["ok"] and checks["codec"]["ok"]
 
 
-def test_speed_check_times_exact_and_int8_steps_of_the_given_architecture():
+@pytest.mark.parametrize("path", ["bf16", "int8", "fp32"])
+def test_speed_check_times_exact_and_fast_steps_of_the_given_architecture(path, monkeypatch):
+    if path == "int8" and not fastpath.int8_available():
+        pytest.skip("this torch has no CPU int8 kernels")
+    monkeypatch.setenv(fastpath.LINEARS_ENV, path)          # the choice forced, as a user can
     ok, n, text = doctor.check_speed(torch.device("cpu"), "fp32", SMALL_ARCH, frames=90)
     assert ok and n["frames"] == 90 and n["timed_steps"] == 1 and n["dtype"] == "float32"
     assert n["seconds_per_step"] > 0 and n["rtf_exact"] == pytest.approx(50 * n["seconds_per_step"] / 1.8)
     assert n["weights_gib"] > 0 and "s/step" in text and "RTF" in text
-    if fastpath.int8_available():
-        assert n["rtf_fast"] == pytest.approx(35 * n["seconds_per_step_int8"] / 1.8) and "int8" in text
+    if path == "fp32":                                      # fast mode's linears are the weights themselves
+        assert "rtf_fast" not in n and "fast (" not in text
+    else:
+        assert n["fast_linears"] == path and f"fast ({path})" in text
+        assert n["rtf_fast"] == pytest.approx(35 * n["seconds_per_step_fast"] / 1.8)
 
 
 def test_a_release_is_checked_on_its_real_lm(ref, capsys, monkeypatch):

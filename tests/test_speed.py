@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from conftest import REFERENCE_SAMPLING, golden_prompts
 from magnet import fastpath
-from magnet.fastpath import (FastPathSettings, StaticStep, active_positions, band_attention, drop_int8_copy,
-                             int8_copy, parallel_forward)
+from magnet.fastpath import (FastPathSettings, StaticStep, active_positions, band_attention, drop_fast_copy,
+                             fast_copy, parallel_forward)
 from magnet.errors import MagnetError
 from magnet.sampling import FastMode, SamplingParams
 from magnet.transformer import LM, LMConfig, band_mask
@@ -226,8 +226,14 @@ def test_skipping_the_null_pass_at_coefficient_one_changes_nothing_else(music_mo
     assert torch.equal(skip, exact)
 
 
-def test_int8_linears_stay_close_and_leave_the_fp32_model_untouched():
+@pytest.mark.parametrize("path", ["bf16", "int8"])
+def test_low_precision_linears_stay_close_and_exact_weights_come_back(path):
+    if path == "int8" and not fastpath.int8_available():
+        pytest.skip("this torch has no CPU int8 kernels")
     lm = small_lm(dim=64, num_heads=4, ffn_dim=256, num_layers=2, card=32)
+    with torch.no_grad():                                 # float16 values, as the releases are published
+        for p in lm.parameters():
+            p.copy_(p.half().float())
     before = {k: v.clone() for k, v in lm.state_dict().items()}
     hidden, mask = text()
     mem = lm.memory(hidden, mask, null_rows=2)
@@ -235,18 +241,26 @@ def test_int8_linears_stay_close_and_leave_the_fp32_model_untouched():
     with torch.inference_mode():
         for stage in (0, 2):
             ref = lm(codes, mem, stage=stage)
-            q = parallel_forward(lm, codes, mem, stage, int8=int8_copy(lm))
-            assert ((q - ref).norm() / ref.norm()).item() < 0.06
+            q = parallel_forward(lm, codes, mem, stage, copy=fast_copy(lm, path))
+            assert torch.isfinite(q).all()
+            assert ((q - ref).norm() / ref.norm()).item() < (0.02 if path == "bf16" else 0.06)
+    copy = fast_copy(lm, path)
+    assert fast_copy(lm, path) is copy                    # made once
+    weights = sum(p.numel() * 4 for p in lm.transformer.parameters())
+    assert copy.nbytes < (0.6 if path == "bf16" else 0.3) * weights
+    # one copy: the float32 weights it replaces are float16 records meanwhile (every one of them here)
+    assert copy.recorded > 0.75 * weights and copy.kept == 0
+    assert lm.transformer.layers[0].linear1.weight.dtype == torch.float16
+    lm(codes, mem, stage=0)                               # exact use: the exact weights, bit for bit, and no copy
     for k, v in lm.state_dict().items():
-        assert torch.equal(v, before[k]), k
-    copy = int8_copy(lm)
-    assert int8_copy(lm) is copy                          # made once
-    assert copy.nbytes < 0.3 * sum(p.numel() * 4 for p in lm.transformer.parameters())
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+    assert lm not in fastpath._fast_copies
+    copy = fast_copy(lm, path)
     with torch.no_grad():
         lm.transformer.layers[0].linear1.weight.mul_(2)   # weights changed: the copy is remade
-    assert int8_copy(lm) is not copy
-    drop_int8_copy(lm)
-    assert lm not in fastpath._int8_copies
+    assert fast_copy(lm, path) is not copy
+    drop_fast_copy(lm)
+    assert lm not in fastpath._fast_copies and lm.transformer.layers[0].linear1.weight.dtype == torch.float32
 
 
 def test_fast_mode_generates_through_the_api(music_model):
