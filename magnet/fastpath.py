@@ -71,6 +71,9 @@ class FastPathSettings:
         kernel's int16 pair sums saturate on this model's layer inputs (GELU outputs are one-sided), and
         the logits' relative error of the real-size small model went from 3.5-4% to 9-11%
         (scripts/fast_quality.py), at the same speed.
+    bf16_attention: with fast mode's bf16 linears, self-attention reads q/k/v in bf16 (SDPA's CPU kernel
+        keeps its scores, softmax and sums in float32): 2.4x faster than float32 attention here, for a
+        logit error of the same size as the linears' own (scripts/fast_quality.py).
     """
     prune_on_cpu: bool = True
     cuda_graphs: bool = True
@@ -78,6 +81,7 @@ class FastPathSettings:
     verify_graphs: bool = True
     static_steps_on_cpu: bool = False
     int8_reduce_range: bool = True
+    bf16_attention: bool = True
 
 
 DEFAULT_SETTINGS = FastPathSettings()
@@ -173,9 +177,22 @@ class Bf16Linear:
         self.w = w.detach().to(device="cpu", dtype=torch.bfloat16).contiguous()
         self.b = None if b is None else b.detach().to(device="cpu", dtype=torch.bfloat16)
         self.nbytes = 2 * self.w.numel() + (0 if self.b is None else 2 * self.b.numel())
+        self.fused_gelu = fused_gelu_available()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(torch.bfloat16), self.w, self.b)
+
+
+@functools.lru_cache(maxsize=None)
+def fused_gelu_available() -> bool:
+    """Whether oneDNN computes a bf16 linear layer followed by the exact (erf) GELU in one call here, within
+    bf16 rounding of the two steps (probed once)."""
+    try:
+        x, w = torch.linspace(-2, 2, 64).view(4, 16).bfloat16(), torch.linspace(1, -1, 128).view(8, 16).bfloat16()
+        y = torch.ops.mkldnn._linear_pointwise(x, w, None, "gelu", [], "none").float()
+        return bool(torch.allclose(y, F.gelu(F.linear(x.float(), w.float())), rtol=2e-2, atol=2e-2))
+    except Exception:
+        return False
 
 
 def _runs(make) -> bool:
@@ -368,6 +385,9 @@ class ExactLinears:
     def fc2(self, x):
         return self.f(x, self.l2.weight, self.l2.bias)
 
+    def fc1_gelu(self, x):
+        return torch.ops.aten.gelu_(self.fc1(x))
+
 
 def layer_sources(layer) -> tuple:
     """The weights (and biases) fast mode's copy of one layer is made from."""
@@ -387,12 +407,13 @@ def replaced_weights(layer) -> tuple:
 
 class LowPrecisionLayer:
     """One layer's linear maps on a low-precision copy of its weights (`path` 'bf16' or 'int8'), made from
-    the exact values (records included). Self-attention's q/k/v, and the cross-attention's q, come back in
-    float32 (attention and its softmax run in float32); the other maps return what their kernel gives,
-    which the float32 residual stream absorbs (bf16: the feed-forward's hidden layer and its GELU stay bf16)."""
+    the exact values (records included). The cross-attention's q comes back in float32 (the text memory is
+    float32), and so does self-attention's q/k/v unless `bf16_attention` (bf16 path: SDPA then reads bf16 and
+    keeps its softmax in float32); the other maps return what their kernel gives, which the float32 residual
+    stream absorbs (bf16: the feed-forward's hidden layer and its GELU stay bf16)."""
     split = False            # one packed q/k/v copy only
 
-    def __init__(self, layer, path: str, reduce_range: bool = True):
+    def __init__(self, layer, path: str, reduce_range: bool = True, bf16_attention: bool = True):
         sa, ca = layer.self_attn, layer.cross_attention
         d = sa.in_proj_weight.shape[1]
         ex = lowp.exact_value
@@ -408,9 +429,17 @@ class LowPrecisionLayer:
                       "fc2": make(ex(layer.linear2.weight), layer.linear2.bias)}
         m = self._maps
         self.out, self.cout, self.fc1, self.fc2 = m["out"], m["cout"], m["fc1"], m["fc2"]
+        if path == "bf16" and bf16_attention:
+            self.qkv = m["qkv"]
 
     def qkv(self, x):
         return self._maps["qkv"](x).float()
+
+    def fc1_gelu(self, x):
+        fc1 = self._maps["fc1"]
+        if isinstance(fc1, Bf16Linear) and fc1.fused_gelu:          # GELU as oneDNN's post-op: one pass less
+            return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), fc1.w, fc1.b, "gelu", [], "none")
+        return torch.ops.aten.gelu_(fc1(x))
 
     def cq(self, x):
         return self._maps["cq"](x).float()
@@ -430,26 +459,26 @@ class FastLinears:
     float32 freed), so fast mode needs no more memory than exact mode; weights float16 cannot hold stay
     float32 beside the copy (`kept` bytes). Any exact use restores the records and drops the copy."""
 
-    def __init__(self, lm, path: str = "int8", reduce_range: bool = True):
+    def __init__(self, lm, path: str = "int8", reduce_range: bool = True, bf16_attention: bool = True):
         if path not in ("bf16", "int8"):
             raise ValueError(f"no low-precision copy for path {path!r}")
         self.path, self.layers, self.recorded, self.kept = path, [], 0, 0
         for layer in lm.transformer.layers:
-            self.layers.append(LowPrecisionLayer(layer, path, reduce_range))
+            self.layers.append(LowPrecisionLayer(layer, path, reduce_range, bf16_attention))
             for w in replaced_weights(layer):
                 size = w.numel() * 4
                 if lowp.record(w):
                     self.recorded += size
                 elif w.dtype == torch.float32:
                     self.kept += size
-        self._key = self._fingerprint(lm, path, reduce_range)
+        self._key = self._fingerprint(lm, path, reduce_range, bf16_attention)
         if self.kept:
             log.info("MAGNeT fast mode: %.0f MB of float32 weights are not float16 values (a merged LoRA, a "
                      "float32 fine-tune) and stay beside the %s copy, so that exact mode stays exact",
                      self.kept / 2 ** 20, path)
 
     @staticmethod
-    def _fingerprint(lm, path: str, reduce_range: bool):
+    def _fingerprint(lm, path: str, reduce_range: bool, bf16_attention: bool):
         """Every weight the copy was made from: a weight replaced (ComfyUI's LoRA patches swap the parameter
         of any one linear) or changed in place (its version counter), or a record restored, makes the copy
         stale. Weights made under inference_mode (ComfyUI runs nodes in it) have no version counter: their
@@ -458,10 +487,10 @@ class FastLinears:
             return (w.data_ptr(), w.dtype, None if w.is_inference() else w._version)
         w0 = lm.transformer.layers[0].linear2.bias
         weights = tuple(key(w) for layer in lm.transformer.layers for w in layer_sources(layer))
-        return (None if w0 is None else w0.device, weights, path, reduce_range)
+        return (None if w0 is None else w0.device, weights, path, reduce_range, bf16_attention)
 
-    def matches(self, lm, path: str = "int8", reduce_range: bool = True) -> bool:
-        return self._key == self._fingerprint(lm, path, reduce_range)
+    def matches(self, lm, path: str = "int8", reduce_range: bool = True, bf16_attention: bool = True) -> bool:
+        return self._key == self._fingerprint(lm, path, reduce_range, bf16_attention)
 
     @property
     def nbytes(self) -> int:
@@ -473,15 +502,15 @@ Int8Linears = FastLinears           # the name of earlier releases
 _fast_copies: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def fast_copy(lm, path: str = "int8", reduce_range: bool = True) -> FastLinears:
+def fast_copy(lm, path: str = "int8", reduce_range: bool = True, bf16_attention: bool = True) -> FastLinears:
     """Fast mode's low-precision copy of `lm`'s transformer linear layers, made on first use and kept for as
     long as the LM lives and its weights do not change (`FastLinears`): 14 * dim^2 weights per layer, 1 byte
     each in int8 (0.34 GiB for the small releases), 2 in bf16, while the float32 weights it replaces are held
     in float16 (`magnet.lowp`). Remade when the weights or the path change (the old copy goes first)."""
     copy = _fast_copies.get(lm)
-    if copy is None or not copy.matches(lm, path, reduce_range):
+    if copy is None or not copy.matches(lm, path, reduce_range, bf16_attention):
         _fast_copies.pop(lm, None)
-        copy = _fast_copies[lm] = FastLinears(lm, path, reduce_range)
+        copy = _fast_copies[lm] = FastLinears(lm, path, reduce_range, bf16_attention)
     return copy
 
 
@@ -643,7 +672,7 @@ def parallel_forward(lm, codes, mem, stage: int, heads=None, wanted: torch.Tenso
         x_text += lin.cout(a.transpose(1, 2).reshape(x_text.shape))
         # feed-forward
         h = layer.norm2(x)
-        x += lin.fc2(torch.ops.aten.gelu_(lin.fc1(h)))
+        x += lin.fc2(lin.fc1_gelu(h))
     x = lm.out_norm(x)
     heads = range(cfg.n_q) if heads is None else heads
     head = plain_linear if acts[-1] is not None else linear
@@ -658,9 +687,10 @@ class StepPlan:
     wanted: torch.Tensor | None = None
     linears: str | None = None
     int8_reduce_range: bool = True
+    bf16_attention: bool = True
 
     def run(self, lm, codes, mem, stage: int, heads) -> torch.Tensor:
-        copy = fast_copy(lm, self.linears, self.int8_reduce_range) if self.linears else None
+        copy = fast_copy(lm, self.linears, self.int8_reduce_range, self.bf16_attention) if self.linears else None
         return parallel_forward(lm, codes, mem, stage, heads, self.wanted, copy)
 
 
@@ -863,7 +893,8 @@ class StageForward:
         self._static_step: StaticStep | None = None
 
     def _forward(self, codes, mem, wanted=None):
-        plan = StepPlan(wanted, self.linears, self.reduce_range) if self.parallel else None
+        plan = (StepPlan(wanted, self.linears, self.reduce_range, self.settings.bf16_attention) if self.parallel
+                else None)
         kw = {} if plan is None else {"fastpath": plan}
         return self.lm(codes, mem, stage=self.stage, heads=[self.stage], **kw)
 

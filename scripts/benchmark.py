@@ -25,8 +25,12 @@ machine sustains (torch.mm, and oneDNN's inner product, which our exact mode use
 - --measure-steps runs fewer steps per stage and extrapolates to --steps from the per-stage medians.
   Ours then computes every position at every step (no pruning: otherwise steps differ in cost), so
   its extrapolated times are an upper bound; the reference's steps all have the same shapes.
-- Fast mode: the int8 copy of the LM is made before timing (a one-time cost per loaded model, printed
-  below the table).
+- Fast mode: the low-precision copy of the LM (bf16 or int8: the path fast mode chooses on this CPU,
+  shown in the header and the `linears` column; MAGNET_FAST_LINEARS forces one) is made before timing (a
+  one-time cost per loaded model, printed below the table). The random weights are float16 values, as the
+  releases are published, so the copy's float32 originals are held in float16 meanwhile, as with a release.
+- The header prints the CPU's features (AMX, avx512_bf16, VNNI, AVX2), so figures from different machines
+  can be read.
 
 The text memory is a random T5-width tensor (12 tokens); the codec and T5 are not timed (they run once
 per generation, not per step).
@@ -106,24 +110,27 @@ def build(scale: str, device, dtype, seconds: float):
         lm = LM(cfg)
     lm = lm.to_empty(device="cpu")
     init_random(lm)
+    with torch.no_grad():                     # float16 values, as the releases are published
+        for p in lm.parameters():
+            p.copy_(p.half().float())
     return lm.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def run_ours(a) -> dict:
-    from magnet.fastpath import FastPathSettings, int8_copy
+    from magnet.fastpath import FastPathSettings, fast_copy, fast_linears
     from magnet.sampling import FastMode, SamplingParams, StepCounter, generate, make_generator
     from magnet.text import TextCondition
     dev = torch.device(a.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
     lm = build(a.scale, dev, dtype, a.seconds)
     fast = FastMode() if a.impl == "fast" else False
-    prep_s = 0.0
-    if fast and dev.type == "cpu":
+    prep_s, copy_mb, recorded_mb = 0.0, 0.0, 0.0
+    linears = fast_linears(fast, dev, dtype)
+    if linears:
         t0 = time.perf_counter()
-        int8_mb = int8_copy(lm).nbytes / 2 ** 20
+        copy = fast_copy(lm, linears)
         prep_s = time.perf_counter() - t0
-    else:
-        int8_mb = 0.0
+        copy_mb, recorded_mb = copy.nbytes / 2 ** 20, copy.recorded / 2 ** 20
     B, L = a.batch, 12
     hidden = torch.randn(2 * B, L, 768)
     mask = torch.ones(2 * B, L, dtype=torch.long)
@@ -159,7 +166,8 @@ def run_ours(a) -> dict:
     peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return dict(per_step_s=per_stage, steps=list(full), measured_steps=sum(steps), total_s=total, peak_mb=peak,
-                prep_s=prep_s, int8_mb=int8_mb, threads=torch.get_num_threads(),
+                prep_s=prep_s, copy_mb=copy_mb, recorded_mb=recorded_mb, linears=linears or "fp32",
+                threads=torch.get_num_threads(),
                 params_m=sum(p.numel() for p in lm.parameters()) / 1e6)
 
 
@@ -183,7 +191,7 @@ def run_reference(a, scale: str, batch: int) -> dict | None:
     full = [int(x) for x in a.steps.split(",")]
     measured = [int(x) for x in steps.split(",")]
     return dict(per_step_s=[per] * len(full), steps=full, measured_steps=sum(measured), total_s=per * sum(full),
-                peak_mb=float(m.group(3)), prep_s=0.0, int8_mb=0.0)
+                peak_mb=float(m.group(3)), prep_s=0.0, linears="fp32")
 
 
 def load_one(path: str) -> dict:
@@ -277,6 +285,9 @@ def main():
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {a.device}, {a.dtype}")
     if a.device == "cpu":
+        from magnet.fastpath import choose_linears, cpu_features_text
+        print(f"CPU features: {cpu_features_text()}")
+        print(f"fast mode here: {choose_linears().describe()}")
         mm, dnn = matmul_gflops("mm"), matmul_gflops("onednn")
         print(f"fp32 matmul throughput ([2048x4096] @ [4096x1024]): torch.mm {mm:.0f} GFLOP/s, "
               f"oneDNN {dnn:.0f} GFLOP/s")
@@ -285,7 +296,7 @@ def main():
     best = max(mm, dnn)
     notes = []
     head = (f"{'impl':10} {'scale':6} {'batch':>5} {'steps':>12} {'s/step (per stage)':>24} {'total s':>8} "
-            f"{'RTF':>6} {'peak MB':>8} {'GFLOP/s':>8} {'% mm':>5}")
+            f"{'RTF':>6} {'peak MB':>8} {'GFLOP/s':>8} {'% mm':>5} {'linears':>8}")
     print(head, flush=True)
     for scale in a.scale:
         for b in a.batch:
@@ -310,9 +321,10 @@ def main():
                         print(out.stderr[-2000:])
                         continue
                     r = json.loads(out.stdout.strip().splitlines()[-1])
-                    if r["prep_s"]:
-                        notes.append(f"fast ({scale}, batch {b}): int8 copy of the LM made in {r['prep_s']:.1f} s, "
-                                     f"{r['int8_mb']:.0f} MB, once per loaded model (not in the total)")
+                    if r.get("prep_s"):
+                        notes.append(f"fast ({scale}, batch {b}): {r['linears']} copy of the LM made in "
+                                     f"{r['prep_s']:.1f} s, {r['copy_mb']:.0f} MB, once per loaded model (not in the "
+                                     f"total); {r['recorded_mb']:.0f} MB of float32 weights held in float16 meanwhile")
                 frames = int(a.seconds * 50)
                 gflop = sum(n * step_gflop(scale, b, frames, s) for s, n in enumerate(r["steps"]))
                 rate = gflop / r["total_s"]
@@ -320,7 +332,8 @@ def main():
                 steps = ",".join(str(n) for n in r["steps"])
                 pct = f"{100 * rate / best:5.0f}" if best == best else "    -"
                 print(f"{impl:10} {scale:6} {b:>5} {steps:>12} {per:>24} {r['total_s']:>8.1f} "
-                      f"{r['total_s'] / a.seconds:>6.2f} {r['peak_mb']:>8.0f} {rate:>8.0f} {pct}", flush=True)
+                      f"{r['total_s'] / a.seconds:>6.2f} {r['peak_mb']:>8.0f} {rate:>8.0f} {pct} "
+                      f"{r.get('linears', 'fp32'):>8}", flush=True)
     if a.measure_steps:
         notes.append(f"extrapolated from {a.measure_steps} steps per stage (ours without pruning: an upper bound)")
     notes.append("% mm: the useful matmul rate as a share of the faster of torch.mm / oneDNN above")
