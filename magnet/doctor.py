@@ -252,7 +252,9 @@ def environment(device: torch.device, model=None) -> dict:
     if device.type == "cpu":
         env["cpu"]["features"] = fastpath.cpu_features()
         choice = fastpath.choose_linears()
-        env["kernels"]["fast_linears"] = {"path": choice.path, "how": choice.how, "gflops": choice.rates,
+        rates = choice.rates or fastpath.measure_linears(
+            ["fp32"] + (["bf16"] if fastpath.bf16_available() else []) + (["int8"] if fastpath.int8_available() else []))
+        env["kernels"]["fast_linears"] = {"path": choice.path, "how": choice.how, "gflops": rates,
                                           "env": os.environ.get(fastpath.LINEARS_ENV)}
     with contextlib.suppress(Exception):
         dt = model.dtype if model is not None else devices.default_dtype(device)

@@ -246,28 +246,24 @@ def _linear_for(path: str, w: torch.Tensor):
     return lambda x: linear(x, w)
 
 
-def measure_linears(paths=LINEARS) -> dict:
-    """GFLOP/s of each path's linear layer on `MEASURE_SHAPES` (best of 3 after a warm-up, torch's current
-    thread count; about 0.1 s per path): the quantization, conversion and packing overheads included."""
+def measure_linears(paths=LINEARS, rounds: int = 3) -> dict:
+    """GFLOP/s of each path's linear layer on `MEASURE_SHAPES` (torch's current thread count; about 0.1 s per
+    path): the quantization, conversion and packing overheads included. The paths take turns, round after
+    round, and each keeps its best time per shape, so a passing load slows them alike."""
     g = torch.Generator().manual_seed(0)
     shapes = [(torch.randn(rows, n_in, generator=g), torch.randn(n_out, n_in, generator=g) * 0.02)
               for rows, n_in, n_out in MEASURE_SHAPES]
-    rates = {}
+    best: dict = {}
     with torch.inference_mode():
-        for path in paths:
-            seconds, flop = 0.0, 0
-            for x, w in shapes:
-                f = _linear_for(path, w)
-                f(x)
-                best = math.inf
-                for _ in range(3):
+        layers = {path: [_linear_for(path, w) for _, w in shapes] for path in paths}
+        for _ in range(rounds + 1):                    # the first round warms up
+            for path in paths:
+                for i, (x, _) in enumerate(shapes):
                     t = time.perf_counter()
-                    f(x)
-                    best = min(best, time.perf_counter() - t)
-                seconds += best
-                flop += 2 * x.shape[0] * x.shape[1] * w.shape[0]
-            rates[path] = flop / max(seconds, 1e-9) / 1e9
-    return rates
+                    layers[path][i](x)
+                    best[path, i] = min(best.get((path, i), math.inf), time.perf_counter() - t)
+    flop = sum(2 * x.shape[0] * x.shape[1] * w.shape[0] for x, w in shapes)
+    return {path: flop / max(sum(best[path, i] for i in range(len(shapes))), 1e-9) / 1e9 for path in paths}
 
 
 def pick_linears(rates: dict) -> str:
@@ -291,22 +287,34 @@ class LinearsChoice:
         return f"{self.path} linears ({self.how}{'; GFLOP/s ' + rates if rates else ''})"
 
 
+def decide_linears(features: dict, bf16: bool, int8: bool, measure) -> LinearsChoice:
+    """The fast-mode path for a CPU with `features` (`cpu_features`), where torch runs bf16 in hardware
+    (`bf16`) and int8 kernels (`int8`); `measure(paths)` gives GFLOP/s per candidate. The features decide
+    where they are clear: AMX's bf16 tiles beat the int8 kernels (which use VNNI, not AMX) by about 1.6x and
+    float32 by about 5x; an x86 CPU without bf16 instructions runs int8 at about 1.7x float32. Elsewhere
+    (avx512_bf16 without AMX, Arm, CPUs whose features cannot be read) a short measurement decides."""
+    if bf16 and features.get("amx_bf16"):
+        return LinearsChoice("bf16", "AMX-BF16 on this CPU")
+    candidates = ["fp32"] + (["bf16"] if bf16 else []) + (["int8"] if int8 else [])
+    if len(candidates) == 1:
+        return LinearsChoice("fp32", "no bf16 or int8 kernels here")
+    if candidates == ["fp32", "int8"] and (features.get("vnni") or features.get("avx2")):
+        return LinearsChoice("int8", "no bf16 instructions; int8 on " + ("VNNI" if features.get("vnni") else "AVX2"))
+    rates = measure(candidates)
+    return LinearsChoice(pick_linears(rates), f"measured on {torch.get_num_threads()} threads", rates)
+
+
 @functools.lru_cache(maxsize=None)
 def _measured_choice(threads: int) -> LinearsChoice:
-    candidates = ["fp32"] + (["bf16"] if bf16_accelerated() else []) + (["int8"] if int8_available() else [])
-    if len(candidates) == 1:
-        choice = LinearsChoice("fp32", "no bf16 or int8 kernels here")
-    else:
-        rates = measure_linears(candidates)
-        choice = LinearsChoice(pick_linears(rates), f"measured on {threads} threads", rates)
+    choice = decide_linears(cpu_features(), bf16_accelerated(), int8_available(), measure_linears)
     log.info("MAGNeT fast mode: %s; CPU: %s", choice.describe(), cpu_features_text())
     return choice
 
 
 def choose_linears(setting: str = "auto") -> LinearsChoice:
     """The linear layers of fast mode on this CPU. `setting` (`FastMode.linears`): 'auto' = the environment
-    variable MAGNET_FAST_LINEARS if set, else the fastest path by a short measurement made once per thread
-    count (`measure_linears`); 'bf16', 'int8' or 'fp32' force a path (bf16 runs everywhere, emulated where
+    variable MAGNET_FAST_LINEARS if set, else the fastest path for this CPU (`decide_linears`: from its
+    features, or a short measurement; once per thread count); 'bf16', 'int8' or 'fp32' force a path (bf16 runs everywhere, emulated where
     the CPU lacks it; int8 falls back to the measured choice where torch has no int8 kernels)."""
     value = setting
     if value == "auto":
@@ -399,10 +407,12 @@ def layer_sources(layer) -> tuple:
 
 
 def replaced_weights(layer) -> tuple:
-    """The weights the copy replaces entirely, held as float16 records while it exists (`magnet.lowp`). The
-    cross-attention's packed projection stays as it is: its key/value rows make each generation's memory."""
+    """The weights the copy replaces, held as float16 records while it exists (`magnet.lowp`). The
+    cross-attention's packed projection is one of them: the copy holds its query rows, and each generation's
+    text memory reads the key/value rows' exact values from the record (`Attention.project`)."""
     sa, ca = layer.self_attn, layer.cross_attention
-    return (sa.in_proj_weight, sa.out_proj.weight, ca.out_proj.weight, layer.linear1.weight, layer.linear2.weight)
+    return (sa.in_proj_weight, sa.out_proj.weight, ca.in_proj_weight, ca.out_proj.weight, layer.linear1.weight,
+            layer.linear2.weight)
 
 
 class LowPrecisionLayer:

@@ -100,17 +100,26 @@ def restore(module: torch.nn.Module) -> int:
     restored (0 when there was nothing to do, which costs a dictionary check)."""
     if not _records:
         return 0
+    return restore_params(module.parameters(), module)
+
+
+def restore_params(params, module: torch.nn.Module | None = None) -> int:
+    """`restore` for the given parameters only (e.g. the ones a weight patch is about to read); `module`, if
+    given, is what the restore callbacks hear about."""
+    if not _records:
+        return 0
     with _lock:
         t0, n = time.perf_counter(), 0
         with torch.inference_mode(False), torch.no_grad():
-            for p in module.parameters():
+            for p in params:
                 dtype = _pop(p)
                 if dtype is not None:
                     p.data = p.data.to(dtype)
                     n += p.numel() * p.element_size()
         if n:
-            for fn in list(_on_restore):
-                fn(module)
+            if module is not None:
+                for fn in list(_on_restore):
+                    fn(module)
             log.info("MAGNeT: exact weights restored from fast mode's float16 records (%.0f MB in %.1f s)",
                      n / 2 ** 20, time.perf_counter() - t0)
         return n

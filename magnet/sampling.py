@@ -59,8 +59,9 @@ class FastMode:
     later_steps: at most this many decoding steps for each codebook >= 1 (codebook 0 keeps its
         steps). None leaves the steps as given.
     linears: the transformer's linear layers on the CPU (float32 weights; ignored on other devices):
-        'auto' (the fastest path this CPU runs, measured once: `fastpath.choose_linears`; the environment
-        variable MAGNET_FAST_LINEARS can set it), 'bf16' (bf16 weights and activations: AMX or
+        'auto' (the fastest path this CPU runs, from its features or measured once:
+        `fastpath.choose_linears`; the environment variable MAGNET_FAST_LINEARS can set it), 'bf16'
+        (bf16 weights and activations: AMX or
         avx512_bf16), 'int8' (int8 weights, dynamically quantized int8 activations: VNNI/AVX2) or 'fp32'
         (the weights themselves). A low-precision copy is made on first use; the float32 weights it
         replaces are held in float16 meanwhile and restored exactly when exact mode runs (`magnet.lowp`).

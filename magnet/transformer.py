@@ -163,6 +163,8 @@ class Attention(nn.Module):
         if rows is not None:
             return rows(x, lo, hi)
         w, b = self.in_proj_weight, self.in_proj_bias
+        if lowp.held() and lowp.is_record(w):      # fast mode holds it in float16: its exact values
+            w = lowp.exact_value(w)
         if lo == 0 and hi is None:
             return F.linear(x, w, b)
         return F.linear(x, w[lo:hi], None if b is None else b[lo:hi])

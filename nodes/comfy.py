@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..magnet import lowp
 from ..magnet.devices import bf16_supported, default_device, default_dtype
 from ..magnet.transformer import official_name
 
@@ -153,12 +154,33 @@ def load(*patchers):
     unique = list({id(p): p for p in patchers if p is not None}.values())
     if not unique or mm is None:
         return
+    for p in unique:
+        exact_before_patching(p)
     if _takes_keyword(mm.load_models_gpu, "force_full_load"):
         mm.load_models_gpu(unique, force_full_load=True)
     else:   # ComfyUI before force_full_load (mid 2024): settle() completes partial loads
         mm.load_models_gpu(unique)
     for p in unique:
         settle(p)
+
+
+def exact_before_patching(patcher) -> None:
+    """ComfyUI computes a weight patch (a LoRA) from the weight it finds: a weight fast mode holds as a
+    float16 record (`magnet.lowp`) is made its exact float32 self first, so a patched model is the same
+    whatever ran before (weights already patched are ComfyUI's own tensors, never records)."""
+    patches = getattr(patcher, "patches", None)
+    if not patches:
+        return
+    params = []
+    for key in patches:
+        obj = patcher.model
+        for part in str(key).split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, torch.Tensor):
+            params.append(obj)
+    lowp.restore_params(params, getattr(patcher.model, "inner", None))
 
 
 @functools.lru_cache(maxsize=None)

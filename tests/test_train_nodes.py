@@ -356,6 +356,26 @@ def test_comfyui_patch_and_unpatch_leave_the_base_bit_identical(pack, N, base, l
     assert same(weights(m), before) and torch.equal(logits(m), expected)
 
 
+def test_a_comfyui_patch_after_fast_mode_is_made_from_the_exact_weights(pack, N, ref, loras_dir, in_comfy):
+    """Fast mode holds the weights it copies as float16 records (magnet.lowp); ComfyUI computes a patch in the
+    weight's own dtype, so the records are made exact again before it patches."""
+    m = music(pack, ref)
+    with torch.no_grad():                                   # float16 values, as a published release loads
+        for p in m.lm.parameters():
+            p.copy_(p.half().float())
+    handle = pack.nodes.common.Handle(m, "magnet-music", [FakePatcher(pack.nodes.comfy.managed_class("LM")(m.lm))])
+    lora_file(pack, loras_dir / "style.safetensors", m, 2)
+    out = load(N, handle, "style.safetensors", 1.0)
+    patched = logits(used(pack, out))
+    expected = logits(used(pack, handle))                   # the base again (ComfyUI unpatches)
+    pack.magnet.fastpath.fast_copy(m.lm, "bf16")            # fast mode ran on the base
+    assert sum(pack.magnet.lowp.is_record(p) for p in m.lm.parameters()) > 10
+    used(pack, out)                                         # ComfyUI patches the LoRA clone
+    assert all(p.dtype == torch.float32 for p in m.lm.parameters())
+    assert torch.equal(logits(m), patched)
+    assert torch.equal(logits(used(pack, handle)), expected)
+
+
 def test_engine_path_and_comfyui_patch_path_agree(pack, N, base, loras_dir, managed):
     lora_file(pack, loras_dir / "style.safetensors", base, 3, targets=list(pack.magnet.lora.TARGETS))
     base_logits = logits(base)
