@@ -156,7 +156,8 @@ class Int8Linear:
 
     def __init__(self, w: torch.Tensor, b: torch.Tensor | None, reduce_range: bool = True):
         w = w.detach().float().cpu().contiguous()
-        scale = (w.abs().amax(dim=1).clamp_min(1e-12) / 127).double()
+        lo, hi = torch.aminmax(w, dim=1)                  # no full-size |w| temporary
+        scale = (torch.maximum(-lo, hi).clamp_min(1e-12) / 127).double()
         with warnings.catch_warnings():       # the quantized tensor API is deprecated, the ops are not gone
             warnings.simplefilter("ignore")
             q = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
@@ -408,10 +409,10 @@ def layer_sources(layer) -> tuple:
 
 def replaced_weights(layer) -> tuple:
     """The weights the copy replaces, held as float16 records while it exists (`magnet.lowp`). The
-    cross-attention's packed projection is one of them: the copy holds its query rows, and each generation's
-    text memory reads the key/value rows' exact values from the record (`Attention.project`)."""
-    sa, ca = layer.self_attn, layer.cross_attention
-    return (sa.in_proj_weight, sa.out_proj.weight, ca.in_proj_weight, ca.out_proj.weight, layer.linear1.weight,
+    cross-attention's packed projection stays as it is (the copy holds its query rows): its key/value rows
+    make each generation's text memory, which would otherwise need float32 temporaries of it every time."""
+    sa = layer.self_attn
+    return (sa.in_proj_weight, sa.out_proj.weight, layer.cross_attention.out_proj.weight, layer.linear1.weight,
             layer.linear2.weight)
 
 
@@ -482,6 +483,7 @@ class FastLinears:
                 elif w.dtype == torch.float32:
                     self.kept += size
         self._key = self._fingerprint(lm, path, reduce_range, bf16_attention)
+        lowp.release_freed_memory()
         if self.kept:
             log.info("MAGNeT fast mode: %.0f MB of float32 weights are not float16 values (a merged LoRA, a "
                      "float32 fine-tune) and stay beside the %s copy, so that exact mode stays exact",

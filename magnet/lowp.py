@@ -2,11 +2,12 @@
 
 Fast mode on the CPU runs the transformer's linear layers on a low-precision copy of their weights (bf16 or
 int8, `magnet.fastpath`). Kept beside the float32 weights, that copy would make fast mode need more memory
-than exact mode. Instead, while the copy exists, each float32 weight it was made from is held as a *record*:
-the same parameter with its data in float16, where float16 holds every one of its values exactly (true of the
+than exact mode. Instead, while the copy exists, each float32 weight it replaces is held as a *record*: the
+same parameter with its data in float16, where float16 holds every one of its values exactly (true of the
 official releases, published in float16). A record is 2 bytes per weight instead of 4, so fast mode holds
   bf16 path: copy 2 + record 2 = 4 bytes per weight (exact mode: 4),
-  int8 path: copy 1 + record 2 = 3 bytes per weight.
+  int8 path: copy 1 + record 2 = 3 bytes per weight,
+except the cross-attention's key/value rows, which stay float32 (each generation's text memory reads them).
 A weight that float16 cannot hold exactly (a merged LoRA, a float32 fine-tune) stays float32 beside its copy.
 
 Anything that needs the exact weights calls `restore` first (`LM.forward` outside fast mode's low-precision
@@ -19,6 +20,7 @@ take one process-wide lock.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -54,12 +56,35 @@ def _forget(key: int, ref) -> None:
         del _records[key]
 
 
-def lossless(w: torch.Tensor) -> bool:
-    """Whether float16 holds every value of the float32 tensor `w` exactly (finite values only)."""
+def lossless(w: torch.Tensor, chunk: int = 1 << 20) -> bool:
+    """Whether float16 holds every value of the float32 tensor `w` exactly (finite values only). Checked a
+    chunk at a time: no full-size temporaries."""
     if w.dtype != torch.float32:
         return False
-    h = w.detach().half()
-    return bool(torch.isfinite(h).all()) and torch.equal(h.float(), w.detach())
+    for part in w.detach().reshape(-1).split(chunk):
+        h = part.half()
+        if not (bool(torch.isfinite(h).all()) and torch.equal(h.float(), part)):
+            return False
+    return True
+
+
+def release_freed_memory() -> None:
+    """Hand the memory freed by a swap back to the system (glibc keeps freed blocks of a few MB in its heap,
+    where they would count against the process as if still in use); a no-op elsewhere."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+            import ctypes.util
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError, TypeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        with contextlib.suppress(Exception):
+            _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def record(p: torch.Tensor) -> bool:
@@ -117,6 +142,7 @@ def restore_params(params, module: torch.nn.Module | None = None) -> int:
                     p.data = p.data.to(dtype)
                     n += p.numel() * p.element_size()
         if n:
+            release_freed_memory()
             if module is not None:
                 for fn in list(_on_restore):
                     fn(module)

@@ -163,8 +163,6 @@ class Attention(nn.Module):
         if rows is not None:
             return rows(x, lo, hi)
         w, b = self.in_proj_weight, self.in_proj_bias
-        if lowp.held() and lowp.is_record(w):      # fast mode holds it in float16: its exact values
-            w = lowp.exact_value(w)
         if lo == 0 and hi is None:
             return F.linear(x, w, b)
         return F.linear(x, w[lo:hi], None if b is None else b[lo:hi])
@@ -353,7 +351,7 @@ class LM(nn.Module):
 
         This is the specification. `fastpath` (a `magnet.fastpath.StepPlan`, given by the decoding loop
         for MAGNeT's pre-norm non-causal LM) computes the same logits with less work (and, in fast mode,
-        int8 layers); see `magnet.fastpath`.
+        bf16 or int8 layers); see `magnet.fastpath`.
         """
         if lowp.held() and not getattr(fastpath, "linears", None):
             lowp.restore(self)             # fast mode's float16 records -> the exact float32 weights

@@ -201,8 +201,10 @@ def test_fast_mode_holds_one_copy_and_no_more_memory_than_exact_mode(path):
     exact = _param_bytes(lm)
     copy = fastpath.fast_copy(lm, path)
     held = _param_bytes(lm) + copy.nbytes
-    assert copy.kept == 0 and copy.recorded > 0.9 * exact
-    assert held <= (1.0 if path == "bf16" else 0.8) * exact, (held, exact)
+    assert copy.kept == 0 and copy.recorded > 0.75 * exact
+    # bf16: 4 bytes per replaced weight as in exact mode, plus a bf16 copy of the cross-attention's query rows
+    # (whose packed projection stays float32 for the text memory); int8: 3 bytes per replaced weight
+    assert held <= (1.04 if path == "bf16" else 0.85) * exact, (held, exact)
     fastpath.drop_fast_copy(lm)
     assert _param_bytes(lm) == exact and lm not in fastpath._fast_copies
 
@@ -225,8 +227,8 @@ def test_exact_use_after_fast_mode_is_bit_identical_and_drops_the_copy():
     with torch.inference_mode():                          # as ComfyUI runs nodes
         ref, ref_memory = lm(codes, mem, stage=1), lm.memory(*text)
         fastpath.fast_copy(lm, "bf16")
-        assert lm.transformer.layers[0].cross_attention.in_proj.weight.dtype == torch.float16
-        memory = lm.memory(*text)                         # the text memory reads the records' exact values
+        assert lm.transformer.layers[0].cross_attention.in_proj.weight.dtype == torch.float32
+        memory = lm.memory(*text)                         # the text memory reads exact weights
         assert all(torch.equal(a, b) for kv, ref_kv in zip(memory.kv, ref_memory.kv) for a, b in zip(kv, ref_kv))
         assert lm.transformer.layers[0].linear1.weight.dtype == torch.float16
         again = lm(codes, mem, stage=1)                   # exact use restores
