@@ -181,7 +181,24 @@ class Bf16Linear:
         self.fused_gelu = fused_gelu_available()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(torch.bfloat16), self.w, self.b)
+        return bf16_rows(x, lambda rows: F.linear(rows, self.w, self.b))
+
+
+ROW_BUCKET = 64
+
+
+def bf16_rows(x: torch.Tensor, f) -> torch.Tensor:
+    """f applied to the rows of x [..., D] in bf16, padded with zero rows to a multiple of ROW_BUCKET: oneDNN
+    makes and keeps a kernel for every row count it meets, and pruned steps meet hundreds (each kept kernel
+    costs memory: the process grew ~15 MB per step without the buckets); the padding rows are dropped."""
+    lead, d = x.shape[:-1], x.shape[-1]
+    n = x.numel() // d if d else 0
+    padded = -(-n // ROW_BUCKET) * ROW_BUCKET
+    if padded == n:
+        return f(x.reshape(n, d).to(torch.bfloat16)).view(*lead, -1)
+    rows = x.new_zeros((padded, d), dtype=torch.bfloat16)
+    rows[:n].copy_(x.reshape(n, d))
+    return f(rows)[:n].view(*lead, -1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -449,7 +466,7 @@ class LowPrecisionLayer:
     def fc1_gelu(self, x):
         fc1 = self._maps["fc1"]
         if isinstance(fc1, Bf16Linear) and fc1.fused_gelu:          # GELU as oneDNN's post-op: one pass less
-            return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), fc1.w, fc1.b, "gelu", [], "none")
+            return bf16_rows(x, lambda rows: torch.ops.mkldnn._linear_pointwise(rows, fc1.w, fc1.b, "gelu", [], "none"))
         return torch.ops.aten.gelu_(fc1(x))
 
     def cq(self, x):
