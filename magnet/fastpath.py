@@ -196,8 +196,9 @@ def bf16_rows(x: torch.Tensor, f) -> torch.Tensor:
     padded = -(-n // ROW_BUCKET) * ROW_BUCKET
     if padded == n:
         return f(x.reshape(n, d).to(torch.bfloat16)).view(*lead, -1)
-    rows = x.new_zeros((padded, d), dtype=torch.bfloat16)
-    rows[:n].copy_(x.reshape(n, d))
+    rows = x.new_empty((padded, d), dtype=torch.bfloat16)
+    rows[:n].copy_(x.reshape(n, d))                    # the conversion to bf16, as .to() would do it
+    rows[n:].zero_()
     return f(rows)[:n].view(*lead, -1)
 
 
