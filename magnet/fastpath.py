@@ -503,7 +503,7 @@ class FastLinears:
         self._key = self._fingerprint(lm, path, reduce_range, bf16_attention)
         lowp.release_freed_memory()
         if self.kept:
-            log.info("MAGNeT fast mode: %.0f MB of float32 weights are not float16 values (a merged LoRA, a "
+            log.info("MAGNeT fast mode: %.1f MB of float32 weights are not float16 values (a merged LoRA, a "
                      "float32 fine-tune) and stay beside the %s copy, so that exact mode stays exact",
                      self.kept / 2 ** 20, path)
 
