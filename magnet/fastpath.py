@@ -185,15 +185,18 @@ class Bf16Linear:
 
 
 ROW_BUCKET = 64
+_rows = threading.local()          # .pruned: whether the layer being computed runs on pruned positions
 
 
 def bf16_rows(x: torch.Tensor, f) -> torch.Tensor:
-    """f applied to the rows of x [..., D] in bf16, padded with zero rows to a multiple of ROW_BUCKET: oneDNN
-    makes and keeps a kernel for every row count it meets, and pruned steps meet hundreds (each kept kernel
-    costs memory: the process grew ~15 MB per step without the buckets); the padding rows are dropped."""
+    """f applied to the rows of x [..., D] in bf16. On pruned positions, whose count changes from step to step,
+    the rows are padded with zero rows to a multiple of ROW_BUCKET: oneDNN makes and keeps a kernel for every
+    row count it meets, and pruned steps meet hundreds (each kept kernel costs memory: the process grew ~15 MB
+    per step without the buckets); the padding rows are dropped. Unpruned layers keep one row count per
+    generation and are not padded."""
     lead, d = x.shape[:-1], x.shape[-1]
     n = x.numel() // d if d else 0
-    padded = -(-n // ROW_BUCKET) * ROW_BUCKET
+    padded = -(-n // ROW_BUCKET) * ROW_BUCKET if getattr(_rows, "pruned", True) else n
     if padded == n:
         return f(x.reshape(n, d).to(torch.bfloat16)).view(*lead, -1)
     rows = x.new_empty((padded, d), dtype=torch.bfloat16)
@@ -671,6 +674,7 @@ def parallel_forward(lm, codes, mem, stage: int, heads=None, wanted: torch.Tenso
             out_rows = pos_out if pos_in is None else torch.searchsorted(pos_in, pos_out)
             out_rows = out_rows.to(x.device)
         lin = copy.layers[i] if copy is not None else ExactLinears(layer, pos_in is not None, out_rows is not None)
+        _rows.pruned = pos_in is not None or out_rows is not None        # bf16_rows pads only pruned rows
         # self-attention (rows that share their codes share it in the first layer)
         h = layer.norm1(x)
         if band is None and out_rows is not None and lin.split:   # full attention: keys everywhere, queries where wanted
