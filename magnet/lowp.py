@@ -151,6 +151,14 @@ def restore_params(params, module: torch.nn.Module | None = None) -> int:
         return n
 
 
+def cpu_lock(device):
+    """The lock that makes weight swaps and their readers take turns, for a model on `device` (a no-op context
+    off the CPU, where nothing is ever a record). `LM.forward` holds it for each forward on the CPU, training
+    for its whole loop (its backward reads the weights after the forward): a fast generation in one thread
+    cannot swap a weight an exact forward of the same weights reads in another."""
+    return _lock if torch.device(device).type == "cpu" else contextlib.nullcontext()
+
+
 def on_restore(fn) -> None:
     """Call fn(module) after every restore that changed something."""
     _on_restore.append(fn)

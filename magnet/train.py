@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import lowp
 from .devices import autocast_for
 from .errors import MagnetError
 
@@ -352,7 +353,7 @@ def train_lora(model, data_dir, out, settings: TrainSettings | None = None, *, p
         log(f"skipped {p} ({why})")
     captions = _Captions(model, data.captions + (val.captions if val else []))
 
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with lowp.cpu_lock(device), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(s.seed)
         init = torch.Generator().manual_seed(s.seed)
         train_lm, adapters = lora_mod.attach(lm, s.targets, s.rank, s.alpha, s.dropout, generator=init)

@@ -353,10 +353,14 @@ class LM(nn.Module):
         for MAGNeT's pre-norm non-causal LM) computes the same logits with less work (and, in fast mode,
         bf16 or int8 layers); see `magnet.fastpath`.
         """
-        if lowp.held() and not getattr(fastpath, "linears", None):
-            lowp.restore(self)             # fast mode's float16 records -> the exact float32 weights
-        if fastpath is not None:
-            return fastpath.run(self, codes, mem, stage, heads)
+        with lowp.cpu_lock(self.linears[0].weight.device):    # no weight swap while this forward reads them
+            if lowp.held() and not getattr(fastpath, "linears", None):
+                lowp.restore(self)             # fast mode's float16 records -> the exact float32 weights
+            if fastpath is not None:
+                return fastpath.run(self, codes, mem, stage, heads)
+            return self._forward(codes, mem, stage, heads, cache)
+
+    def _forward(self, codes, mem, stage, heads, cache):
         x = self.embed(codes, offset=cache.length if cache is not None else 0)
         if x.shape[0] != mem.batch:
             x = x.repeat(mem.batch // x.shape[0], 1, 1)

@@ -278,3 +278,26 @@ def test_applying_a_lora_reads_the_exact_weights(fp16_music, tmp_path):
     assert lowp.is_record(lm.transformer.layers[0].linear1.weight)
     merged = music_model.with_lora(path).lm.transformer.layers[0].linear1.weight
     assert merged.dtype == torch.float32 and torch.equal(merged, expected)
+
+
+def test_fast_and_exact_generations_in_parallel_threads_do_not_disturb_each_other(fp16_music):
+    m = fp16_music
+    kw = dict(duration=0.5, decoding_steps=(3, 2, 2, 2))
+    exact = [m.generate(["rain"], seed=s, **kw) for s in range(3)]
+    fast = [m.generate(["rain"], seed=s, fast=FastMode(linears="bf16"), **kw) for s in range(3)]
+    got, errors = {}, []
+
+    def run(name, **extra):
+        try:
+            got[name] = [m.generate(["rain"], seed=s, **kw, **extra) for s in range(3)]
+        except Exception as exc:                          # pragma: no cover - reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=run, args=("exact",)),
+               threading.Thread(target=run, args=("fast",), kwargs={"fast": FastMode(linears="bf16")})]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert all(torch.equal(a, b) for a, b in zip(got["exact"], exact))
+    assert all(torch.equal(a, b) for a, b in zip(got["fast"], fast))
