@@ -651,7 +651,7 @@ def parallel_forward(lm, codes, mem, stage: int, heads=None, wanted: torch.Tenso
     with `wanted` (bool [T]) the logits of those positions only, [B, len(heads), wanted.sum(), card].
     `copy`: the layers' linear maps run on this low-precision copy (fast mode) instead of the weights."""
     cfg, layers = lm.cfg, lm.transformer.layers
-    R, D, H = mem.batch, cfg.dim, cfg.num_heads
+    R, H = mem.batch, cfg.num_heads
     band = cfg.subcodes_context if stage > 0 and cfg.subcodes_context >= 0 else None
     x = lm.embed(codes)                                                        # [b, T, D]
     T = x.shape[1]
