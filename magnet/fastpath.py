@@ -11,8 +11,8 @@ low-precision layers, which change them within a tolerance:
 - the band attention of codebooks >= 1 in blocks, without a [T, T] matrix (`band_attention`);
 - fp32 linears on the CPU through oneDNN (`linear`), or, in fast mode, one low-precision copy of the
   layers (`FastLinears`): bf16 (AMX / avx512_bf16) or int8 (VNNI / AVX2), whichever this CPU runs
-  fastest (`choose_linears`, measured once), with the float32 weights it replaces held losslessly in
-  float16 meanwhile (`magnet.lowp`), so fast mode needs no more memory than exact mode;
+  fastest (`choose_linears`: from its features, or measured once), with the float32 weights it replaces
+  held losslessly in float16 meanwhile (`magnet.lowp`), so fast mode needs no more memory than exact mode;
 - static buffers and, on CUDA, a CUDA graph per stage (`StaticStep`).
 
 `StageForward` is one stage's forward, built from (model, memory, stage, fast mode, `FastPathSettings`);
@@ -336,8 +336,8 @@ def _measured_choice(threads: int) -> LinearsChoice:
 def choose_linears(setting: str = "auto") -> LinearsChoice:
     """The linear layers of fast mode on this CPU. `setting` (`FastMode.linears`): 'auto' = the environment
     variable MAGNET_FAST_LINEARS if set, else the fastest path for this CPU (`decide_linears`: from its
-    features, or a short measurement; once per thread count); 'bf16', 'int8' or 'fp32' force a path (bf16 runs everywhere, emulated where
-    the CPU lacks it; int8 falls back to the measured choice where torch has no int8 kernels)."""
+    features, or a short measurement; once per thread count); 'bf16', 'int8' or 'fp32' force a path (a
+    path this torch cannot run falls back to the automatic choice, with a warning)."""
     value = setting
     if value == "auto":
         value = os.environ.get(LINEARS_ENV, "").strip().lower() or "auto"
@@ -365,11 +365,6 @@ def fast_linears(fast, device: torch.device, dtype: torch.dtype = torch.float32)
         return None
     path = choose_linears(getattr(fast, "linears", "auto")).path
     return None if path == "fp32" else path
-
-
-def use_int8(fast, device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
-    """Whether fast mode runs int8 linears here (`fast_linears` says 'int8')."""
-    return fast_linears(fast, device, dtype) == "int8"
 
 
 class ExactLinears:
@@ -481,9 +476,6 @@ class LowPrecisionLayer:
         return sum(m.nbytes for m in self._maps.values())
 
 
-Int8Layer = LowPrecisionLayer       # the name of earlier releases
-
-
 class FastLinears:
     """Fast mode's one low-precision copy of every transformer layer's linear maps (CPU), `path` 'bf16' or
     'int8'. Embeddings, norms, the output heads and the text projection stay float32. Making it turns each
@@ -529,9 +521,6 @@ class FastLinears:
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers)
 
-
-Int8Linears = FastLinears           # the name of earlier releases
-
 _fast_copies: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -547,11 +536,6 @@ def fast_copy(lm, path: str = "int8", reduce_range: bool = True, bf16_attention:
     return copy
 
 
-def int8_copy(lm, reduce_range: bool = True) -> FastLinears:
-    """`fast_copy(lm, 'int8', reduce_range)`."""
-    return fast_copy(lm, "int8", reduce_range)
-
-
 def drop_fast_copy(lm) -> None:
     """Free the low-precision copy of `lm` and restore its exact weights (the copy is remade on the next fast
     generation)."""
@@ -559,7 +543,6 @@ def drop_fast_copy(lm) -> None:
     lowp.restore(lm)
 
 
-drop_int8_copy = drop_fast_copy
 lowp.on_restore(lambda module: _fast_copies.pop(module, None))
 
 

@@ -40,7 +40,7 @@ import torch
 
 from .errors import MagnetError
 from .text import TextCondition
-from .fastpath import DEFAULT_SETTINGS, FastPathSettings, StageForward
+from .fastpath import DEFAULT_SETTINGS, LINEARS, FastPathSettings, StageForward
 from .transformer import LM
 
 SPAN_ARRANGEMENTS = ("nonoverlap", "stride1")
@@ -61,9 +61,8 @@ class FastMode:
     linears: the transformer's linear layers on the CPU (float32 weights; ignored on other devices):
         'auto' (the fastest path this CPU runs, from its features or measured once:
         `fastpath.choose_linears`; the environment variable MAGNET_FAST_LINEARS can set it), 'bf16'
-        (bf16 weights and activations: AMX or
-        avx512_bf16), 'int8' (int8 weights, dynamically quantized int8 activations: VNNI/AVX2) or 'fp32'
-        (the weights themselves). A low-precision copy is made on first use; the float32 weights it
+        (bf16 weights and activations: AMX or avx512_bf16), 'int8' (int8 weights, dynamically quantized
+        int8 activations: VNNI/AVX2) or 'fp32' (the weights themselves). A low-precision copy is made on first use; the float32 weights it
         replaces are held in float16 meanwhile and restored exactly when exact mode runs (`magnet.lowp`).
         `int8=False` (the earlier field) is linears='fp32'.
     skip_unit_cfg: on steps whose guidance coefficient is 1 to within 1e-5 (the last step of each
@@ -212,8 +211,8 @@ class SamplingParams:
         if fast:
             if fast.later_steps is not None and int(fast.later_steps) < 1:
                 raise MagnetError(f"FastMode.later_steps {fast.later_steps} must be at least 1 (or None).")
-            if fast.linears not in ("auto", "bf16", "int8", "fp32"):
-                raise MagnetError(f"FastMode.linears {fast.linears!r} must be 'auto', 'bf16', 'int8' or 'fp32'.")
+            if fast.linears not in ("auto",) + LINEARS:
+                raise MagnetError(f"FastMode.linears {fast.linears!r} must be one of auto, {', '.join(LINEARS)}.")
             steps = list(fast.steps(steps))
         out = replace(self, decoding_steps=tuple(steps), fast=fast, temperature=num["temperature"],
                       top_p=num["top_p"], top_k=int(num["top_k"]), max_cfg_coef=num["max_cfg_coef"],

@@ -187,15 +187,7 @@ class NoFloat64(TorchDispatchMode):
 
 @pytest.fixture(scope="module")
 def model():
-    m = tiny_model()
-    if fastpath.use_int8(FastMode(), m.device):
-        # The one exclusion: making the int8 copy (magnet/fastpath.py, Int8Linear.__init__:
-        # `scale = (...).double()`, then torch.quantize_per_channel) makes float64 per-channel weight
-        # scales, which the CPU's quantized kernels require; int8 runs on the CPU only (fastpath.use_int8)
-        # and the copy is made once per LM, before any decoding. It is made here, outside the mode, so
-        # the fast paths below check everything else, the int8 forward included.
-        fastpath.int8_copy(m.lm, m.fastpath.int8_reduce_range)
-    return m
+    return tiny_model()
 
 
 def _paths(m: MagnetModel):
@@ -233,10 +225,19 @@ def _paths(m: MagnetModel):
     yield "unconditional", lambda: m.generate_from_condition(uncond, frames=24, params=plain, seed=8)
 
 
-@pytest.mark.parametrize("forward", ["cpu", "gpu-like"])
-def test_no_decoding_path_makes_a_float64_tensor(model, forward):
-    """forward 'cpu': the CPU's own forward (pruned positions, int8 in fast mode); 'gpu-like': the
-    static-buffer forward CUDA replays from graphs, without pruning."""
+@pytest.mark.parametrize("forward, linears", [("cpu", "bf16"), ("cpu", "int8"), ("gpu-like", "bf16")])
+def test_no_decoding_path_makes_a_float64_tensor(model, forward, linears, monkeypatch):
+    """forward 'cpu': the CPU's own forward (pruned positions; fast mode with each of its low-precision
+    linears, whatever this CPU would choose); 'gpu-like': the static-buffer forward CUDA replays from
+    graphs, without pruning."""
+    if linears == "int8" and not fastpath.int8_available():
+        pytest.skip("this torch has no CPU int8 kernels")
+    monkeypatch.setenv(fastpath.LINEARS_ENV, linears)
+    # The one exclusion: making the int8 copy (magnet/fastpath.py, Int8Linear.__init__: `.double()`, then
+    # torch.quantize_per_channel) makes float64 per-channel weight scales, which the CPU's quantized kernels
+    # require; the copy is made once per LM, before any decoding. It is made here, outside the mode, so the
+    # fast paths below check everything else, the low-precision forward included.
+    fastpath.fast_copy(model.lm, linears, model.fastpath.int8_reduce_range)
     settings = FastPathSettings() if forward == "cpu" else FastPathSettings(prune_on_cpu=False,
                                                                             static_steps_on_cpu=True)
     saved, model.fastpath = model.fastpath, settings

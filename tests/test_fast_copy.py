@@ -26,8 +26,8 @@ def _weights(lm):
 @pytest.mark.parametrize("how", ["replaced", "replaced_in_inference_mode", "changed_in_place"])
 def test_int8_copy_is_remade_when_any_weight_changes(index, how):
     lm = _lm()
-    first = fastpath.int8_copy(lm)
-    assert fastpath.int8_copy(lm) is first           # unchanged weights: the same copy
+    first = fastpath.fast_copy(lm, "int8")
+    assert fastpath.fast_copy(lm, "int8") is first           # unchanged weights: the same copy
     module, name = _weights(lm)[index]
     w = getattr(module, name)
     if how == "changed_in_place":
@@ -37,5 +37,5 @@ def test_int8_copy_is_remade_when_any_weight_changes(index, how):
         ctx = torch.inference_mode() if how == "replaced_in_inference_mode" else torch.no_grad()
         with ctx:
             setattr(module, name, torch.nn.Parameter(w + 1.0, requires_grad=False))
-    second = fastpath.int8_copy(lm)
+    second = fastpath.fast_copy(lm, "int8")
     assert second is not first
