@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -265,12 +265,17 @@ def check_finite(names: list, sums: list, where: str) -> None:
 
 @dataclass
 class Release:
-    """What a release holds, before the models are built: LM config + weights, the codec, its source."""
+    """What a release holds, before the models are built: LM config + weights, the codec, its source, and what
+    its config says beyond the architecture, read once at load (`release_settings`): `generation` (its own
+    sampling settings, xp.cfg `generate.lm`), `training` (`dropout`: classifier-free guidance training dropout)
+    and `content` ('music' or 'sound')."""
     lm_config: LMConfig
     lm_state: dict
     codec: Any  # magnet.codec.Codec
     source: Path
     generation: dict
+    training: dict = field(default_factory=dict)
+    content: str = "music"
 
 
 def resolve_release(release: str | Path) -> Path:
@@ -314,7 +319,9 @@ def _load_official(p: Path, *, codec_dir=None, search_dirs=()) -> Release:
     codec = Codec.from_release_file(codec_file, codec_dir=codec_dir, search_dirs=search_dirs)
     check_codec_matches(cfg, codec, str(lm_file), str(codec_file))
     check_codec_rate(xp, codec, str(lm_file), str(codec_file))
-    return Release(cfg, lm_state_from_release(state), codec, p, _generation_defaults(xp))
+    content = release_content(xp, cfg)
+    return Release(cfg, lm_state_from_release(state), codec, p, _generation_defaults(xp),
+                   training_settings(_get(xp, "classifier_free_guidance", str(lm_file), None), content), content)
 
 
 def check_codec_matches(cfg: LMConfig, codec, lm_where: str, codec_where: str):
@@ -338,6 +345,37 @@ def check_codec_rate(xp: dict, codec, lm_where: str, codec_where: str):
     if want_ch is not None and int(codec.channels) != want_ch:
         raise MagnetError(f"codec {codec_where} has {codec.channels} channel(s), but the LM {lm_where} was "
                           f"trained with {want_ch}. Use the codec that came with this release.")
+
+
+CONTENTS = ("music", "sound")
+# the solver a release was trained with (xp.cfg `solver`) -> what it makes
+SOLVER_CONTENT = {"magnet": "music", "musicgen": "music", "audio_magnet": "sound", "audiogen": "sound"}
+TRAINING_DROPOUT = {"music": 0.3, "sound": 0.1}   # classifier_free_guidance.training_dropout of each kind
+
+
+def release_content(xp: dict, cfg: LMConfig) -> str:
+    """'music' or 'sound': what the release says it was trained for (xp.cfg `solver`: magnet/musicgen or
+    audio_magnet/audiogen); for a config without a known solver, its text encoder (the sound releases are the
+    t5-large ones)."""
+    solver = xp.get("solver") if isinstance(xp, dict) else None
+    if isinstance(solver, str) and solver in SOLVER_CONTENT:
+        return SOLVER_CONTENT[solver]
+    return content_of_text_encoder(cfg.text_encoder)
+
+
+def content_of_text_encoder(name: str) -> str:
+    """The kind of the official releases conditioned on this T5: 'sound' for t5-large, else 'music'."""
+    return "sound" if "t5-large" in str(name) else "music"
+
+
+def training_settings(stored, content: str) -> dict:
+    """`{'dropout': ...}`: the classifier-free guidance training dropout a release stores (xp.cfg
+    `classifier_free_guidance`, or a converted file's metadata) when it is a number in [0, 1); else its kind's."""
+    value = stored.get("training_dropout", stored.get("dropout")) if isinstance(stored, dict) else None
+    dropout = _real(value)
+    if dropout is None or dropout >= 1:
+        dropout = TRAINING_DROPOUT.get(content, TRAINING_DROPOUT["music"])
+    return {"dropout": dropout}
 
 
 def _generation_defaults(xp: dict) -> dict:
@@ -417,7 +455,7 @@ def convert_release(release: str | Path, out: str | Path, *, codec_dir=None, sea
     tensors.update({"codec." + k: v.contiguous() for k, v in codec_state.items()})
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "lm_config": json.dumps(r.lm_config.to_dict()),
             "codec_config": json.dumps(codec_cfg), "generation": json.dumps(r.generation),
-            "source": Path(r.source).name}
+            "training": json.dumps(r.training), "content": r.content, "source": Path(r.source).name}
     out = converted_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
@@ -461,12 +499,16 @@ def _load_converted(path: Path) -> Release:
         if not isinstance(codec_cfg, dict) or not isinstance(generation, dict):
             raise ValueError("codec_config/generation is not a JSON object")
         generation = generation_settings(generation)
+        content = meta.get("content")
+        if content not in CONTENTS:       # files converted before the metadata kept it
+            content = content_of_text_encoder(cfg.text_encoder)
+        training = training_settings(json.loads(meta.get("training") or "{}"), content)
     except (KeyError, TypeError, ValueError) as e:
         raise MagnetError(f"{path}: its metadata is incomplete or damaged ({type(e).__name__}: "
                           f"{first_line(e)}). Convert the release again with `python -m magnet convert`.") from None
     codec = Codec.from_config_and_state(codec_cfg, codec_state)
     check_codec_matches(cfg, codec, str(path), str(path))
-    return Release(cfg, lm_state, codec, path, generation)
+    return Release(cfg, lm_state, codec, path, generation, training, content)
 
 
 # -- the release formats: what a file or folder is (cheaply, for listing), its name, how it loads -------
@@ -476,8 +518,9 @@ def _official_kind(lm_file: Path) -> str | None:
     if not is_zip_file(lm_file):
         return None
     pkg = torch.load(lm_file, map_location="cpu", weights_only=True, mmap=True)
-    xp = yaml.safe_load(pkg["xp.cfg"]) if isinstance(pkg, dict) else None
-    return LM_KINDS.get((xp or {}).get("lm_model"))
+    if not isinstance(pkg, dict) or "xp.cfg" not in pkg:
+        return None
+    return LM_KINDS.get(parse_xp_cfg(pkg["xp.cfg"], str(lm_file)).get("lm_model"))
 
 
 def _converted_kind(path: Path) -> str | None:

@@ -24,7 +24,7 @@ import torch
 
 from . import longform, sampling
 from .audio import fit_length, seconds_to_samples
-from .checkpoints import Release, build_lm, load_release
+from .checkpoints import CONTENTS, Release, build_lm, content_of_text_encoder, load_release, training_settings
 from .codec import Codec
 from .devices import autocast_for, codec_device, parse_device, parse_dtype
 from .errors import MagnetError
@@ -172,10 +172,14 @@ class CodecLM:
     their rates and window, text encoding, codec encode/decode and the autocast policy."""
 
     def __init__(self, lm: LM, codec: Codec, text_encoder: TextEncoder | None = None, *,
-                 device=None, dtype=None, source: str = "", generation: dict | None = None):
+                 device=None, dtype=None, source: str = "", generation: dict | None = None,
+                 training: dict | None = None, content: str | None = None):
         self.lm, self.codec, self.text_encoder = lm, codec, text_encoder
         self.source = source
+        # what the release's config says beyond the architecture, read once at load (checkpoints.Release)
         self.generation_defaults = generation or {}
+        self.content = content if content in CONTENTS else content_of_text_encoder(lm.cfg.text_encoder)
+        self.training_defaults = training_settings(training, self.content)
         self.fastpath = FastPathSettings()        # how MAGNeT's forward runs (magnet.fastpath)
         self._seed_record = threading.local()
         if text_encoder is not None and text_encoder.dim != lm.cfg.text_dim:
@@ -254,7 +258,8 @@ class CodecLM:
                                             find_text_encoder=find_text_encoder)
         lm, codec_mod, te, r = load_parts(release, cls.KIND, cls.KIND_ERROR, text_encoder=text_encoder,
                                           device=device, dtype=dtype, codec=codec, search_dirs=search_dirs)
-        return cls(lm, codec_mod, te, source=str(r.source), generation=r.generation)
+        return cls(lm, codec_mod, te, source=str(r.source), generation=r.generation, training=r.training,
+                   content=r.content)
 
     # -- checks of what callers hand in ---------------------------------------------------------------
     def check_condition(self, cond: TextCondition) -> TextCondition:

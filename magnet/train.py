@@ -20,12 +20,8 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import json
 import math
-import os
 import random
-import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -36,9 +32,6 @@ import torch.nn.functional as F
 from . import lowp
 from .devices import autocast_for
 from .errors import MagnetError
-
-MUSIC_DROPOUT = 0.3          # classifier_free_guidance.training_dropout of the music releases
-SOUND_DROPOUT = 0.1          # ... of audio-magnet (t5-large); used when a release does not store it
 
 
 # -- the masking schedule ---------------------------------------------------------------------------
@@ -152,26 +145,13 @@ def stage_loss(model, codes: torch.Tensor, prompts: Sequence[str | None], stage:
 # -- what the release says about its training -----------------------------------------------------------
 
 def release_training(model) -> dict:
-    """The training settings a release stores in its xp.cfg: `dropout` (classifier-free guidance training
-    dropout) and `span_len`. Read from the release folder's state_dict.bin (memory-mapped: no weight is read);
-    for a converted file, which does not keep them, the defaults of its kind (0.3 music; 0.1 for
-    t5-large releases, the sound-effect ones)."""
-    span_len = int(model.cfg.span_len)
-    default = SOUND_DROPOUT if "large" in str(model.cfg.text_encoder) else MUSIC_DROPOUT
-    source = Path(str(getattr(model, "source", "") or ""))
-    lm_file = source / "state_dict.bin" if source.is_dir() else None
-    dropout = default
-    if lm_file is not None and lm_file.is_file():
-        try:
-            import yaml
-            pkg = torch.load(lm_file, map_location="cpu", weights_only=True, mmap=True)
-            xp = yaml.safe_load(pkg["xp.cfg"]) if isinstance(pkg, dict) and "xp.cfg" in pkg else {}
-            value = ((xp or {}).get("classifier_free_guidance") or {}).get("training_dropout")
-            if value is not None and math.isfinite(float(value)) and 0.0 <= float(value) < 1.0:
-                dropout = float(value)
-        except Exception:       # an unreadable config: the kind's default (loading the model read it already)
-            pass
-    return {"dropout": dropout, "span_len": span_len}
+    """The training settings a release stores: `dropout` (classifier-free guidance training dropout, read from
+    its xp.cfg or a converted file's metadata when it was loaded: `MagnetModel.training_defaults`) and
+    `span_len`."""
+    from .checkpoints import TRAINING_DROPOUT
+    stored = getattr(model, "training_defaults", None) or {}
+    dropout = stored.get("dropout", TRAINING_DROPOUT.get(getattr(model, "content", "music"), TRAINING_DROPOUT["music"]))
+    return {"dropout": float(dropout), "span_len": int(model.cfg.span_len)}
 
 
 # -- LoRA training ---------------------------------------------------------------------------------------
@@ -301,7 +281,8 @@ def _example_batch(data, settings, frames, K, table, span_len, dropout, rng: ran
 
 
 def validation_loss(train_lm, data, captions: _Captions, frames: int, span_len: int, device, seed: int = 0) -> float:
-    """Mean stage loss over the held-out clips: every clip's first window, each stage, fixed masks at rate 0.5."""
+    """Mean stage loss over the held-out clips: one window per clip (a crop drawn from `seed`, so the same one at
+    every save), each stage, fixed masks at rate 0.5."""
     gen = torch.Generator().manual_seed(seed)
     table = span_starts_table(frames, span_len)
     total, n = 0.0, 0

@@ -252,3 +252,53 @@ def test_a_stored_generation_setting_of_the_wrong_type_is_left_out_not_fatal(key
     assert isinstance(got["max_cfg_coef"] if key != "max_cfg_coef" else got["temp"], float)
     for damaged in ({}, {"generate": None}, {"generate": {"lm": "temp: 3"}}, {"generate": []}):
         assert _generation_defaults(damaged) == {}
+
+
+def _with_xp(src, dst, edit):
+    """A copy of release `src` whose xp.cfg was changed by `edit(xp)`."""
+    import yaml
+    from magnet.checkpoints import parse_xp_cfg
+    dst.mkdir(parents=True)
+    shutil.copy(src / "compression_state_dict.bin", dst / "compression_state_dict.bin")
+    pkg = torch.load(src / "state_dict.bin", weights_only=True)
+    xp = parse_xp_cfg(pkg["xp.cfg"], "fixture")
+    edit(xp)
+    torch.save({**pkg, "xp.cfg": yaml.safe_dump(xp)}, dst / "state_dict.bin")
+    return dst
+
+
+def test_what_a_release_is_and_its_training_dropout_are_read_once_at_load_and_kept_by_convert(
+        ref, tmp_path, music_model, audio_model, monkeypatch):
+    assert (music_model.content, music_model.training_defaults) == ("music", {"dropout": 0.3})
+    assert (audio_model.content, audio_model.training_defaults) == ("sound", {"dropout": 0.1})
+    # an unusual stored dropout and kind are the release's, in both formats; training reads no file for them
+    odd = _with_xp(ref / "magnet-music", tmp_path / "odd", lambda xp: (
+        xp["classifier_free_guidance"].update(training_dropout=0.25), xp.update(solver="audio_magnet")))
+    m = _load(odd, ref)
+    conv = _load(convert_release(odd, tmp_path / "odd.safetensors"), ref)
+    for model in (m, conv):
+        assert (model.content, model.training_defaults) == ("sound", {"dropout": 0.25})
+    from magnet import train
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("the release was read again"))
+    assert train.release_training(m) == {"dropout": 0.25, "span_len": m.cfg.span_len}
+
+
+@pytest.mark.parametrize("dropout", ["high", None, 1.0, -0.1, float("nan"), [0.2]])
+def test_an_unusable_stored_dropout_or_unknown_solver_falls_back_to_the_kind_of_release(ref, tmp_path, dropout):
+    def edit(xp):
+        xp["classifier_free_guidance"]["training_dropout"] = dropout
+        xp["solver"] = "something_else"
+    m = _load(_with_xp(ref / "magnet-audio", tmp_path / "r", edit), ref, text_encoder=ref / "t5-large")
+    assert (m.content, m.training_defaults) == ("sound", {"dropout": 0.1})     # from its t5-large
+
+
+def test_a_file_converted_before_it_kept_the_release_settings_gets_its_kinds(ref, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    new = convert_release(ref / "magnet-audio", tmp_path / "a.safetensors")
+    with safe_open(str(new), "pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k not in ("training", "content")}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=meta)
+    m = _load(tmp_path / "old.safetensors", ref, text_encoder=ref / "t5-large")
+    assert (m.content, m.training_defaults) == ("sound", {"dropout": 0.1})

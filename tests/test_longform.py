@@ -2,7 +2,6 @@
 
 The reference fixtures' window is 2 s (100 frames; 99 usable with the nonoverlap arrangement), so a
 few seconds already span several windows."""
-import numpy as np
 import pytest
 import torch
 

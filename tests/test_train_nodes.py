@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from pack import load_pack, widget_inputs
+from pack import widget_inputs
 
 LORA_RANK = 4
 
