@@ -17,7 +17,6 @@ from .codec import Codec  # noqa: E402
 from .errors import MagnetError  # noqa: E402
 from .model import MagnetModel  # noqa: E402
 from .musicgen import MusicGenModel  # noqa: E402
-from . import edit as _edit  # noqa: E402,F401  (binds MagnetModel's editing methods: vary, loops, timelines)
 from .sampling import SamplingParams  # noqa: E402
 from .text import TextCondition, TextEncoder  # noqa: E402
 from .transformer import LM, LMConfig  # noqa: E402

@@ -2,8 +2,8 @@
 
 All three reuse the one decoding loop (`sampling.generate`) and the window machinery of `longform`;
 each takes the model (`MagnetModel`) as its first argument, and is also the model's method of the same
-name (`model.vary(...)`; bound onto `MagnetModel` at the end of this module, which builds on the model:
-`magnet.model` does not import it). Like `MagnetModel.generate`, each public function checks its inputs
+name (`model.vary(...)` delegates here; this module uses the model only through the object it is handed, so
+`magnet.model` imports it and not the reverse). Like `MagnetModel.generate`, each public function checks its inputs
 once and returns the codes (`return_seed=True`: `model.Generated`, the codes and the seed); each
 `*_from_condition` form, for an encoded text, returns `Generated`.
 
@@ -38,7 +38,7 @@ import torch
 
 from . import longform, sampling
 from .errors import MagnetError
-from .model import MAX_SECONDS, Generated, MagnetModel, check_fits, codes_arg, finite_arg, seconds_arg
+from .arguments import MAX_SECONDS, Generated, check_fits, codes_arg, finite_arg, seconds_arg
 from .sampling import SamplingParams, SpanArrangement, StepCounter
 from .text import TextCondition
 
@@ -495,12 +495,8 @@ def parse_timeline(timeline) -> list[tuple[float, str]]:
 class TimelineCondition(TextCondition):
     """A prompt timeline, encoded: as a TextCondition it is its first prompt (for anything that takes one
     prompt); `timeline` holds (seconds, TextCondition of that prompt alone) for every entry.
-    `MagnetModel.generate_from_condition` runs it through `generate_on`."""
+    `MagnetModel.generate_from_condition` runs it through `generate_timeline_from_condition`."""
     timeline: list = field(default_factory=list)
-
-    def generate_on(self, model, **kw) -> Generated:
-        """`generate_timeline_from_condition(model, self, **kw)`."""
-        return generate_timeline_from_condition(model, self, **kw)
 
 
 def encode_timeline(model_or_encoder, timeline) -> TimelineCondition:
@@ -640,9 +636,3 @@ def _generate_timeline(model, conds: list, plan: TimelinePlan, params, prompt, s
                                              rescorer=rescorer, **engine)
         return out.to(model.device)
     return model.seeded(seed, decode)
-
-
-# MagnetModel's editing methods are these functions (model.vary(...) is vary(model, ...)): bound here, since
-# the features build on the model and `magnet.model` does not import this module (`magnet` imports it).
-for _method in (vary, generate_loop, loopify, decode_loop, generate_timeline):
-    setattr(MagnetModel, _method.__name__, _method)

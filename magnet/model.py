@@ -18,11 +18,13 @@ import os
 import threading
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
-from . import longform, sampling
+from . import edit, longform, sampling
+from .arguments import (  # noqa: F401  (also importable from here)
+    MAX_SECONDS, Generated, available_bytes, check_fits, codes_arg, finite_arg, seconds_arg)
 from .audio import fit_length, seconds_to_samples
 from .checkpoints import CONTENTS, Release, build_lm, content_of_text_encoder, load_release, training_settings
 from .codec import Codec
@@ -75,90 +77,6 @@ def load_parts(release, kind: str, kind_error: str, *, text_encoder=None, device
     elif isinstance(te, TextEncoder):
         te.to(device)
     return lm, r.codec.to(codec_device(device)), te, r   # EnCodec on the CPU when the LM is on MPS
-
-
-MAX_SECONDS = 3600.0   # one call's generation: beyond an hour it cannot finish in a sitting (each window of
-                       # 5-10 s costs tens of decoding steps), so longer pieces are made in parts
-
-
-def finite_arg(value, what: str, kind: str = "number") -> float:
-    """A number a user hands in: a finite float (a bool is not one), or a MagnetError naming `what`."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        v = float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise MagnetError(f"{what} {value!r} must be a {kind}.") from None
-    if not math.isfinite(v):
-        raise MagnetError(f"{what} {value!r} must be a finite {kind}.")
-    return v
-
-
-def seconds_arg(duration) -> float:
-    """A user's duration in seconds: a finite number > 0 and at most MAX_SECONDS, or a MagnetError."""
-    try:
-        if isinstance(duration, bool):
-            raise TypeError
-        duration = float(duration)
-    except (TypeError, ValueError, OverflowError):
-        raise MagnetError(f"duration {duration!r} must be a number of seconds.") from None
-    if not duration > 0:
-        raise MagnetError(f"duration {duration} must be more than 0 seconds.")
-    if not math.isfinite(duration):
-        raise MagnetError(f"duration {duration} must be a finite number of seconds.")
-    if duration > MAX_SECONDS:
-        raise MagnetError(f"duration {duration:g} s is more than one call can make (at most {MAX_SECONDS:g} s = "
-                          f"one hour: every window of the model costs tens of decoding steps, so this could "
-                          f"not finish in a sitting). Generate it in parts, each continuing the last.")
-    return duration
-
-
-def available_bytes(device: torch.device) -> int | None:
-    """Free memory on `device` (CUDA: the driver's count; CPU: MemAvailable), None where unknown."""
-    try:
-        if device.type == "cuda":
-            return int(torch.cuda.mem_get_info(device)[0])
-        if device.type == "cpu":
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-    except (OSError, RuntimeError, ValueError):
-        pass
-    return None
-
-
-def check_fits(nbytes: int, what: str, device: torch.device) -> None:
-    """Refuse to allocate what cannot fit: `nbytes` estimated from the shapes, against free memory."""
-    free = available_bytes(device)
-    if free is not None and nbytes > free:
-        raise MagnetError(f"{what} needs about {nbytes / 2 ** 30:.1f} GiB on {device}, but only "
-                          f"{free / 2 ** 30:.1f} GiB is free: ask for less (a shorter duration or a smaller batch).")
-
-
-def codes_arg(codes, n_q: int, card: int, fix: str = "use fully generated codes of this model") -> torch.Tensor:
-    """Finished codes a user hands in: integer [B, K, T] or [K, T] with K = n_q, B and T at least 1, every
-    code in [0, card) -> long [B, K, T]; else a MagnetError ending with `fix`."""
-    if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.dim() not in (2, 3):
-        raise MagnetError("codes must be integer codes [batch, codebooks, frames] (from model.generate "
-                          "or model.encode).")
-    if codes.dim() == 2:
-        codes = codes[None]
-    if codes.shape[1] != n_q or codes.shape[-1] == 0 or codes.shape[0] == 0:
-        raise MagnetError(f"codes have shape {tuple(codes.shape)}; expected [batch, {n_q}, frames] (batch and "
-                          f"frames at least 1) from model.generate or model.encode (of this model's codec).")
-    lo, hi = int(codes.min()), int(codes.max())
-    if lo < 0 or hi >= card:
-        raise MagnetError(f"codes must lie in [0, {card}) (min {lo}, max {hi}): these are not codes of this codec "
-                          f"(mask tokens, or codes of another codec?). {fix[:1].upper()}{fix[1:]}.")
-    return codes.long()
-
-
-class Generated(NamedTuple):
-    """What a generation returns: codes [B, K, T] and the seed they were made with (given again as `seed=`,
-    with the same inputs, it makes the same codes)."""
-    codes: torch.Tensor
-    seed: int
 
 
 def _one_per_row(prompts: int, rows: int) -> None:
@@ -394,9 +312,8 @@ class MagnetModel(CodecLM):
     `text_encoder` (T5, may be None until given).
 
     Besides `generate` and `regenerate`, a MagnetModel has the editing methods `vary`, `generate_loop`,
-    `loopify`, `decode_loop` and `generate_timeline`: the functions of `magnet.edit`, which builds on this
-    module and binds them onto this class when the `magnet` package is imported (this module does not
-    import it, so the package has no import cycle)."""
+    `loopify`, `decode_loop` and `generate_timeline`: each runs the function of the same name in
+    `magnet.edit` with this model (see there for the details)."""
 
     KIND = "magnet"
     KIND_ERROR = "{source} is a {kind} release, not MAGNeT: load it with MusicGenModel (or the MusicGen loader node)."
@@ -533,13 +450,14 @@ class MagnetModel(CodecLM):
         """`generate` on an already encoded text and a frame count (what the ComfyUI sampler node calls).
 
         frames beyond the window (`max_frames`) slide it with `overlap` seconds of context (see `generate`);
-        one seeded generator serves every window. A conditioning that runs its own generation (a prompt
-        timeline, `edit.TimelineCondition`) is handed its `generate_on(model, ...)`.
+        one seeded generator serves every window. A prompt timeline (a condition with a `timeline`:
+        `edit.TimelineCondition`, from the Prompt Timeline node or `edit.encode_timeline`) runs
+        `edit.generate_timeline_from_condition`.
         """
-        generate_on = getattr(cond, "generate_on", None)
-        if generate_on is not None:
-            return generate_on(self, frames=frames, params=params, seed=seed, prompt=prompt, progress=progress,
-                               rescorer=rescorer, overlap=overlap)
+        if getattr(cond, "timeline", None):
+            return edit.generate_timeline_from_condition(self, cond, frames=frames, params=params, seed=seed,
+                                                         prompt=prompt, progress=progress, rescorer=rescorer,
+                                                         overlap=overlap)
         cond = self.check_condition(cond)
         frames = self.check_frames(frames)
         params = self.sampling_params(params)
@@ -608,3 +526,51 @@ class MagnetModel(CodecLM):
         for another architecture, a damaged file or a non-finite strength raise MagnetError."""
         from . import lora as lora_mod
         return lora_mod.apply_lora(self, lora, strength)
+
+    # -- editing (magnet.edit) ------------------------------------------------------------------------------
+    def vary(self, codes: torch.Tensor, prompts: Sequence[str] | str, *, strength: float, keep_codebooks: int = 0,
+             seed: int | None = None, params: SamplingParams | None = None, overlap: float | None = None,
+             progress: sampling.Progress | None = None, rescorer: sampling.Rescorer | None = None,
+             fast: bool | sampling.FastMode | None = None, return_seed: bool = False,
+             **sampling_kwargs) -> torch.Tensor | Generated:
+        """Audio to audio: `strength` (0..1) of the spans of `codes` drawn again with `prompts`, the rest kept
+        as context (`edit.vary`)."""
+        return edit.vary(self, codes, prompts, strength=strength, keep_codebooks=keep_codebooks, seed=seed,
+                         params=params, overlap=overlap, progress=progress, rescorer=rescorer, fast=fast,
+                         return_seed=return_seed, **sampling_kwargs)
+
+    def generate_loop(self, prompts: Sequence[str] | str, *, duration: float | None = None,
+                      bars: float | None = None, bpm: float | None = None, beats_per_bar: float = 4,
+                      seed: int | None = None, params: SamplingParams | None = None,
+                      progress: sampling.Progress | None = None, rescorer: sampling.Rescorer | None = None,
+                      fast: bool | sampling.FastMode | None = None, return_seed: bool = False,
+                      **sampling_kwargs) -> torch.Tensor | Generated:
+        """A seamless loop of `duration` seconds (or `bars` bars at `bpm`) (`edit.generate_loop`)."""
+        return edit.generate_loop(self, prompts, duration=duration, bars=bars, bpm=bpm,
+                                  beats_per_bar=beats_per_bar, seed=seed, params=params, progress=progress,
+                                  rescorer=rescorer, fast=fast, return_seed=return_seed, **sampling_kwargs)
+
+    def loopify(self, codes: torch.Tensor, prompts: Sequence[str] | str, *, seed: int | None = None,
+                params: SamplingParams | None = None, progress: sampling.Progress | None = None,
+                rescorer: sampling.Rescorer | None = None, fast: bool | sampling.FastMode | None = None,
+                return_seed: bool = False, **sampling_kwargs) -> torch.Tensor | Generated:
+        """`codes` made into a seamless loop: the wrap-around join regenerated with both sides as context
+        (`edit.loopify`)."""
+        return edit.loopify(self, codes, prompts, seed=seed, params=params, progress=progress, rescorer=rescorer,
+                            fast=fast, return_seed=return_seed, **sampling_kwargs)
+
+    def decode_loop(self, codes: torch.Tensor, *, duration: float | None = None, repeats: int = 1) -> torch.Tensor:
+        """The waveform of loop `codes`, decoded circularly, `repeats` times without a click
+        (`edit.decode_loop`)."""
+        return edit.decode_loop(self, codes, duration=duration, repeats=repeats)
+
+    def generate_timeline(self, timeline, *, duration: float, seed: int | None = None,
+                          overlap: float | None = None, params: SamplingParams | None = None,
+                          prompt: torch.Tensor | None = None, progress: sampling.Progress | None = None,
+                          rescorer: sampling.Rescorer | None = None, fast: bool | sampling.FastMode | None = None,
+                          return_seed: bool = False, **sampling_kwargs) -> torch.Tensor | Generated:
+        """Codes of `duration` seconds whose prompt changes along `timeline` ([(seconds, prompt)] or
+        '0:00 prompt' lines) (`edit.generate_timeline`)."""
+        return edit.generate_timeline(self, timeline, duration=duration, seed=seed, overlap=overlap, params=params,
+                                      prompt=prompt, progress=progress, rescorer=rescorer, fast=fast,
+                                      return_seed=return_seed, **sampling_kwargs)

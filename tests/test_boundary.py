@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import magnet.arguments as arguments
 import magnet.model as model_mod
 import magnet.sampling as sampling_mod
 from magnet import edit
@@ -30,21 +31,42 @@ def clip(music_model):
 
 # -- no import cycle --------------------------------------------------------------------------------
 
+def _module_name(path) -> str:
+    """magnet/cli/generate.py -> 'cli.generate'; magnet/cli/__init__.py -> 'cli'; magnet/__main__.py -> '__main__'."""
+    parts = list(path.relative_to(MAGNET).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" and len(parts) > 1 else parts)
+
+
 def _engine_imports() -> dict[str, set[str]]:
-    """{module: the magnet modules it imports}, from every import statement of magnet/*.py, at module level
-    and inside functions (`from . import x`, `from .x import y`, `import magnet.x`, `from magnet.x import y`)."""
-    names = {p.stem for p in MAGNET.glob("*.py")}
+    """{module: the magnet modules it imports}, from every import statement of every module under magnet/
+    (subpackages included), at module level and inside functions (`from . import x`, `from .x import y`,
+    `from ..x import y`, `import magnet.x`, `from magnet.x import y`)."""
+    paths = sorted(MAGNET.rglob("*.py"))
+    names = {_module_name(p) for p in paths}
     graph = {}
-    for path in MAGNET.glob("*.py"):
+    for path in paths:
+        me = _module_name(path)
+        package = me.split(".") if path.name == "__init__.py" and me != "__init__" else me.split(".")[:-1]
         deps = set()
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.ImportFrom):
-                if node.level == 1 or (node.level == 0 and (node.module or "").split(".")[0] == "magnet"):
-                    parts = (node.module or "").split(".")[(0 if node.level else 1):]
-                    deps |= {parts[0]} if parts and parts[0] else {a.name for a in node.names}
+                if node.level:
+                    base = package[:len(package) - (node.level - 1)] if node.level > 1 else package
+                elif (node.module or "").split(".")[0] == "magnet":
+                    base = []
+                else:
+                    continue
+                module = (node.module or "").split(".")
+                module = module[1:] if not node.level else module
+                target = base + [m for m in module if m]
+                for alias in node.names:          # `from . import edit`: the module edit
+                    if ".".join(target + [alias.name]) in names:
+                        deps.add(".".join(target + [alias.name]))
+                if ".".join(target) in names:
+                    deps.add(".".join(target))
             elif isinstance(node, ast.Import):
-                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("magnet.")}
-        graph[path.stem] = {d for d in deps if d in names and d != path.stem}
+                deps |= {".".join(a.name.split(".")[1:]) for a in node.names if a.name.startswith("magnet.")}
+        graph[me] = {d for d in deps if d in names and d != me and d not in ("__init__", "")}
     return graph
 
 
@@ -68,19 +90,14 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_engine_has_no_import_cycle_at_module_or_function_level():
     graph = _engine_imports()
-    assert "edit" in graph["__main__"] and "model" in graph["edit"]     # the parse sees both kinds of import
-    assert "edit" not in graph["model"]
+    assert "edit" in graph["model"] and "arguments" in graph["edit"]     # the parse sees the imports
+    assert "model" not in graph["edit"]       # the model's editing methods delegate down to edit, never up
     assert _cycle(graph) is None, " -> ".join(_cycle(graph))
 
 
 def test_the_cycle_check_finds_a_cycle():
     assert _cycle({"model": {"edit"}, "edit": {"longform"}, "longform": {"model"}}) is not None
     assert _cycle({"model": {"longform"}, "edit": {"model", "longform"}, "longform": set()}) is None
-
-
-def test_the_model_has_its_editing_methods_without_importing_them():
-    for name in ("vary", "generate_loop", "loopify", "decode_loop", "generate_timeline"):
-        assert getattr(MagnetModel, name) is getattr(edit, name)
 
 
 # -- the seed comes back ---------------------------------------------------------------------------
@@ -281,7 +298,7 @@ def test_decode_loop_estimates_huge_repeats_before_decoding(music_model, clip, m
     monkeypatch.setattr(m.codec, "decode", never)
     with pytest.raises(MagnetError, match="repeats"):
         m.decode_loop(clip, repeats=10 ** 7)
-    monkeypatch.setattr(model_mod, "available_bytes", lambda device: 2 ** 20)     # 1 MiB free
+    monkeypatch.setattr(arguments, "available_bytes", lambda device: 2 ** 20)     # 1 MiB free
     with pytest.raises(MagnetError, match="GiB"):
         m.decode_loop(clip, repeats=100)
 
@@ -340,3 +357,21 @@ def test_the_nan_guard_names_the_codebook_being_decoded(music_model, clip, monke
         m.vary(clip, "x", strength=1.0, keep_codebooks=2, seed=0, decoding_steps=STEPS)
     with pytest.raises(MagnetError, match="decoding codebook 0:"):
         m.vary(clip, "x", strength=1.0, keep_codebooks=0, seed=0, decoding_steps=STEPS)
+
+
+def test_the_editing_methods_are_the_models_own_with_the_edit_functions_signatures():
+    import inspect
+    from magnet import edit
+    for name in ("vary", "generate_loop", "loopify", "decode_loop", "generate_timeline"):
+        method = MagnetModel.__dict__[name]            # defined in the class body, not bound on from outside
+        own = list(inspect.signature(method).parameters.values())[1:]
+        theirs = list(inspect.signature(getattr(edit, name)).parameters.values())[1:]
+        assert [(p.name, p.kind, p.default) for p in own] == [(p.name, p.kind, p.default) for p in theirs], name
+
+
+def test_nothing_outside_model_py_assigns_onto_the_model_classes():
+    import re
+    pattern = re.compile(r"setattr\(\s*(MagnetModel|CodecLM|MusicGenModel)\b|\b(MagnetModel|CodecLM)\.\w+\s*=[^=]")
+    for path in [*MAGNET.rglob("*.py"), *(MAGNET.parent / "nodes").rglob("*.py")]:
+        if path.name != "model.py":
+            assert not pattern.search(path.read_text()), path

@@ -188,8 +188,8 @@ def test_decode_of_an_impossible_length_is_refused(music_model):
 
 
 def test_decode_that_cannot_fit_in_memory_is_refused_before_allocating(music_model, monkeypatch):
-    import magnet.model as model_mod
-    monkeypatch.setattr(model_mod, "available_bytes", lambda device: 1000)
+    import magnet.arguments as arguments
+    monkeypatch.setattr(arguments, "available_bytes", lambda device: 1000)
     with pytest.raises(MagnetError, match=r"GiB.*free.*shorter"):
         music_model.decode(torch.zeros(1, 4, 50, dtype=torch.long))
 
