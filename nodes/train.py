@@ -9,10 +9,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
-import re
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -20,97 +16,14 @@ import torch
 
 from ..magnet.devices import codec_device
 from ..magnet.errors import MagnetError
+from ..magnet.chart import SMOOTHING, loss_chart
+from ..magnet.chart import png_bytes as chart_png
 from ..magnet.lora import DEFAULT_RANK, check_lora_fits, check_strength, load_lora
 from . import comfy
+from .paths import NONE, list_datasets, list_loras, resolve_dataset, resolve_lora, save_path
 from .common import CATEGORY, MODEL, TEXT_ENCODER, Handle, finite, ready, seed_arg, user_errors
 
 log = logging.getLogger(__name__)
-
-NONE = "none"                    # the first choice of the LoRA and dataset lists (so they are never empty)
-LORA_KIND = "magnet_loras"
-SAVE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._()+-]{0,120}$")
-
-
-# -- where LoRAs and datasets are ---------------------------------------------------------------------------
-
-def list_loras() -> list[str]:
-    """`none`, then the .safetensors files under models/loras/magnet (subfolders as `sub/name.safetensors`)."""
-    names = set()
-    for root in comfy.model_dirs(LORA_KIND):
-        if root.is_dir():
-            names.update(p.relative_to(root).as_posix() for p in root.rglob("*.safetensors")
-                         if p.is_file() and not p.name.startswith("."))
-    return [NONE, *sorted(names)]
-
-
-def _inside(root: Path, name: str) -> Path | None:
-    """root/name when the name stays inside root (no `..`, not absolute), else None. Judged on the name, not
-    the resolved path: a LoRA file may be a link to one kept elsewhere."""
-    rel = Path(str(name).replace("\\", "/"))
-    if not str(name) or rel.is_absolute() or rel.drive or ".." in rel.parts:
-        return None
-    return root / rel
-
-
-def resolve_lora(name: str) -> Path:
-    """A LoRA name as listed (or as Train LoRA returns it) -> its file under models/loras/magnet."""
-    roots = comfy.model_dirs(LORA_KIND)
-    for candidate in (name, f"{name}.safetensors"):
-        for root in roots:
-            path = _inside(root, candidate)
-            if path is not None and path.is_file():
-                return path
-    where = ", ".join(str(r) for r in roots) or "models/loras/magnet"
-    raise MagnetError(f"LoRA {name!r} was not found in {where}. Train one with MAGNeT Train LoRA, or put the "
-                      f".safetensors file there and refresh the page (R) so the list updates.")
-
-
-def list_datasets() -> list[str]:
-    """`none`, then every folder under ComfyUI's input folder (nested ones as `a/b`)."""
-    root = comfy.input_dir()
-    names = []
-    if root is not None and root.is_dir():
-        for here, dirs, _ in os.walk(root):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]       # hidden ones (the token cache) pruned
-            names += [Path(here, d).relative_to(root).as_posix() for d in dirs]
-    return [NONE, *sorted(names)]
-
-
-def resolve_dataset(dataset: str, path: str) -> Path:
-    """The dataset folder: `path` when given (absolute, or relative to the input folder), else the chosen one."""
-    root = comfy.input_dir()
-    text = str(path or "").strip().strip('"')
-    if text:
-        p = Path(text).expanduser()
-        if not p.is_absolute() and root is not None:
-            p = root / p
-        what = f"input `path` ({p})"
-    elif dataset and dataset != NONE:
-        p = (root / dataset) if root is not None else Path(dataset)
-        what = f"input `dataset` ({p})"
-    else:
-        raise MagnetError(f"no dataset: choose a folder under {root or 'the input folder'} in `dataset`, or type "
-                          f"a folder in `path`, holding the audio files to learn from (with optional .txt "
-                          f"captions beside them).")
-    if not p.is_dir():
-        raise MagnetError(f"{what} is not a folder. Put the audio files in a folder under "
-                          f"{root or 'the input folder'} (or give the full path of one).")
-    return p
-
-
-def save_path(save_name: str) -> Path:
-    """models/loras/magnet/<save_name>.safetensors (the first LoRA folder)."""
-    name = str(save_name or "").strip()
-    if name.lower().endswith(".safetensors"):
-        name = name[: -len(".safetensors")]
-    if not SAVE_NAME.match(name) or ".." in name:
-        raise MagnetError(f"input `save_name` {save_name!r} is not a plain file name: use letters, digits, spaces "
-                          f"and . _ ( ) + - (no folders), e.g. my_style.")
-    roots = comfy.model_dirs(LORA_KIND)
-    if not roots:
-        raise MagnetError("there is no folder to save LoRAs in: set $MAGNET_LORAS_DIR (outside ComfyUI).")
-    return roots[0] / f"{name}.safetensors"
-
 
 # -- the LoRA Loader ------------------------------------------------------------------------------------------
 
@@ -304,7 +217,7 @@ class TrainProgress:
     def __call__(self, step: int, total: int, loss: float):
         loss = float(loss)
         if math.isfinite(loss):
-            self.smooth = loss if self.smooth is None else 0.9 * self.smooth + 0.1 * loss
+            self.smooth = loss if self.smooth is None else SMOOTHING * self.smooth + (1 - SMOOTHING) * loss
         text = f"step {step}/{total}  loss {loss:.4f}"
         if self.smooth is not None:
             text += f"  (average {self.smooth:.4f})"
@@ -345,104 +258,16 @@ def leave_inference_mode(module: torch.nn.Module) -> int:
     return n
 
 
-# -- the loss picture -----------------------------------------------------------------------------------------
+# -- the loss chart -------------------------------------------------------------------------------------------
 
-# 3x5 digits (and . - e) for the axis labels, so the picture needs no font library
-_GLYPHS = {
-    "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
-    "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001010010010",
-    "8": "111101111101111", "9": "111101111001111", ".": "000000000000010", "-": "000000111000000",
-    "e": "000111111100111", " ": "000000000000000",
-}
-
-
-def _text(img: np.ndarray, x: int, y: int, text: str, color, scale: int = 2) -> None:
-    for i, ch in enumerate(text):
-        bits = np.array([c == "1" for c in _GLYPHS.get(ch, _GLYPHS[" "])]).reshape(5, 3)
-        glyph = np.kron(bits, np.ones((scale, scale), dtype=bool))
-        x0 = x + i * 4 * scale
-        h, w = glyph.shape
-        if x0 < 0 or y < 0 or x0 + w > img.shape[1] or y + h > img.shape[0]:
-            continue
-        img[y:y + h, x0:x0 + w][glyph] = color
-
-
-def _polyline(img: np.ndarray, xs: np.ndarray, ys: np.ndarray, color, width: int = 1) -> None:
-    for i in range(len(xs) - 1):
-        n = int(max(abs(xs[i + 1] - xs[i]), abs(ys[i + 1] - ys[i]))) + 1
-        px = np.rint(np.linspace(xs[i], xs[i + 1], n)).astype(int)
-        py = np.rint(np.linspace(ys[i], ys[i + 1], n)).astype(int)
-        for d in range(width):
-            ok = (py + d >= 0) & (py + d < img.shape[0]) & (px >= 0) & (px < img.shape[1])
-            img[py[ok] + d, px[ok]] = color
-    if len(xs) == 1:
-        img[int(ys[0]):int(ys[0]) + 3, max(0, int(xs[0]) - 1):int(xs[0]) + 2] = color
-
-
-def _fmt(v: float) -> str:
-    return f"{v:.3g}" if abs(v) < 1000 else f"{v:.2e}"
-
-
-def loss_image(losses: list[float], val_losses: list | None = None, width: int = 640,
-               height: int = 360) -> torch.Tensor:
-    """The loss per step as a ComfyUI IMAGE (float32 [1, height, width, 3] in 0..1): each step's loss (dim), its
-    running average (bright), validation losses (dots, when there are any), with the loss range and step count."""
-    img = np.full((height, width, 3), 0.11, dtype=np.float32)
-    left, right, top, bottom = 60, width - 16, 16, height - 30
-    img[top:bottom + 1, left] = img[bottom, left:right + 1] = 0.45                   # axes
-    pts = np.array([v for v in losses if math.isfinite(v)], dtype=np.float64)
-    vals = [(float(s), float(v)) for s, v in (_pairs(val_losses) or []) if math.isfinite(float(v))]
-    if len(pts) or vals:
-        every = np.concatenate([pts, np.array([v for _, v in vals])]) if vals else pts
-        lo, hi = float(every.min()), float(every.max())
-        if hi - lo < 1e-9:
-            lo, hi = lo - 0.5, hi + 0.5
-        n = max(len(losses), 2)
-
-        def to_y(v):
-            return bottom - (np.asarray(v) - lo) / (hi - lo) * (bottom - top)
-
-        def to_x(step):
-            return left + (np.asarray(step, dtype=np.float64) - 1) / (n - 1) * (right - left)
-        for frac in (0.25, 0.5, 0.75):                                                   # grid
-            img[int(top + frac * (bottom - top)), left + 1:right + 1] = 0.2
-        steps = np.array([i + 1 for i, v in enumerate(losses) if math.isfinite(v)], dtype=np.float64)
-        if len(pts):
-            _polyline(img, to_x(steps), to_y(pts), (0.35, 0.45, 0.6))
-            avg = np.empty_like(pts)
-            acc = pts[0]
-            for i, v in enumerate(pts):
-                acc = v if i == 0 else 0.9 * acc + 0.1 * v
-                avg[i] = acc
-            _polyline(img, to_x(steps), to_y(avg), (0.35, 0.8, 1.0), width=2)
-        for s, v in vals:
-            x, y = int(round(float(to_x(s)))), int(round(float(to_y(v))))
-            img[max(0, y - 3):y + 4, max(0, x - 3):x + 4] = (1.0, 0.65, 0.2)
-        _text(img, 4, top, _fmt(hi), (0.8, 0.8, 0.8))
-        _text(img, 4, bottom - 10, _fmt(lo), (0.8, 0.8, 0.8))
-        _text(img, right - 4 * 2 * len(str(len(losses))), bottom + 8, str(len(losses)), (0.8, 0.8, 0.8))
-        _text(img, left, bottom + 8, "1", (0.8, 0.8, 0.8))
-    return torch.from_numpy(img).clamp_(0, 1)[None]
-
-
-def _pairs(val_losses) -> list:
-    """Validation losses as (step, loss): given as pairs, or as a plain list spread evenly over the run."""
-    out = []
-    for i, v in enumerate(val_losses or []):
-        if isinstance(v, (tuple, list)) and len(v) == 2:
-            out.append((v[0], v[1]))
-        else:
-            out.append((i + 1, v))
-    return out
+def loss_image(losses: list[float], val_losses: list | None = None) -> torch.Tensor:
+    """The engine's training chart (`magnet.chart.loss_chart`) as a ComfyUI IMAGE (float32 [1, H, W, 3] in 0..1)."""
+    rgb = np.asarray(loss_chart(losses, val_losses), dtype=np.float32) / 255.0
+    return torch.from_numpy(rgb.copy())[None]
 
 
 def png_bytes(image: torch.Tensor) -> bytes:
-    """An RGB float image [H, W, 3] in 0..1 as PNG bytes (zlib only: no image library needed)."""
+    """An IMAGE's picture [H, W, 3] in 0..1 as PNG bytes (for the node's own preview)."""
+    from PIL import Image
     arr = (image.detach().cpu().float().clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8)
-    h, w, _ = arr.shape
-    raw = b"".join(b"\x00" + arr[y].tobytes() for y in range(h))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+    return chart_png(Image.fromarray(arr, "RGB"))

@@ -10,10 +10,9 @@ the original tensors are kept as a backup shared by all clones and put back when
 module is loaded)."""
 from __future__ import annotations
 
+import io
 import math
-import struct
 import uuid
-import zlib
 from types import SimpleNamespace
 
 import numpy as np
@@ -484,7 +483,7 @@ def test_trainer_interface(N):
 
 
 def test_dataset_list_and_path_resolution(pack, N, tmp_path, monkeypatch):
-    train = pack.nodes.train
+    train = pack.nodes.paths
     inp = tmp_path / "input"
     (inp / "clips" / "more").mkdir(parents=True)
     (inp / ".hidden").mkdir()
@@ -501,7 +500,7 @@ def test_dataset_list_and_path_resolution(pack, N, tmp_path, monkeypatch):
 
 
 def test_save_names_are_plain_file_names(pack, loras_dir):
-    train = pack.nodes.train
+    train = pack.nodes.paths
     assert train.save_path("my style (v2)") == loras_dir / "my style (v2).safetensors"
     assert train.save_path("x.safetensors") == loras_dir / "x.safetensors"
     for bad in ("", "../x", "a/b", "/abs", ".hidden", "a\\b"):
@@ -510,37 +509,32 @@ def test_save_names_are_plain_file_names(pack, loras_dir):
 
 
 def read_png(data: bytes) -> np.ndarray:
+    from PIL import Image
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, {}
-    while pos < len(data):
-        n, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        body = data[pos + 8:pos + 8 + n]
-        assert struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])[0] == zlib.crc32(kind + body) & 0xFFFFFFFF
-        chunks[kind] = chunks.get(kind, b"") + body
-        pos += 12 + n
-    w, h, depth, color = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
-    assert (depth, color) == (8, 2)
-    raw = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), dtype=np.uint8).reshape(h, 1 + 3 * w)
-    assert not raw[:, 0].any()
-    return raw[:, 1:].reshape(h, w, 3)
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
-def test_loss_picture_is_a_comfyui_image_and_its_png(pack):
+def test_loss_chart_is_a_comfyui_image_with_the_average_and_the_validation_points(pack):
     train = pack.nodes.train
     losses = [8.0 - 0.05 * i + 0.3 * math.sin(i) for i in range(100)] + [float("nan")]
-    img = train.loss_image(losses, [7.5, 6.0])
+    img = train.loss_image(losses, [(50, 7.5), (101, 6.0), (60, float("nan"))])
     assert img.shape == (1, 360, 640, 3) and img.dtype == torch.float32
     assert float(img.min()) >= 0.0 and float(img.max()) <= 1.0
-    bright = (img[0, :, :, 2] > 0.9) & (img[0, :, :, 0] < 0.5)           # the running average is drawn
+    plot = img[0, 30:]                                                    # below the title and legend
+    bright = (plot[:, :, 2] > 0.9) & (plot[:, :, 0] < 0.5)               # the running average is drawn
     cols = bright.any(dim=0).nonzero().flatten()
     assert len(cols) > 400
     rows = [int(bright[:, c].nonzero().float().mean()) for c in (int(cols[0]), int(cols[-1]))]
     assert rows[0] < rows[1]                                              # falling loss: the curve goes down
+    orange = (plot[:, :, 0] > 0.9) & (plot[:, :, 1] > 0.5) & (plot[:, :, 1] < 0.75) & (plot[:, :, 2] < 0.3)
+    xs = orange.any(dim=0).nonzero().flatten()
+    assert len(xs) and 58 + 0.45 * 568 < int(xs[0]) < 58 + 0.55 * 568 and int(xs[-1]) > 600   # at steps 50, 101
     png = read_png(train.png_bytes(img[0]))
     assert png.shape == (360, 640, 3)
     assert np.abs(png.astype(np.float32) / 255 - img[0].numpy()).max() <= 0.5 / 255 + 1e-6
     for empty in ([], [float("nan")], [3.0]):                             # never fails to draw
         assert train.loss_image(empty).shape == (1, 360, 640, 3)
+    assert train.loss_image([3.0], [4.0]).shape == (1, 360, 640, 3)
 
 
 def test_inference_tensors_are_swapped_for_ordinary_ones_with_the_same_values(pack):
@@ -702,4 +696,4 @@ def test_lora_folders_are_a_magnet_folder_in_every_comfyui_lora_folder(pack, mon
     pack.nodes.comfy.register_lora_folders()              # twice (a reload) changes nothing
     assert fp.folder_names_and_paths["magnet_loras"] == (
         [str(tmp_path / "models" / "loras" / "magnet"), "/data/loras/magnet"], {".safetensors"})
-    assert pack.nodes.train.save_path("x") == tmp_path / "models" / "loras" / "magnet" / "x.safetensors"
+    assert pack.nodes.paths.save_path("x") == tmp_path / "models" / "loras" / "magnet" / "x.safetensors"

@@ -1,0 +1,99 @@
+"""Where the pack's nodes read and write files named in a workflow: the rules for LoRA files, datasets and save
+names in one place (the loaders' model folders are `hub.ensure`'s, under ComfyUI's registered folders).
+
+- LoRAs: listed from and resolved under models/loras/magnet (ComfyUI's `magnet_loras` folders, outside ComfyUI
+  $MAGNET_LORAS_DIR); a name must stay inside its folder (no `..`, not absolute).
+- Datasets: a folder under ComfyUI's input folder (outside ComfyUI $MAGNET_INPUT_DIR), or a typed path.
+- Save names: a plain file name, saved in the first LoRA folder.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from ..magnet.errors import MagnetError
+from . import comfy
+
+NONE = "none"                    # the first choice of the LoRA and dataset lists (so they are never empty)
+LORA_KIND = "magnet_loras"
+SAVE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._()+-]{0,120}$")
+
+
+def list_loras() -> list[str]:
+    """`none`, then the .safetensors files under models/loras/magnet (subfolders as `sub/name.safetensors`)."""
+    names = set()
+    for root in comfy.model_dirs(LORA_KIND):
+        if root.is_dir():
+            names.update(p.relative_to(root).as_posix() for p in root.rglob("*.safetensors")
+                         if p.is_file() and not p.name.startswith("."))
+    return [NONE, *sorted(names)]
+
+
+def _inside(root: Path, name: str) -> Path | None:
+    """root/name when the name stays inside root (no `..`, not absolute), else None. Judged on the name, not
+    the resolved path: a LoRA file may be a link to one kept elsewhere."""
+    rel = Path(str(name).replace("\\", "/"))
+    if not str(name) or rel.is_absolute() or rel.drive or ".." in rel.parts:
+        return None
+    return root / rel
+
+
+def resolve_lora(name: str) -> Path:
+    """A LoRA name as listed (or as Train LoRA returns it) -> its file under models/loras/magnet."""
+    roots = comfy.model_dirs(LORA_KIND)
+    for candidate in (name, f"{name}.safetensors"):
+        for root in roots:
+            path = _inside(root, candidate)
+            if path is not None and path.is_file():
+                return path
+    where = ", ".join(str(r) for r in roots) or "models/loras/magnet"
+    raise MagnetError(f"LoRA {name!r} was not found in {where}. Train one with MAGNeT Train LoRA, or put the "
+                      f".safetensors file there and refresh the page (R) so the list updates.")
+
+
+def list_datasets() -> list[str]:
+    """`none`, then every folder under ComfyUI's input folder (nested ones as `a/b`)."""
+    root = comfy.input_dir()
+    names = []
+    if root is not None and root.is_dir():
+        for here, dirs, _ in os.walk(root):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]       # hidden ones (the token cache) pruned
+            names += [Path(here, d).relative_to(root).as_posix() for d in dirs]
+    return [NONE, *sorted(names)]
+
+
+def resolve_dataset(dataset: str, path: str) -> Path:
+    """The dataset folder: `path` when given (absolute, or relative to the input folder), else the chosen one."""
+    root = comfy.input_dir()
+    text = str(path or "").strip().strip('"')
+    if text:
+        p = Path(text).expanduser()
+        if not p.is_absolute() and root is not None:
+            p = root / p
+        what = f"input `path` ({p})"
+    elif dataset and dataset != NONE:
+        p = (root / dataset) if root is not None else Path(dataset)
+        what = f"input `dataset` ({p})"
+    else:
+        raise MagnetError(f"no dataset: choose a folder under {root or 'the input folder'} in `dataset`, or type "
+                          f"a folder in `path`, holding the audio files to learn from (with optional .txt "
+                          f"captions beside them).")
+    if not p.is_dir():
+        raise MagnetError(f"{what} is not a folder. Put the audio files in a folder under "
+                          f"{root or 'the input folder'} (or give the full path of one).")
+    return p
+
+
+def save_path(save_name: str) -> Path:
+    """models/loras/magnet/<save_name>.safetensors (the first LoRA folder)."""
+    name = str(save_name or "").strip()
+    if name.lower().endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+    if not SAVE_NAME.match(name) or ".." in name:
+        raise MagnetError(f"input `save_name` {save_name!r} is not a plain file name: use letters, digits, spaces "
+                          f"and . _ ( ) + - (no folders), e.g. my_style.")
+    roots = comfy.model_dirs(LORA_KIND)
+    if not roots:
+        raise MagnetError("there is no folder to save LoRAs in: set $MAGNET_LORAS_DIR (outside ComfyUI).")
+    return roots[0] / f"{name}.safetensors"
