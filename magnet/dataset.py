@@ -6,9 +6,13 @@
   music dataset merges them, in that fixed order), else the file name. An optional trigger word is prepended.
 - Tokens are encoded once and cached in `<folder>/.magnet_cache/` (or `cache_dir`), keyed by the file's content
   hash and the codec's identity: a second run, with any other training settings, does not encode again.
+- Tokens in the cache are checked against the codec (codebooks, value range) and encoded again when they do
+  not match. Files are read and encoded in pieces (`encode_file`), never whole: a two-hour file needs the memory
+  of a minute.
 - Long files give random window-length crops; short ones are padded, and the padding takes no loss.
-- An unreadable or silent file is skipped with a warning naming it; an empty folder or a caption over the T5
-  limit is a MagnetError naming the folder / file.
+- A file that cannot be read (whatever the reason), is silent, has a name that is not valid UTF-8 or a caption
+  over the T5 limit is skipped with a warning naming it; a caption file that cannot be read counts as absent.
+  A folder with no usable file is a MagnetError naming the folder.
 """
 from __future__ import annotations
 
@@ -44,12 +48,16 @@ def audio_extensions() -> set[str]:
 
 def caption_for(path: Path, trigger: str = "") -> str:
     """The caption of an audio file: <name>.txt, else <name>.json (audiocraft's), else the file name; the
-    trigger word (if any) first."""
+    trigger word (if any) first. A caption file that cannot be read (whatever the reason) counts as absent, with
+    a warning naming it."""
     path = Path(path)
     text = None
     txt, js = path.with_suffix(".txt"), path.with_suffix(".json")
     if txt.is_file():
-        text = txt.read_text(encoding="utf-8", errors="replace").strip()
+        try:
+            text = txt.read_text(encoding="utf-8", errors="replace").strip()
+        except Exception as e:          # a read error, a folder named like a file ...: no caption from it
+            warnings.warn(f"{txt}: not readable ({first_line(e)}); using the file name as the caption.")
     elif js.is_file():
         text = json_caption(js)
     if not text:
@@ -63,8 +71,9 @@ def json_caption(path: Path) -> str | None:
     instrument (lists joined with ", "), joined by ". "."""
     try:
         info = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        warnings.warn(f"{path}: not readable JSON ({first_line(e)}); using the file name as the caption.")
+    except Exception as e:      # unreadable, not UTF-8, not JSON, nested too deeply for the parser ...
+        warnings.warn(f"{path}: not readable JSON ({type(e).__name__}: {first_line(e)}); using the file name "
+                      f"as the caption.")
         return None
     if not isinstance(info, dict):
         return None
@@ -107,6 +116,7 @@ class Clip:
     path: Path
     caption: str
     codes: torch.Tensor          # long [K, T] on the CPU
+    digest: str = ""             # sha256 of the file's content (what the token cache keys on)
 
     @property
     def frames(self) -> int:
@@ -114,31 +124,65 @@ class Clip:
 
 
 def encode_file(model, path: Path) -> torch.Tensor | None:
-    """Codes [K, T] of an audio file, None (with a warning naming it) when unreadable or silent."""
-    from .audio import read_audio
+    """Codes [K, T] of an audio file, None (with a warning naming it) when it cannot be read, whatever the reason,
+    or is silent. The file is read and encoded in pieces of ENCODE_CHUNK_SECONDS, never whole, so a two-hour
+    file needs no more memory than a minute of it (each piece resampled and encoded on its own)."""
+    import numpy as np
+    import soundfile as sf
+    parts, peak = [], 0.0
     try:
-        wav, sr = read_audio(path)
-    except MagnetError as e:
-        warnings.warn(f"skipped {path}: {e}")
+        f = sf.SoundFile(str(path))
+    except Exception as e:          # whatever libsndfile or the file system says
+        warnings.warn(f"skipped {path}: cannot read it ({first_line(e) or type(e).__name__}).")
         return None
-    if not bool(torch.isfinite(wav).all()):
-        warnings.warn(f"skipped {path}: it holds NaN or infinite samples (a damaged file).")
-        return None
-    if float(wav.abs().max()) <= SILENCE:
+    with f:
+        sr = int(f.samplerate)
+        chunk = max(2, int(ENCODE_CHUNK_SECONDS * sr))
+        while True:
+            try:
+                data = f.read(chunk, dtype="float32", always_2d=True)
+            except Exception as e:
+                warnings.warn(f"skipped {path}: cannot read it ({first_line(e) or type(e).__name__}).")
+                return None
+            if data.shape[0] == 0:
+                break
+            piece = torch.from_numpy(np.ascontiguousarray(data.T))
+            if not bool(torch.isfinite(piece).all()):
+                warnings.warn(f"skipped {path}: it holds NaN or infinite samples (a damaged file).")
+                return None
+            peak = max(peak, float(piece.abs().max()))
+            if piece.shape[-1] >= 2:
+                with torch.inference_mode():
+                    parts.append(model.encode(piece[None], sr)[0].cpu())
+            if data.shape[0] < chunk:
+                break
+    if peak <= SILENCE:
         warnings.warn(f"skipped {path}: it is silent (peak below {SILENCE:g}); it would teach nothing.")
         return None
-    chunk = int(ENCODE_CHUNK_SECONDS * sr)
-    parts = []
-    with torch.inference_mode():
-        for a in range(0, wav.shape[-1], chunk):
-            piece = wav[:, a:a + chunk]
-            if piece.shape[-1] < 2:
-                continue
-            parts.append(model.encode(piece[None], sr)[0].cpu())
     if not parts:
         warnings.warn(f"skipped {path}: too short to encode.")
         return None
     return torch.cat(parts, dim=-1).long()
+
+
+def valid_codes(codes, n_q: int, card: int) -> bool:
+    """Whether cached codes are codes of this codec: integer [n_q, T >= 1], every value in [0, card)."""
+    return (isinstance(codes, torch.Tensor) and not codes.is_floating_point() and codes.dim() == 2
+            and codes.shape[0] == n_q and codes.shape[1] >= 1 and int(codes.min()) >= 0 and int(codes.max()) < card)
+
+
+def shown(path) -> str:
+    """A path as text that can always be printed (bytes that are not UTF-8 as \\xNN)."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+
+
+def _name_problem(path: Path) -> str | None:
+    """Why a file name cannot be used (not valid UTF-8), else None."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return "its name is not valid UTF-8: rename it"
+    return None
 
 
 class AudioFolder:
@@ -164,27 +208,42 @@ class AudioFolder:
         codec_id = codec_identity(model.codec)
         self.clips: list[Clip] = []
         self.skipped: list[tuple[Path, str]] = []
+        self.codec = (int(model.codec.n_q), int(model.codec.card))
         for i, path in enumerate(files):
-            caption = caption_for(path, trigger)
-            check_caption(model, caption, path)
-            codes = self._cached(model, path, codec_id)
-            if codes is None:
+            why = _name_problem(path)
+            if why is None:
+                caption = caption_for(path, trigger)
+                why = caption_problem(model, caption, path)
+            if why is not None:
+                warnings.warn(f"skipped {shown(path)}: {why}.")
+                self.skipped.append((path, why))
+            elif (got := self._cached(model, path, codec_id)) is None:       # it said why
                 self.skipped.append((path, "unreadable or silent"))
             else:
-                self.clips.append(Clip(path, caption, codes))
+                self.clips.append(Clip(path, caption, *got))
             if progress is not None:
                 progress(i + 1, len(files))
         if not self.clips:
-            raise MagnetError(f"no usable audio in {what} {folder}: every file was unreadable or silent "
-                              f"({', '.join(p.name for p, _ in self.skipped[:5])}). Give readable audio files.")
+            raise MagnetError(f"no usable audio in {what} {folder}: every file was skipped "
+                              f"({'; '.join(f'{shown(p.name)}: {w}' for p, w in self.skipped[:5])}). Give readable "
+                              f"audio files with captions T5 accepts.")
 
-    def _cached(self, model, path: Path, codec_id: str) -> torch.Tensor | None:
+    def _cached(self, model, path: Path, codec_id: str) -> tuple[torch.Tensor, str] | None:
+        """(codes, content hash) of a file, from the cache when an entry holds codes of this codec (else it is
+        encoded again), None when the file cannot be read."""
         from safetensors.torch import load_file, save_file
-        key = hashlib.sha256(f"{file_hash(path)}:{codec_id}".encode()).hexdigest()[:32]
+        try:
+            digest = file_hash(path)
+        except Exception as e:
+            warnings.warn(f"skipped {path}: cannot read it ({first_line(e) or type(e).__name__}).")
+            return None
+        key = hashlib.sha256(f"{digest}:{codec_id}".encode()).hexdigest()[:32]
         entry = self.cache / f"{key}.safetensors"
         if entry.is_file():
             try:
-                return load_file(str(entry))["codes"].long()
+                codes = load_file(str(entry))["codes"]
+                if valid_codes(codes, *self.codec):
+                    return codes.long(), digest
             except Exception:           # a damaged cache entry: encode again
                 pass
         codes = encode_file(model, path)
@@ -193,12 +252,16 @@ class AudioFolder:
         try:
             self.cache.mkdir(parents=True, exist_ok=True)
             tmp = entry.with_name(f".{entry.name}.{os.getpid()}.partial")
-            save_file({"codes": codes.to(torch.int32).contiguous()}, str(tmp), metadata={"file": path.name})
+            save_file({"codes": codes.to(torch.int32).contiguous()}, str(tmp))
             os.replace(tmp, entry)
         except OSError as e:
             warnings.warn(f"could not cache the tokens of {path} in {self.cache} ({first_line(e)}); they will be "
                           f"encoded again next time.")
-        return codes
+        return codes, digest
+
+    @property
+    def digests(self) -> list[str]:
+        return [c.digest for c in self.clips]
 
     @property
     def captions(self) -> list[str]:
@@ -223,14 +286,15 @@ class AudioFolder:
         return out, valid
 
 
-def check_caption(model, caption: str, path: Path) -> None:
-    """A caption must fit T5's limit (the text encoder refuses longer prompts)."""
+def caption_problem(model, caption: str, path: Path) -> str | None:
+    """Why a caption cannot be used (longer than T5's limit), else None."""
     from .text import MAX_PROMPT_TOKENS
     te = getattr(model, "text_encoder", None)
     if te is None:
-        return
+        return None
     n = len(te.tokenizer(caption)["input_ids"])
     if n > MAX_PROMPT_TOKENS:
-        raise MagnetError(f"the caption of {path} is {n} T5 tokens long; the limit is {MAX_PROMPT_TOKENS}. Shorten "
-                          f"{path.with_suffix('.txt').name if path.with_suffix('.txt').is_file() else 'it'} to a "
-                          f"sentence or two describing the sound.")
+        where = path.with_suffix(".txt").name if path.with_suffix(".txt").is_file() else "its caption"
+        return (f"its caption is {n} T5 tokens long, over the limit of {MAX_PROMPT_TOKENS}: shorten {where} to a "
+                f"sentence or two describing the sound")
+    return None

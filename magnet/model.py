@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import operator
@@ -100,10 +101,36 @@ class CodecLM:
         self.training_defaults = training_settings(training, self.content)
         self.fastpath = FastPathSettings()        # how MAGNeT's forward runs (magnet.fastpath)
         self._seed_record = threading.local()
+        self.check_text_encoder(text_encoder)
+
+    def check_text_encoder(self, text_encoder) -> None:
+        """A T5 of another width than the release's (t5-large on a music release) is a MagnetError."""
+        lm = self.lm
         if text_encoder is not None and text_encoder.dim != lm.cfg.text_dim:
             raise MagnetError(f"text encoder {text_encoder.folder} has width {text_encoder.dim}, but this model "
                               f"expects {lm.cfg.text_dim} ({lm.cfg.text_encoder}). Use the "
                               f"{lm.cfg.text_encoder} folder.")
+
+    def _sharing(self, **changes):
+        """A new model object sharing this one's modules and settings, with `changes` (attribute: value)."""
+        new = copy.copy(self)
+        new._seed_record = threading.local()
+        for name, value in changes.items():
+            setattr(new, name, value)
+        return new
+
+    def with_text_encoder(self, text_encoder):
+        """This model with another T5 (checked: `check_text_encoder`); this one is not changed."""
+        self.check_text_encoder(text_encoder)
+        return self._sharing(text_encoder=text_encoder)
+
+    def with_lm(self, lm: LM):
+        """This model running another LM of the same architecture (e.g. one with trainable adapters, for
+        previews while training); this one is not changed."""
+        from .lora import fingerprint
+        if fingerprint(lm) != fingerprint(self.lm):
+            raise MagnetError("the LM has another architecture than this model's: use an LM of this release.")
+        return self._sharing(lm=lm)
 
     @property
     def last_seed(self) -> int | None:

@@ -128,9 +128,96 @@ def test_unreadable_and_silent_files_are_skipped_with_a_warning_naming_them(musi
             D.AudioFolder(tmp_path, music_model)
 
 
-def test_a_caption_over_the_t5_limit_is_refused_naming_the_file(music_model, tmp_path):
+def _quiet(fn, *a, **k):
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        out = fn(*a, **k)
+    return out, " ".join(str(x.message) for x in w)
+
+
+def test_a_caption_over_the_t5_limit_skips_that_file_naming_it(music_model, tmp_path):
+    tone(tmp_path / "good.wav")
     tone(tmp_path / "long_caption.wav")
     (tmp_path / "long_caption.txt").write_text("a very long description " * 200)
-    with pytest.raises(MagnetError, match="T5 tokens") as e:
-        D.AudioFolder(tmp_path, music_model)
-    assert "long_caption" in str(e.value)
+    data, text = _quiet(D.AudioFolder, tmp_path, music_model)
+    assert [c.path.name for c in data.clips] == ["good.wav"]
+    assert "long_caption" in text and "T5 tokens" in text
+    (tmp_path / "good.wav").unlink()
+    with pytest.raises(MagnetError, match="long_caption.wav: its caption is .* T5 tokens"):
+        _quiet(D.AudioFolder, tmp_path, music_model)
+
+
+def test_caption_files_that_cannot_be_read_count_as_absent(tmp_path, monkeypatch):
+    from pathlib import Path
+    (tmp_path / "deep.json").write_text("[" * 100000 + "]" * 100000)         # too deep for the JSON parser
+    (tmp_path / "latin.json").write_bytes(b'{"description": "caf\xe9"}')
+    (tmp_path / "broken.txt").write_text("never read")
+    real = Path.read_text
+
+    def read_text(self, *a, **k):
+        if self.name == "broken.txt":
+            raise OSError(5, "Input/output error")
+        return real(self, *a, **k)
+    monkeypatch.setattr(Path, "read_text", read_text)
+    for name in ("deep", "latin", "broken"):
+        caption, text = _quiet(D.caption_for, tmp_path / f"{name}.wav")
+        assert caption == name and f"{name}." in text
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_with_a_warning(music_model, tmp_path):
+    import os
+    tone(tmp_path / "good.wav")
+    tone(tmp_path / "x.wav")
+    os.rename(os.fsencode(tmp_path / "x.wav"), os.path.join(os.fsencode(tmp_path), b"caf\xe9.wav"))
+    data, text = _quiet(D.AudioFolder, tmp_path, music_model)
+    assert [c.path.name for c in data.clips] == ["good.wav"] and "UTF-8" in text and "caf" in text
+
+
+def test_a_read_failing_for_any_reason_skips_the_file(music_model, tmp_path, monkeypatch):
+    tone(tmp_path / "a.wav")
+    tone(tmp_path / "b.wav", freq=550.0)
+    real = sf.SoundFile.read
+
+    def read(self, *a, **k):
+        if self.name.endswith("b.wav"):
+            raise IndexError("a parser bug")
+        return real(self, *a, **k)
+    monkeypatch.setattr(sf.SoundFile, "read", read)
+    data, text = _quiet(D.AudioFolder, tmp_path, music_model)
+    assert [c.path.name for c in data.clips] == ["a.wav"] and "b.wav" in text and "a parser bug" in text
+
+
+def test_files_are_read_and_encoded_in_pieces_never_whole(music_model, tmp_path, monkeypatch):
+    sr = 22050
+    tone(tmp_path / "long.wav", seconds=2.3, sr=sr)
+    monkeypatch.setattr(D, "ENCODE_CHUNK_SECONDS", 0.5)
+    sizes = []
+    real = sf.SoundFile.read
+
+    def read(self, frames=-1, *a, **k):
+        sizes.append(frames)
+        return real(self, frames, *a, **k)
+    monkeypatch.setattr(sf.SoundFile, "read", read)
+    codes = D.encode_file(music_model, tmp_path / "long.wav")
+    assert sizes and all(0 < n <= sr // 2 for n in sizes)
+    wav, _ = sf.read(str(tmp_path / "long.wav"), dtype="float32", always_2d=True)
+    x = torch.from_numpy(wav.T.copy())
+    want = torch.cat([music_model.encode(x[None, :, a:a + sr // 2], sr)[0] for a in range(0, x.shape[-1], sr // 2)], -1)
+    assert torch.equal(codes, want)
+
+
+@pytest.mark.parametrize("bad", ["codebooks", "range", "float", "empty"])
+def test_a_cache_entry_that_is_not_codes_of_this_codec_is_encoded_again(music_model, tmp_path, monkeypatch, bad):
+    from safetensors.torch import save_file
+    tone(tmp_path / "a.wav")
+    first = D.AudioFolder(tmp_path, music_model)
+    (entry,) = (tmp_path / D.CACHE_DIR).glob("*.safetensors")
+    good = first.clips[0].codes
+    other = {"codebooks": good[:2], "range": good + music_model.codec.card, "float": good.float(),
+             "empty": good[:, :0]}[bad]
+    save_file({"codes": other.to(torch.float32 if bad == "float" else torch.int32).contiguous()}, str(entry))
+    calls = []
+    real = D.encode_file
+    monkeypatch.setattr(D, "encode_file", lambda m, p: calls.append(p) or real(m, p))
+    again = D.AudioFolder(tmp_path, music_model)
+    assert len(calls) == 1 and torch.equal(again.clips[0].codes, good)
