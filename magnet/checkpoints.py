@@ -446,7 +446,7 @@ def convert_release(release: str | Path, out: str | Path, *, codec_dir=None, sea
     (the weights are used straight from the memory-mapped file), several times faster than the official
     `.bin` (float16, converted on load). float16 halves the file (for GPUs; on the CPU it is converted on
     load, as the `.bin` is)."""
-    from safetensors.torch import save_file
+    from .files import save_safetensors
     dtype = dtype or torch.float32
     r = load_release(release, codec_dir=codec_dir, search_dirs=search_dirs)
     codec_cfg, codec_state = r.codec.export()
@@ -458,14 +458,8 @@ def convert_release(release: str | Path, out: str | Path, *, codec_dir=None, sea
             "training": json.dumps(r.training), "content": r.content, "source": Path(r.source).name}
     out = converted_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(out)
-    except BaseException:        # a full disk (safetensors reports it as its own error), Ctrl-C: no partial file
-        tmp.unlink(missing_ok=True)
-        raise
-    return out
+    # a full disk (safetensors reports it as its own error), Ctrl-C: no partial file is left
+    return save_safetensors(out, tensors, meta, tmp=out.with_name(out.name + ".partial"))
 
 
 def converted_path(out: str | Path) -> Path:

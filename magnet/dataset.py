@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 from .errors import MagnetError, first_line
+from .files import save_safetensors
 
 CACHE_DIR = ".magnet_cache"
 SILENCE = 1e-4                 # peak amplitude at or below which a file counts as silent
@@ -231,7 +232,7 @@ class AudioFolder:
     def _cached(self, model, path: Path, codec_id: str) -> tuple[torch.Tensor, str] | None:
         """(codes, content hash) of a file, from the cache when an entry holds codes of this codec (else it is
         encoded again), None when the file cannot be read."""
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file
         try:
             digest = file_hash(path)
         except Exception as e:
@@ -251,9 +252,7 @@ class AudioFolder:
             return None
         try:
             self.cache.mkdir(parents=True, exist_ok=True)
-            tmp = entry.with_name(f".{entry.name}.{os.getpid()}.partial")
-            save_file({"codes": codes.to(torch.int32).contiguous()}, str(tmp))
-            os.replace(tmp, entry)
+            save_safetensors(entry, {"codes": codes.to(torch.int32)})
         except OSError as e:
             warnings.warn(f"could not cache the tokens of {path} in {self.cache} ({first_line(e)}); they will be "
                           f"encoded again next time.")

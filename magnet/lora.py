@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,22 +137,15 @@ class LoraWeights:
 
 
 def save_lora(path: str | Path, tensors: dict, meta: dict) -> Path:
-    """Write a LoRA file atomically (a temporary name in the same folder, then os.replace): a reader, or a
-    cancel, never sees a half-written file."""
-    from safetensors.torch import save_file
+    """Write a LoRA file atomically (`files.save_safetensors`: a reader, or a cancel, never sees a half-written
+    file; the mode follows the umask)."""
+    from .files import save_safetensors
     path = Path(path)
     if path.suffix != ".safetensors":
         raise MagnetError(f"LoRA file {path} must end in .safetensors.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
-    try:
-        save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={k: str(v) for k, v in meta.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return save_safetensors(path, {k: v.detach().to("cpu", torch.float32) for k, v in tensors.items()},
+                            {k: str(v) for k, v in meta.items()})
 
 
 def load_lora(path: str | Path) -> LoraWeights:

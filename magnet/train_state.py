@@ -15,14 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import MagnetError, first_line
+from .files import save_safetensors
 
 STATE_SUFFIX = ".state.safetensors"
 STATE_FORMAT = "magnet-train-state"
@@ -75,7 +74,6 @@ def save_state(path: Path, *, step: int, total: int, info: dict, optimizer: torc
 
     param_names: {parameter: its name} for every parameter the optimizer updates. info: the JSON-able rest
     (settings, release, dataset fingerprint)."""
-    from safetensors.torch import save_file
     tensors = {"rng.cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -88,15 +86,7 @@ def save_state(path: Path, *, step: int, total: int, info: dict, optimizer: torc
                 tensors[f"adam.{name}.{key}"] = torch.tensor(float(value))
     body = dict(info, format=STATE_FORMAT, version=STATE_VERSION, step=int(step), total=int(total),
                 scaler=scaler.state_dict() if scaler is not None else None)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"state": json.dumps(body)})
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return save_safetensors(Path(path), tensors, {"state": json.dumps(body)})
 
 
 def load_state(path: str | Path) -> TrainState:
@@ -200,6 +190,7 @@ def restore_rng(state: TrainState) -> None:
     cpu = state.tensors.get("rng.cpu")
     if cpu is not None:
         torch.set_rng_state(cpu.to(torch.uint8))
-    cuda = [state.tensors[k] for k in sorted(k for k in state.tensors if k.startswith("rng.cuda."))]
+    cuda = [state.tensors[k] for k in sorted((k for k in state.tensors if k.startswith("rng.cuda.")),
+                                             key=lambda k: int(k.rsplit(".", 1)[1]))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([c.to(torch.uint8) for c in cuda[:torch.cuda.device_count()]])
