@@ -202,6 +202,17 @@ def write_wav(path: str | Path, wav: torch.Tensor, sample_rate: int, subtype: st
     return path
 
 
+def wav_bytes(wav: torch.Tensor, sample_rate: int, subtype: str = "PCM_16") -> bytes:
+    """[C, S] audio as the bytes of a WAV file (samples clipped to [-1, 1])."""
+    import io
+    sf = require("soundfile")
+    check_waveform(wav, "audio to encode")
+    buf = io.BytesIO()
+    sf.write(buf, wav.detach().to("cpu", torch.float32).clamp(-1.0, 1.0).numpy().T, _rate(sample_rate, "sample_rate"),
+             subtype=subtype, format="WAV")
+    return buf.getvalue()
+
+
 def read_audio(path: str | Path) -> tuple[torch.Tensor, int]:
     """Read an audio file (WAV, FLAC, OGG, MP3, ...) -> (float32 [C, S], sample_rate)."""
     sf = require("soundfile")

@@ -298,15 +298,15 @@ def progress_text(text: str, node_id) -> None:
         pass
 
 
-def temp_preview(png: bytes, prefix: str) -> list[dict]:
-    """Write a PNG into ComfyUI's temp folder and return the `ui.images` entry that shows it on the node
-    (what PreviewImage does); [] outside ComfyUI."""
+def temp_file(data: bytes, prefix: str, suffix: str) -> list[dict]:
+    """Write a file (a PNG, a WAV) into ComfyUI's temp folder and return the `ui` entry that shows it on the node
+    (what PreviewImage / PreviewAudio do); [] outside ComfyUI."""
     if folder_paths is None:
         return []
     folder = Path(folder_paths.get_temp_directory())
     folder.mkdir(parents=True, exist_ok=True)
-    name = f"{prefix}_{os.urandom(5).hex()}.png"
-    (folder / name).write_bytes(png)
+    name = f"{prefix}_{os.urandom(5).hex()}{suffix}"
+    (folder / name).write_bytes(data)
     return [{"filename": name, "subfolder": "", "type": "temp"}]
 
 

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from ..magnet.errors import MagnetError
+from ..magnet.train_state import is_state_file
 from . import comfy
 
 NONE = "none"                    # the first choice of the LoRA and dataset lists (so they are never empty)
@@ -21,12 +22,13 @@ SAVE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._()+-]{0,120}$")
 
 
 def list_loras() -> list[str]:
-    """`none`, then the .safetensors files under models/loras/magnet (subfolders as `sub/name.safetensors`)."""
+    """`none`, then the .safetensors files under models/loras/magnet (subfolders as `sub/name.safetensors`), not
+    the training states kept beside them (`<name>.state.safetensors`)."""
     names = set()
     for root in comfy.model_dirs(LORA_KIND):
         if root.is_dir():
             names.update(p.relative_to(root).as_posix() for p in root.rglob("*.safetensors")
-                         if p.is_file() and not p.name.startswith("."))
+                         if p.is_file() and not p.name.startswith(".") and not is_state_file(p))
     return [NONE, *sorted(names)]
 
 

@@ -6,7 +6,6 @@ never changed, loaders stack, and ComfyUI restores the base weights when it load
 this one. Outside ComfyUI the engine's `with_lora` (a model sharing the base weights) does the same."""
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from pathlib import Path
@@ -18,10 +17,12 @@ from ..magnet.devices import codec_device
 from ..magnet.errors import MagnetError
 from ..magnet.chart import SMOOTHING, loss_chart
 from ..magnet.chart import png_bytes as chart_png
+from ..magnet.audio import wav_bytes
 from ..magnet.lora import DEFAULT_RANK, check_lora_fits, check_strength, load_lora
+from ..magnet.train import TrainSettings
 from . import comfy
 from .paths import NONE, list_datasets, list_loras, resolve_dataset, resolve_lora, save_path
-from .common import CATEGORY, MODEL, TEXT_ENCODER, Handle, finite, ready, seed_arg, user_errors
+from .common import CATEGORY, MODEL, TEXT_ENCODER, Handle, audio_out, finite, ready, seed_arg, user_errors
 
 log = logging.getLogger(__name__)
 
@@ -95,15 +96,17 @@ class MagnetLoraLoader:
 
 class MagnetTrainLora:
     """A folder of audio (+ captions) -> a LoRA file in models/loras/magnet, with MAGNeT's own training
-    objective; the LM, T5 and EnCodec stay frozen. Progress and the running loss show on the node; Cancel
-    stops within one step."""
+    objective; the LM, T5 and EnCodec stay frozen. Progress and the running loss show on the node, previews
+    play on it; Cancel stops within one step and keeps the steps done (`<name>.step<N>`, resumable)."""
 
     DISPLAY_NAME = "MAGNeT Train LoRA"
     DESCRIPTION = ("Teaches a MAGNeT model the sound of a folder of your audio: trains a LoRA and saves it to "
-                   "models/loras/magnet. Apply it with MAGNeT LoRA Loader.")
+                   "models/loras/magnet, with preview clips you can hear on the node. Apply it with MAGNeT LoRA "
+                   "Loader.")
 
     @classmethod
     def INPUT_TYPES(cls):
+        d = TrainSettings()
         return {
             "required": {
                 "model": (MODEL, {"tooltip": "the MAGNeT release to adapt, from the Model Loader (the LoRA fits "
@@ -119,40 +122,58 @@ class MagnetTrainLora:
                 "trigger": ("STRING", {"default": "",
                                        "tooltip": "an optional word put before every caption (e.g. mystyle); "
                                                   "use it in prompts to call up what was learnt"}),
-                "steps": ("INT", {"default": 200, "min": 1, "max": 100000,
-                                  "tooltip": "optimizer steps; a few hundred for a handful of clips (watch "
-                                             "the loss flatten)"}),
+                "steps": ("INT", {"default": d.steps, "min": 1, "max": 100000,
+                                  "tooltip": "optimizer steps in all (a resumed run continues to this total); a "
+                                             "few hundred for a handful of clips (watch the loss flatten)"}),
                 "rank": ("INT", {"default": DEFAULT_RANK, "min": 1, "max": 256,
                                  "tooltip": f"LoRA rank: how much it can learn (and its file size); "
                                             f"{DEFAULT_RANK} suits a style, 4-8 a small change"}),
-                "learning_rate": ("FLOAT", {"default": 0.0001, "min": 0.0000001, "max": 0.1, "step": 0.000001,
+                "learning_rate": ("FLOAT", {"default": d.lr, "min": 0.0000001, "max": 0.1, "step": 0.000001,
                                             "tooltip": "AdamW learning rate (warmup, then a cosine decay); "
                                                        "lower it if the loss jumps up or becomes nan"}),
-                "batch": ("INT", {"default": 1, "min": 1, "max": 64,
+                "batch": ("INT", {"default": d.batch, "min": 1, "max": 64,
                                   "tooltip": "clips per step; more is smoother but needs more memory"}),
                 # not named `seed`: ComfyUI's frontend gives every INT named seed a control_after_generate
                 # widget (randomize by default), which would train again at every queue
-                "training_seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                "training_seed": ("INT", {"default": d.seed, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
                                           "tooltip": "random seed of the crops, masks and the LoRA's start; the "
                                                      "same seed, data and settings give the same LoRA on the CPU"}),
                 "save_name": ("STRING", {"default": "my_style",
                                          "tooltip": "file name under models/loras/magnet (.safetensors is added); "
-                                                    "an existing LoRA of that name is replaced"}),
+                                                    "a finished LoRA of that name is replaced at the end (a "
+                                                    "cancelled run saves to <name>.step<N> instead)"}),
+            },
+            "optional": {
+                "previews": ("BOOLEAN", {"default": d.previews,
+                                         "tooltip": "render short clips with the LoRA at the end (and at each "
+                                                    "save), played on this node and given at the previews output"}),
+                "preview_prompts": ("STRING", {"default": "", "multiline": True,
+                                               "tooltip": "one prompt per line for the previews; empty: the trigger "
+                                                          "word and two captions of the dataset"}),
+                "save_every": ("INT", {"default": d.save_every, "min": 0, "max": 100000,
+                                       "tooltip": "also save (and preview) every N steps as <name>.step<N>; 0: only "
+                                                  "at the end"}),
+                "resume_from": ("STRING", {"default": "",
+                                           "tooltip": "a LoRA under models/loras/magnet to continue, e.g. "
+                                                      "my_style.step120 (what a cancelled run saved): the same "
+                                                      "dataset, rank and release; steps is the total to reach"}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    RETURN_TYPES = ("STRING", "IMAGE")
-    RETURN_NAMES = ("lora_name", "loss")
+    RETURN_TYPES = ("STRING", "IMAGE", "AUDIO")
+    RETURN_NAMES = ("lora_name", "loss", "previews")
     OUTPUT_TOOLTIPS = ("the saved LoRA's file name: connect to MAGNeT LoRA Loader's lora_name",
-                       "the training loss per step as a picture (also shown on this node)")
+                       "the loss chart: the loss per step, its average and the validation losses (also on the node)",
+                       "the last preview clips, one per prompt (also played on the node, one after another); "
+                       "silence when previews are off")
     FUNCTION = "train"
     OUTPUT_NODE = True                 # it writes a file: runs even with nothing connected
     CATEGORY = CATEGORY
 
     def train(self, model, text_encoder, dataset, path, trigger, steps, rank, learning_rate, batch, training_seed,
-              save_name, unique_id=None):
-        from ..magnet.train import TrainSettings, train_lora
+              save_name, previews=True, preview_prompts="", save_every=0, resume_from="", unique_id=None):
+        from ..magnet.train import train_lora
         with user_errors(self.DISPLAY_NAME):
             try:
                 seed = seed_arg(training_seed)
@@ -161,20 +182,27 @@ class MagnetTrainLora:
             lr = finite(learning_rate, "learning_rate")
             if lr <= 0:
                 raise MagnetError(f"input `learning_rate` is {lr:g}; it must be above 0 (typical: 0.0001).")
+            if not isinstance(previews, bool):
+                raise MagnetError(f"input `previews` {previews!r} must be true or false.")
+            prompts = tuple(line.strip() for line in str(preview_prompts or "").splitlines() if line.strip())
+            settings = TrainSettings(steps=steps, rank=rank, lr=lr, batch=batch, seed=seed, trigger=trigger,
+                                     save_every=save_every, previews=previews, preview_prompts=prompts).checked()
             data = resolve_dataset(dataset, path)
             out = save_path(save_name)
+            resume = resolve_lora(str(resume_from).strip()) if str(resume_from or "").strip() else None
             m, te = ready(model, text_encoder)
             if getattr(m, "loras", None) or any(getattr(p, "patches", None) for p in model.patchers):
                 raise MagnetError("the model has a LoRA applied (MAGNeT LoRA Loader): connect the Model Loader's "
                                   "model directly; a LoRA is trained on the release itself.")
             whole(m.codec, codec_device(m.device))
-            settings = TrainSettings(steps=int(steps), rank=int(rank), lr=lr, batch=int(batch), seed=seed,
-                                     trigger=str(trigger or "").strip())
-            progress = TrainProgress(int(steps), unique_id)
+            progress = TrainProgress(settings.steps, unique_id)
             with torch.inference_mode(False):
                 trainee = trainable(m, te)
                 result = train_lora(trainee, data, out, settings, progress=progress, should_stop=progress.should_stop,
-                                    log=lambda msg: log.warning("MAGNeT Train LoRA: %s", msg))
+                                    resume=resume, log=lambda msg: log.warning("MAGNeT Train LoRA: %s", msg))
+            if result.cancelled and result.path is not None:
+                comfy.progress_text(f"stopped at step {result.steps_done}: saved {Path(result.path).name} (put it "
+                                    f"in resume_from to continue)", unique_id)
             comfy.check_interrupt()
             if progress.interrupt is not None:  # Cancel: the steps done so far are saved; the run stops here
                 raise progress.interrupt
@@ -185,8 +213,23 @@ class MagnetTrainLora:
                      f"{losses[0]:.4f}" if losses else "-", f"{losses[-1]:.4f}" if losses else "-", result.path)
             image = loss_image(losses, list(result.val_losses or []))
             name = Path(result.path).relative_to(out.parent).as_posix()
-            ui = comfy.temp_preview(png_bytes(image[0]), "magnet_lora_loss")
-            return {"ui": {"images": ui}, "result": (name, image)}
+            audio, reel = preview_audio(result.previews, m.sample_rate)
+            ui = {"images": comfy.temp_file(png_bytes(image[0]), "magnet_lora_loss", ".png")}
+            if reel is not None:
+                ui["audio"] = comfy.temp_file(reel, "magnet_lora_previews", ".wav")
+            return {"ui": ui, "result": (name, image, audio)}
+
+
+def preview_audio(previews: list, sample_rate: int) -> tuple[dict, bytes | None]:
+    """The last previews as an AUDIO (one clip per prompt) and as one WAV for the node's player (the clips one
+    after another, half a second apart); a short silence and None without previews."""
+    if not previews:
+        return audio_out(torch.zeros(1, 1, sample_rate // 10), sample_rate), None
+    last = previews[-1]
+    wav, sr = last["audio"].float().cpu(), int(last["sample_rate"])
+    gap = torch.zeros(wav.shape[1], sr // 2)
+    reel = torch.cat([torch.cat([clip, gap], dim=-1) for clip in wav], dim=-1)
+    return audio_out(wav, sr), wav_bytes(reel, sr)
 
 
 def whole(module: torch.nn.Module, device) -> None:
@@ -233,12 +276,12 @@ class TrainProgress:
 
 
 def trainable(m, te):
-    """The model to train with: the loaded one (its LM, codec) with this text encoder. ComfyUI runs nodes under
-    torch.inference_mode, so the weights its loaders made are inference tensors, which autograd refuses to save
-    for backward even frozen: they are swapped for ordinary tensors of the same values (once, in place)."""
+    """The model to train with: the loaded one (its LM, codec) with this text encoder, through the engine (which
+    checks the T5's width). ComfyUI runs nodes under torch.inference_mode, so the weights its loaders made are
+    inference tensors, which autograd refuses to save for backward even frozen: they are swapped for ordinary
+    tensors of the same values (once, in place)."""
+    trainee = m.with_text_encoder(te)
     leave_inference_mode(m.lm)        # T5 and EnCodec run without gradients: inference tensors are fine there
-    trainee = copy.copy(m)
-    trainee.text_encoder = te
     return trainee
 
 

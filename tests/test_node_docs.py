@@ -52,7 +52,12 @@ def test_web_directory_is_exported_and_holds_a_help_page_per_node(pack, N):
     web = (ROOT / pack.WEB_DIRECTORY).resolve()
     assert web == (ROOT / "nodes" / "web").resolve() and web.is_dir()
     assert "WEB_DIRECTORY" in pack.__all__
-    assert not list(web.rglob("*.js")), "the frontend would load every .js under WEB_DIRECTORY as an extension"
+    # the frontend loads every .js under WEB_DIRECTORY as an extension: only ours, each one registered extension
+    scripts = sorted(web.rglob("*.js"))
+    assert [p.name for p in scripts] == ["magnet_previews.js"]
+    for p in scripts:
+        text = p.read_text(encoding="utf-8")
+        assert text.count("app.registerExtension(") == 1 and 'from "../../scripts/app.js"' in text
     assert {p.stem for p in DOCS.glob("*.md")} == set(N)
 
 

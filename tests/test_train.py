@@ -134,7 +134,7 @@ def clip_folder(tmp_path, monkeypatch, model, seed=0, name="data"):
 
 
 def fast(**kw):
-    base = dict(steps=4, rank=4, lr=1e-3, warmup=1, seed=0, cache_dir=None)
+    base = dict(steps=4, rank=4, lr=1e-3, warmup=1, seed=0, cache_dir=None, previews=False)
     base.update(kw)
     return TrainSettings(**base)
 
@@ -203,8 +203,10 @@ def test_cancel_stops_within_a_step_and_leaves_a_complete_file_never_a_partial_o
     assert res.cancelled and res.steps_done == 3 and done == [1, 2, 3]
     assert polls[-1] == 3 and len(polls) == 7           # polled before every micro-batch, stopped at the first
     lw = L.load_lora(res.path)
-    assert lw.meta["steps"] == "3"
-    assert sorted(p.name for p in out_dir.iterdir()) == ["lora.safetensors"]
+    assert lw.meta["steps"] == "3" and res.path == out_dir / "lora.step3.safetensors"
+    # the periodic save of step 2 stays (its state replaced by the newer one); nothing under the name asked for
+    assert sorted(p.name for p in out_dir.iterdir()) == ["lora.step2.safetensors", "lora.step3.safetensors",
+                                                         "lora.step3.state.safetensors"]
     # cancelled before the first step, with no checkpoint yet: no file at all
     res = train_lora(music_model, folder, out_dir / "none.safetensors", fast(), should_stop=lambda: True)
     assert res.cancelled and res.path is None and not (out_dir / "none.safetensors").exists()
@@ -227,14 +229,178 @@ def test_a_failed_save_keeps_the_previous_file_and_leaves_no_partial_one(music_m
     assert path.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["keep.safetensors"]
 
 
-def test_resume_continues_from_a_lora_file(music_model, tmp_path, monkeypatch):
+def _tensors(path):
+    return L.load_lora(path).tensors
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("how", ["should_stop", "periodic"])
+def test_a_stopped_run_resumed_from_its_file_ends_bit_identical_to_one_never_stopped(music_model, tmp_path,
+                                                                                      monkeypatch, how):
     folder, _ = clip_folder(tmp_path, monkeypatch, music_model)
-    first = train_lora(music_model, folder, tmp_path / "a.safetensors", fast(steps=4))
-    res = train_lora(music_model, folder, tmp_path / "b.safetensors", fast(steps=6), resume=first.path)
-    assert res.steps_done == 6 and len(res.losses) == 2
-    assert L.load_lora(res.path).meta["steps"] == "6"
-    with pytest.raises(MagnetError, match="rank"):
-        train_lora(music_model, folder, tmp_path / "c.safetensors", fast(steps=6, rank=8), resume=first.path)
+    kw = dict(steps=7, batch=2, grad_accum=2, dropout=0.1, warmup=2, seed=3, save_every=0)
+    whole = train_lora(music_model, folder, tmp_path / "whole.safetensors", fast(**kw))
+    out = tmp_path / "parts" / "lora.safetensors"
+    if how == "should_stop":
+        done = []
+        part = train_lora(music_model, folder, out, fast(**kw), progress=lambda *a: done.append(a),
+                          should_stop=lambda: len(done) >= 3)
+        assert part.cancelled and part.path == out.with_name("lora.step3.safetensors") and not out.exists()
+        resume = part.path
+    else:
+        part = train_lora(music_model, folder, out, fast(**dict(kw, steps=4)))   # a finished run of 4 ...
+        resume = part.path                                                    # ... continued to 7
+    assert part.state.is_file() and not _same(_tensors(part.path), _tensors(whole.path))
+    rest = train_lora(music_model, folder, out, fast(**kw), resume=resume)
+    assert rest.steps_done == 7 and rest.path == out and L.load_lora(out).meta["steps"] == "7"
+    if how == "should_stop":
+        assert _same(_tensors(out), _tensors(whole.path))
+        assert rest.losses == whole.losses[3:]
+    else:      # the schedule's total was 4 the first time (its cosine ended there): the same steps, other rates
+        assert len(rest.losses) == 3
+
+
+def test_resume_refuses_another_release_rank_alpha_targets_or_dataset_naming_both(music_model, tmp_path,
+                                                                                 monkeypatch):
+    folder, _ = clip_folder(tmp_path, monkeypatch, music_model)
+    first = train_lora(music_model, folder, tmp_path / "a.safetensors", fast(steps=2))
+    for kw, match in ((dict(rank=8), "rank is 4, this run's is 8"), (dict(alpha=2.0), "alpha is 4.0, this run's is 2.0"),
+                      (dict(targets=("linear1",)), "targets")):
+        with pytest.raises(MagnetError, match=match):
+            train_lora(music_model, folder, tmp_path / "b.safetensors", fast(steps=6, **kw), resume=first.path)
+    with pytest.raises(MagnetError, match="has 2 steps already"):
+        train_lora(music_model, folder, tmp_path / "b.safetensors", fast(steps=2), resume=first.path)
+    other, _ = clip_folder(tmp_path, monkeypatch, music_model, name="other")
+    (other / "clip.txt").write_text("another caption")
+    with pytest.raises(MagnetError, match="dataset differs.*other captions"):
+        train_lora(music_model, other, tmp_path / "b.safetensors", fast(steps=6), resume=first.path)
+    import magnet.train_state as TS
+    state = TS.load_state(first.state)
+    state.info["release"] = "magnet-medium-10secs"
+    with pytest.raises(MagnetError, match="release is 'magnet-medium-10secs', this run's is 'magnet-music'"):
+        TS.check_resume(state, {"release": "magnet-music", "rank": 4, "alpha": 4.0,
+                                "targets": list(state.info["settings"]["targets"]), "dataset": state.info["dataset"]})
+
+
+@pytest.mark.parametrize("damage", ["steps_text", "null_targets", "no_json", "garbage", "alpha_text", "no_adam"])
+def test_a_damaged_training_state_is_refused_clearly(music_model, tmp_path, monkeypatch, damage):
+    import json
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    folder, _ = clip_folder(tmp_path, monkeypatch, music_model)
+    first = train_lora(music_model, folder, tmp_path / "a.safetensors", fast(steps=2))
+    with safe_open(str(first.state), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        info = json.loads(f.metadata()["state"])
+    meta = {"state": info}
+    if damage == "steps_text":
+        info["step"] = "two"
+    elif damage == "null_targets":
+        info["settings"]["targets"] = None
+    elif damage == "alpha_text":
+        info["settings"]["alpha"] = "x"
+    elif damage == "no_adam":
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("adam.")}
+    if damage == "garbage":
+        first.state.write_bytes(b"\x00" * 100)
+    else:
+        save_file(tensors, str(first.state), metadata={} if damage == "no_json" else {"state": json.dumps(meta["state"])})
+    with pytest.raises(MagnetError, match="training state|optimizer state"):
+        train_lora(music_model, folder, tmp_path / "b.safetensors", fast(steps=4), resume=first.path)
+
+
+def test_a_lora_without_a_state_resumes_from_its_step_count_and_its_alpha_is_compared(music_model, tmp_path,
+                                                                                   monkeypatch):
+    folder, _ = clip_folder(tmp_path, monkeypatch, music_model)
+    first = train_lora(music_model, folder, tmp_path / "a.safetensors", fast(steps=4, alpha=8.0))
+    first.state.unlink()
+    logs = []
+    res = train_lora(music_model, folder, tmp_path / "b.safetensors", fast(steps=6, alpha=8.0), resume=first.path,
+                     log=logs.append)
+    assert res.steps_done == 6 and len(res.losses) == 2 and any("not an exact resume" in x for x in logs)
+    with pytest.raises(MagnetError, match="alpha is 8.0, this run's is 4.0"):
+        train_lora(music_model, folder, tmp_path / "c.safetensors", fast(steps=6), resume=first.path)
+
+
+def test_everything_is_checked_before_any_file_is_encoded(music_model, ref, tmp_path, monkeypatch):
+    import magnet.dataset as D
+    folder, _ = clip_folder(tmp_path, monkeypatch, music_model)
+    monkeypatch.setattr(D, "encode_file", lambda m, p: pytest.fail("encoded before the checks"))
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir.safetensors").mkdir()
+    for out, match in ((tmp_path / "adir.safetensors", "is a folder"),
+                       (tmp_path / "afile" / "x.safetensors", "under .*afile.*which is a file"),
+                       (Path("/proc/self/nope/x.safetensors"), "cannot write the LoRA"),
+                       (tmp_path / "x.pt", "must end in .safetensors")):
+        with pytest.raises(MagnetError, match=match):
+            train_lora(music_model, folder, out, fast())
+    from magnet.text import TextEncoder
+    with pytest.raises(MagnetError, match="width 1024.*expects 768"):
+        wrong = music_model._sharing(text_encoder=TextEncoder(ref / "t5-large"))
+        train_lora(wrong, folder, tmp_path / "x.safetensors", fast())
+    with pytest.raises(MagnetError, match="rank 100000 is more than the layer"):
+        train_lora(music_model, folder, tmp_path / "x.safetensors", fast(rank=100000))
+    for kw in (dict(steps="200"), dict(steps=2.5), dict(lr="0.001"), dict(seed=1.5), dict(seed=True),
+               dict(preview_seconds=float("nan")), dict(preview_prompts=[""])):
+        with pytest.raises(MagnetError):
+            train_lora(music_model, folder, tmp_path / "x.safetensors", fast(**kw))
+    assert not list(tmp_path.glob("x.safetensors*"))
+
+
+@pytest.mark.parametrize("seed", [2 ** 64 - 1, 10 ** 30, -5])
+def test_any_whole_seed_trains_and_reproduces(music_model, tmp_path, monkeypatch, seed):
+    folder, _ = clip_folder(tmp_path, monkeypatch, music_model)
+    a = train_lora(music_model, folder, tmp_path / "a.safetensors", fast(steps=2, seed=seed))
+    b = train_lora(music_model, folder, tmp_path / "b.safetensors", fast(steps=2, seed=seed))
+    assert _same(_tensors(a.path), _tensors(b.path))
+    c = train_lora(music_model, folder, tmp_path / "c.safetensors", fast(steps=2, seed=seed + 1))
+    assert not _same(_tensors(a.path), _tensors(c.path))
+
+
+def test_lora_metadata_holds_no_absolute_path_and_files_follow_the_umask(music_model, tmp_path, monkeypatch):
+    import os
+    folder, _ = clip_folder(tmp_path, monkeypatch, music_model)
+    val, _ = clip_folder(tmp_path, monkeypatch, music_model, name="held_out")
+    old = os.umask(0o002)
+    try:
+        res = train_lora(music_model, folder, tmp_path / "out" / "a.safetensors",
+                         fast(steps=2, val_dir=str(val), cache_dir=str(tmp_path / "cache")))
+    finally:
+        os.umask(old)
+    meta = L.load_lora(res.path).meta
+    assert not any(str(tmp_path) in v or "/tmp" in v for v in meta.values()), meta
+    training = __import__("json").loads(meta["training"])
+    assert training["val_dir"] == "held_out" and training["dataset"] == "data" and "cache_dir" not in training
+    for p in (res.path, res.state):
+        assert (p.stat().st_mode & 0o777) == 0o664, p
+
+
+def test_previews_are_rendered_at_each_save_and_at_the_end_through_the_normal_generation(music_model, tmp_path,
+                                                                                         monkeypatch):
+    import soundfile as sf
+    folder, _ = clip_folder(tmp_path, monkeypatch, music_model)
+    out = tmp_path / "my.safetensors"
+    res = train_lora(music_model, folder, out, fast(steps=4, save_every=2, previews=True, trigger="zqx",
+                                                    preview_seconds=0.4, preview_dir=str(tmp_path / "my_previews")))
+    assert [p["step"] for p in res.previews] == [2, 4]
+    assert res.previews[0]["prompts"] == ["zqx", f"zqx {CAPTION}"]
+    names = sorted(p.name for p in (tmp_path / "my_previews").iterdir())
+    assert names == ["step000002_0.wav", "step000002_1.wav", "step000004_0.wav", "step000004_1.wav"]
+    wav = res.previews[-1]["audio"]
+    assert wav.shape[:2] == (2, music_model.channels) and wav.shape[-1] > 0.3 * music_model.sample_rate
+    data, sr = sf.read(str(tmp_path / "my_previews" / "step000004_1.wav"))
+    assert sr == music_model.sample_rate and len(data) == wav.shape[-1]
+    # the previews are the normal generation with the adapters of that step, from a fixed seed
+    from magnet.train_state import derive_seed
+    tuned = music_model.with_lora(res.path)
+    want = tuned.decode(tuned.generate(res.previews[-1]["prompts"], duration=0.4, seed=derive_seed(0, "preview")))
+    assert torch.allclose(wav, want, atol=1e-5)
+    # previews do not change the training: the same LoRA as without them
+    plain = train_lora(music_model, folder, tmp_path / "plain.safetensors", fast(steps=4, save_every=2, trigger="zqx"))
+    assert _same(_tensors(res.path), _tensors(plain.path))
 
 
 def test_padding_takes_no_loss(music_model):
@@ -260,7 +426,7 @@ def test_padding_takes_no_loss(music_model):
 @pytest.mark.parametrize("kw,match", [
     (dict(steps=0), "steps"), (dict(lr=0.0), "learning rate"), (dict(lr=float("nan")), "lr"),
     (dict(rank=0), "rank"), (dict(targets=("q_proj",)), "targets"), (dict(dropout=1.0), "dropout"),
-    (dict(alpha=float("inf")), "alpha"), (dict(cond_dropout=1.5), "condition dropout"),
+    (dict(alpha=float("inf")), "alpha"), (dict(cond_dropout=1.5), "cond_dropout"),
 ])
 def test_bad_training_settings_are_refused(music_model, tmp_path, kw, match):
     with pytest.raises(MagnetError, match=match):

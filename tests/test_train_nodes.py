@@ -471,12 +471,20 @@ def test_a_lora_file_may_be_a_link_to_one_kept_elsewhere(pack, N, base, loras_di
 
 # -- the trainer --------------------------------------------------------------------------------------------
 
+def pack_train_settings(cls):
+    import sys
+    return sys.modules[cls.__module__].TrainSettings()       # the engine's defaults, as the node's module sees them
+
+
 def test_trainer_interface(N):
     cls = N["MagnetTrainLora"]
     names = [n for n, _, _ in widget_inputs(cls)]
     assert names == ["dataset", "path", "trigger", "steps", "rank", "learning_rate", "batch", "training_seed",
-                     "save_name"]
-    assert cls.RETURN_TYPES == ("STRING", "IMAGE") and cls.OUTPUT_NODE is True
+                     "save_name", "previews", "preview_prompts", "save_every", "resume_from"]
+    assert cls.RETURN_TYPES == ("STRING", "IMAGE", "AUDIO") and cls.OUTPUT_NODE is True
+    defaults = dict((n, o.get("default")) for n, _, o in widget_inputs(cls))
+    d = pack_train_settings(cls)
+    assert (defaults["steps"], defaults["batch"], defaults["learning_rate"]) == (d.steps, d.batch, d.lr)
     # no control_after_generate (the frontend adds one to any INT named seed): a new seed per queue would train
     # again every time
     assert not dict((n, o) for n, _, o in widget_inputs(cls))["training_seed"].get("control_after_generate")
@@ -573,7 +581,7 @@ def t5(pack, ref):
 
 def train(N, model, te, save_name="x", steps=2, **kw):
     args = dict(dataset="clips", path="", trigger="mystyle", steps=steps, rank=2, learning_rate=0.001, batch=1,
-                training_seed=0, save_name=save_name)
+                training_seed=0, save_name=save_name, previews=False)
     args.update(kw)
     return N["MagnetTrainLora"]().train(model, te, **args)
 
@@ -581,7 +589,8 @@ def train(N, model, te, save_name="x", steps=2, **kw):
 def test_train_node_saves_a_lora_the_loader_applies(pack, N, base, t5, clips, loras_dir):
     before = weights(base)
     out = train(N, plain(pack, base), pack.nodes.common.Handle(t5, "t5-base", [None]), "test_style")
-    name, image = out["result"]
+    name, image, previews = out["result"]
+    assert previews["waveform"].abs().max() == 0 and "audio" not in out["ui"]     # previews off: silence
     assert name == "test_style.safetensors" and (loras_dir / name).is_file()
     assert not list(loras_dir.glob(".*"))                           # no temporary file left behind
     assert image.shape == (1, 360, 640, 3) and image.dtype == torch.float32
@@ -608,8 +617,8 @@ def test_train_node_in_comfyui_under_inference_mode_shows_progress_and_cancels(p
     monkeypatch.setattr(comfy, "progress_text", lambda text, node_id: texts.append((node_id, text)))
     before = weights(m)
     with torch.inference_mode():
-        name, image = train(N, model, text_encoder, "in_comfy", steps=3, dataset="none", path="clips",
-                            unique_id="12")["result"]
+        name, image, _ = train(N, model, text_encoder, "in_comfy", steps=3, dataset="none", path="clips",
+                               unique_id="12")["result"]
     assert name == "in_comfy.safetensors" and image.shape == (1, 360, 640, 3)
     assert [t for _, t in texts][-1].startswith("step 3/3  loss ") and {n for n, _ in texts} == {"12"}
     assert same(weights(m), before)
@@ -624,8 +633,17 @@ def test_train_node_in_comfyui_under_inference_mode_shows_progress_and_cancels(p
     with torch.inference_mode(), pytest.raises(FakeMM.InterruptProcessingException):
         train(N, model, text_encoder, "cancelled", steps=6)
     assert bars == [1, 2]                              # no step after the one the cancel came in
-    assert pack.magnet.lora.load_lora(loras_dir / "cancelled.safetensors").meta["steps"] == "2"   # kept
+    kept = loras_dir / "cancelled.step2.safetensors"   # kept, never under the name of a finished LoRA
+    assert pack.magnet.lora.load_lora(kept).meta["steps"] == "2" and not (loras_dir / "cancelled.safetensors").exists()
+    assert "saved cancelled.step2.safetensors" in texts[-1][1] and "resume_from" in texts[-1][1]
     assert not in_comfy.interrupted
+    # resumed from what the cancel saved, it ends at the total steps under the name asked for
+    monkeypatch.setattr(comfy, "comfy", SimpleNamespace(utils=SimpleNamespace(ProgressBar=FakeBar)))
+    with torch.inference_mode():
+        name, _, _ = train(N, model, text_encoder, "cancelled", steps=6, resume_from="cancelled.step2")["result"]
+    assert name == "cancelled.safetensors"
+    assert pack.magnet.lora.load_lora(loras_dir / name).meta["steps"] == "6"
+    assert "cancelled.step2.state.safetensors" not in N["MagnetLoraLoader"].INPUT_TYPES()["required"]["lora"][0]
 
 
 def test_train_node_refuses_a_model_with_a_lora_and_bad_inputs(pack, N, base, t5, clips, loras_dir):
@@ -635,10 +653,34 @@ def test_train_node_refuses_a_model_with_a_lora_and_bad_inputs(pack, N, base, t5
     for model, kw, match in ((with_lora, {}, "has a LoRA applied"),
                              (plain(pack, base), {"learning_rate": float("nan")}, "learning_rate"),
                              (plain(pack, base), {"dataset": "none"}, "no dataset"),
-                             (plain(pack, base), {"save_name": "../x"}, "save_name")):
+                             (plain(pack, base), {"save_name": "../x"}, "save_name"),
+                             (plain(pack, base), {"steps": "200"}, "steps"),       # a linked input of another type
+                             (plain(pack, base), {"rank": 1.5}, "rank"),
+                             (plain(pack, base), {"previews": "yes"}, "previews"),
+                             (plain(pack, base), {"resume_from": "nowhere"}, "not found")):
         with pytest.raises(pack.magnet.errors.MagnetError, match=match) as info:
             train(N, model, te, **{"save_name": "x", **kw})
         assert str(info.value).startswith("MAGNeT Train LoRA: ")
+
+
+def test_train_node_plays_previews_made_with_the_lora_and_outputs_them(pack, N, base, t5, clips, loras_dir,
+                                                                      in_comfy, monkeypatch, tmp_path):
+    import soundfile as sf
+    temp = tmp_path / "temp"
+    monkeypatch.setattr(pack.nodes.comfy, "folder_paths", SimpleNamespace(
+        get_temp_directory=lambda: str(temp), get_input_directory=lambda: str(tmp_path / "input")), raising=False)
+    monkeypatch.setattr(pack.nodes.comfy, "model_dirs", lambda kind: [loras_dir])
+    out = train(N, plain(pack, base), pack.nodes.common.Handle(t5, "t5-base", [None]), "heard", previews=True,
+                preview_prompts="mystyle one\n\nmystyle two\n")
+    _, _, previews = out["result"]
+    wav = previews["waveform"]
+    assert wav.shape[:2] == (2, base.channels) and previews["sample_rate"] == base.sample_rate
+    assert wav.abs().max() > 0
+    (entry,) = out["ui"]["audio"]
+    data, sr = sf.read(str(temp / entry["filename"]))
+    assert entry["type"] == "temp" and sr == base.sample_rate
+    assert len(data) == 2 * (wav.shape[-1] + sr // 2)          # both clips, half a second apart
+    assert out["ui"]["images"][0]["filename"].endswith(".png")
 
 
 def test_train_a_lora_workflow_trains_then_generates_with_and_without_it(pack, ref, clips, loras_dir, monkeypatch):
@@ -655,7 +697,7 @@ def test_train_a_lora_workflow_trains_then_generates_with_and_without_it(pack, r
     prefix = {n["id"]: n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "SaveAudio"}
     saved = {prefix[nid]: kwargs["audio"] for nid, (typ, kwargs) in sinks.items() if typ == "SaveAudio"}
     assert set(saved) == {"audio/magnet_with_lora", "audio/magnet_without_lora"}
-    assert (loras_dir / f"{trainer['widgets_values'][-1]}.safetensors").is_file()
+    assert (loras_dir / f"{trainer['widgets_values'][8]}.safetensors").is_file()      # save_name
     with_lora, without = saved["audio/magnet_with_lora"]["waveform"], saved["audio/magnet_without_lora"]["waveform"]
     assert with_lora.shape == without.shape and with_lora.shape[:2] == (1, 1)
     assert not torch.equal(with_lora, without)              # same seed and prompt: only the LoRA differs
