@@ -1,161 +1,29 @@
-"""MAGNeT's training objective and LoRA fine-tuning on a folder of audio.
+"""LoRA fine-tuning on a folder of audio, with MAGNeT's own training objective (`magnet.objective`).
 
-The objective is the one the release was trained with (the reference solver's training step), written
-from its description:
-
-- one stage s per batch, uniform over the codebooks;
-- per example t ~ U(0, 1) and a masking rate cos(pi/2 t); the number of span starts u is read from the
-  mean-mask-rate table (`span_starts_table`: u such that 1 - C(T-L, u)/C(T, u) reaches the rate rounded to a
-  whole percent), the starts placed uniformly and each extended to L = `span_len` frames (`spans_mask`);
-- codebooks below s given, codebook s replaced by the mask token on the spans, codebooks above s all mask
-  tokens; a forward with stage s (the band attention for s >= 1, as at inference);
-- the cross entropy of codebook s on its masked positions only, padding excluded (`stage_loss`);
-- the text dropped to the null condition for classifier-free guidance at the release's
-  `classifier_free_guidance.training_dropout` (0.3 music, 0.1 sound effects).
-
-`train_lora` runs it on a folder (`magnet.dataset`) with a LoRA (`magnet.lora`) on the LM's linear layers;
-the LM, T5 and EnCodec stay frozen.
+`train_lora` trains a LoRA (`magnet.lora`) on the LM's linear layers; the LM, T5 and EnCodec stay frozen. It
+checks everything before any work, saves the full training state beside the LoRA so a stopped run resumes
+exactly (`magnet.train_state`), renders previews with the current adapters (`magnet.previews`), and runs in
+several processes under torchrun (`magnet.distributed`).
 """
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from . import lowp
 from .devices import autocast_for
 from .errors import MagnetError, first_line
+from .objective import (  # noqa: F401  (the objective's names, also importable from here)
+    masked_loss, masking_rates, release_training, span_starts_table, spans_mask, stage_inputs, stage_loss,
+    text_memory)
+from .previews import preview_prompts, render_previews
 from .train_state import derive_seed
-
-
-# -- the masking schedule ---------------------------------------------------------------------------
-
-def span_starts_table(T: int, span_len: int) -> list[int]:
-    """The 101-entry table: masking percentage m (0..100) -> number u of span starts of `span_len` frames,
-    placed uniformly among T positions, whose expected masked share first reaches m / 100.
-
-    The expected share of u starts is 1 - C(T - L, u) / C(T, u), computed as the running product
-    prod_j (T - L - j) / (T - j) (no overflow), in float64, for u = 0 .. T - 1."""
-    T, L = int(T), int(span_len)
-    if T < 1 or L < 1:
-        raise MagnetError(f"span_starts_table needs T >= 1 and span_len >= 1 (got T={T}, span_len={L}).")
-    share = [0.0]
-    rest = (T - L) / float(T)          # C(T-L, u) / C(T, u) for u = 1
-    for u in range(1, T):
-        share.append(1.0 - rest)
-        rest *= (T - L - u) / (T - u)
-    return [bisect.bisect_left(share, m / 100.0) for m in range(101)]
-
-
-def spans_mask(rates: torch.Tensor, T: int, span_len: int, table: Sequence[int] | torch.Tensor,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-    """bool [B, T]: for each masking rate in `rates` [B], u = table[round(100 rate)] (at least 1) span starts
-    drawn uniformly without replacement, each extended forward to `span_len` frames (cut at the end)."""
-    rates = torch.as_tensor(rates, dtype=torch.float32)
-    table = torch.as_tensor(list(table), dtype=torch.long)
-    B = rates.shape[0]
-    u = table[torch.round(100 * rates).long()].clamp(min=1)
-    order = torch.rand((B, T), generator=generator).argsort(dim=-1)   # a uniform random permutation per row
-    starts = order < u.view(-1, 1)
-    mask = starts.clone()
-    for shift in range(1, span_len):
-        mask[:, shift:] |= starts[:, :-shift]
-    return mask
-
-
-def masking_rates(batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """cos(pi/2 t) for t ~ U(0, 1), one per example (float32, as the reference draws them)."""
-    t = torch.rand((batch,), generator=generator)
-    return torch.cos(t * math.pi * 0.5)
-
-
-# -- the loss ---------------------------------------------------------------------------------------
-
-def stage_inputs(codes: torch.Tensor, stage: int, stage_mask: torch.Tensor, mask_id: int,
-                 valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input codes [B, K, T], loss positions bool [B, T]) of one training example batch: codebooks < stage
-    kept, codebook `stage` masked where `stage_mask`, codebooks > stage all masked; padding (where `valid`
-    [B, T] is False) is a mask token in every codebook and takes no loss."""
-    B, K, T = codes.shape
-    masked = torch.zeros((B, K, T), dtype=torch.bool, device=codes.device)
-    masked[:, stage] = stage_mask
-    masked[:, stage + 1:] = True
-    loss_at = stage_mask.clone()
-    if valid is not None:
-        masked |= ~valid.view(B, 1, T)
-        loss_at &= valid
-    return torch.where(masked, torch.full_like(codes, mask_id), codes), loss_at
-
-
-def text_memory(lm, hidden: torch.Tensor, mask: torch.Tensor):
-    """The LM's text memory (`LM.memory`) of T5 states [B, L, text_dim] and their mask [B, L], usable in a
-    graph that needs gradients (states made under inference mode are copied out of it)."""
-    if hidden.is_inference():
-        hidden = hidden.clone()
-    if mask.is_inference():
-        mask = mask.clone()
-    return lm.memory(hidden, mask)
-
-
-def masked_loss(lm, codes: torch.Tensor, mem, stage: int, stage_mask: torch.Tensor,
-                valid: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
-    """Cross entropy of codebook `stage` on its masked (valid) positions, for an LM and a text memory
-    (`text_memory`): their mean (the reference's loss), or with reduction='sum' their sum (training divides the
-    sums of a step's micro-batches by the step's count, so the step's loss is the mean over all its examples).
-    0-dim float32; exactly 0 (still part of the graph) when no position takes loss."""
-    inputs, loss_at = stage_inputs(codes, stage, stage_mask, lm.mask_id, valid)
-    logits = lm(inputs, mem, stage, heads=[stage])[:, 0]          # [B, T, card]
-    target = codes[:, stage].masked_fill(~loss_at, -1)
-    if not bool(loss_at.any()):
-        return logits.float().sum() * 0.0
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-1,
-                           reduction=reduction)
-
-
-def stage_loss(model, codes: torch.Tensor, prompts: Sequence[str | None], stage: int,
-               stage_mask: torch.Tensor) -> torch.Tensor:
-    """MAGNeT's training loss for one stage, as the reference computes it (no condition dropout inside).
-
-    model: a `MagnetModel` (its LM and T5). codes: long [B, K, T]. prompts: B strings, None (or "") = the
-    null condition. stage: the codebook trained. stage_mask: bool [B, T], the spans of codebook `stage` to
-    predict. Returns a 0-dim tensor, differentiable with respect to whatever in the LM requires grad."""
-    lm = model.lm
-    if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.dim() != 3:
-        raise MagnetError("codes must be integer codes [batch, codebooks, frames] (from model.encode).")
-    B, K, T = codes.shape
-    if K != lm.cfg.n_q:
-        raise MagnetError(f"codes have {K} codebooks; this model has {lm.cfg.n_q}.")
-    if not 0 <= int(stage) < K:
-        raise MagnetError(f"stage {stage} is not a codebook of this model (0..{K - 1}).")
-    stage_mask = torch.as_tensor(stage_mask).to(torch.bool)
-    if tuple(stage_mask.shape) != (B, T):
-        raise MagnetError(f"stage_mask has shape {tuple(stage_mask.shape)}; expected [{B}, {T}] (batch, frames).")
-    prompts = [prompts] if isinstance(prompts, str) or prompts is None else list(prompts)
-    if len(prompts) != B:
-        raise MagnetError(f"{len(prompts)} prompts for {B} rows of codes: give one per row (None = no text).")
-    cond = model.encode_text(["" if p is None else p for p in prompts])
-    device = next(lm.parameters()).device
-    mem = text_memory(lm, cond.hidden[:B].to(device), cond.mask[:B].to(device))
-    return masked_loss(lm, codes.long().to(device), mem, int(stage), stage_mask.to(device))
-
-
-# -- what the release says about its training -----------------------------------------------------------
-
-def release_training(model) -> dict:
-    """The training settings a release stores: `dropout` (classifier-free guidance training dropout, read from
-    its xp.cfg or a converted file's metadata when it was loaded: `MagnetModel.training_defaults`) and
-    `span_len`."""
-    from .checkpoints import TRAINING_DROPOUT
-    stored = getattr(model, "training_defaults", None) or {}
-    dropout = stored.get("dropout", TRAINING_DROPOUT.get(getattr(model, "content", "music"), TRAINING_DROPOUT["music"]))
-    return {"dropout": float(dropout), "span_len": int(model.cfg.span_len)}
 
 
 # -- LoRA training ---------------------------------------------------------------------------------------
@@ -399,43 +267,6 @@ def _portable(settings: dict, data_dir: Path) -> dict:
     return out
 
 
-# -- previews ------------------------------------------------------------------------------------------------
-
-def preview_prompts(settings: "TrainSettings", data) -> list[str]:
-    """The prompts previews are rendered from: the settings' own, else the trigger word and two captions."""
-    if settings.preview_prompts:
-        return list(settings.preview_prompts)
-    captions = list(dict.fromkeys(c.caption for c in sorted(data.clips, key=lambda c: str(c.path))))
-    picks = captions[:1] + captions[len(captions) // 2:][:1] if len(captions) > 1 else captions
-    picks = list(dict.fromkeys(picks))
-    trigger = settings.trigger.strip()
-    return ([trigger] if trigger and trigger not in picks else []) + picks[:2]
-
-
-def render_previews(model, train_lm, prompts: list[str], seconds: float, seed: int, step: int, folder=None) -> dict:
-    """Clips of `prompts` from the model with the adapters as they are (`train_lm`), through the normal
-    generation path, seeded from `seed` (the same at every save, so saves compare). The RNG streams of training
-    are left as they were. Written as `folder/step{step:06d}_{i}.wav` when a folder is given."""
-    from . import audio
-    device = next(train_lm.parameters()).device
-    was_training = train_lm.training
-    train_lm.eval()
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
-            m = model.with_lm(train_lm)
-            codes = m.generate(prompts, duration=seconds, seed=derive_seed(seed, "preview"))
-            wav = m.decode(codes)
-    finally:
-        train_lm.train(was_training)
-    files = []
-    if folder is not None:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(wav.shape[0]):
-            files.append(audio.write_wav(folder / f"step{step:06d}_{i}.wav", wav[i], model.sample_rate))
-    return {"step": step, "prompts": list(prompts), "audio": wav, "sample_rate": model.sample_rate, "files": files}
-
-
 # -- the loop --------------------------------------------------------------------------------------------------
 
 def step_file(out: Path, step: int) -> Path:
@@ -495,10 +326,13 @@ def train_lora(model, data_dir, out, settings: TrainSettings | None = None, *, p
     was never stopped. The model (LM, T5, codec) is not changed."""
     from . import lora as lora_mod
     from .dataset import AudioFolder
+    from .distributed import current
     from .train_state import dataset_fingerprint, restore_optimizer, restore_rng, save_state, state_path
     s = (settings or TrainSettings()).checked()
-    log = log or (lambda msg: None)
-    out = check_output(out)
+    group = current()
+    log = (log or (lambda msg: None)) if group.main else (lambda msg: None)
+    progress = progress if group.main else None
+    out = check_output(out) if group.main else Path(out).expanduser()
     te = getattr(model, "text_encoder", None)
     if te is None:
         raise MagnetError("training needs the text encoder: load the model with text_encoder=<T5 folder>.")
@@ -518,8 +352,12 @@ def train_lora(model, data_dir, out, settings: TrainSettings | None = None, *, p
     K = lm.cfg.n_q
 
     data_dir = Path(data_dir).expanduser()
+    if not group.main:                  # the first process encodes (and caches) the files, then the others read
+        group.barrier()
     data = AudioFolder(data_dir, model, trigger=s.trigger, cache_dir=s.cache_dir)
     val = AudioFolder(s.val_dir, model, trigger=s.trigger, what="validation folder") if s.val_dir else None
+    if group.main:
+        group.barrier()
     for p, why in data.skipped:
         log(f"skipped {p} ({why})")
     fingerprint = dataset_fingerprint(data.digests, data.captions)
@@ -528,7 +366,7 @@ def train_lora(model, data_dir, out, settings: TrainSettings | None = None, *, p
         check_resume(state, {"release": state.info["release"], "rank": s.rank, "alpha": s.alpha,
                              "targets": list(s.targets), "dataset": fingerprint})
     captions = _Captions(model, data.captions + (val.captions if val else []))
-    prompts = preview_prompts(s, data) if s.previews else []
+    prompts = preview_prompts(s.preview_prompts, s.trigger, data) if s.previews else []
     preview_seconds = min(s.preview_seconds or PREVIEW_SECONDS, model.segment_duration)
     release = Path(str(getattr(model, "source", "") or "")).name
     settings_json = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(s).items()
@@ -562,6 +400,9 @@ def train_lora(model, data_dir, out, settings: TrainSettings | None = None, *, p
         periodic: list[Path] = []
 
         def save(steps_done: int, final: bool):
+            if not group.main:                 # the first process writes the files and renders the previews
+                result.path = out if final else step_file(out, steps_done)
+                return
             recent = result.losses[-10:]
             val_loss = None
             if val is not None:
@@ -588,20 +429,25 @@ def train_lora(model, data_dir, out, settings: TrainSettings | None = None, *, p
         step = start
         while step < s.steps:
             stage = step_stage(s.seed, step, K)
+            # every process draws every example of the step (cheap: crops and masks), so each knows the count of
+            # masked positions over all of them; it computes its own share: micro-batch m, examples
+            # (m * processes + rank) * batch + j
             batch = [example(data, s.seed, step, e, frames, table, span_len, dropout)
-                     for e in range(s.batch * s.grad_accum)]
+                     for e in range(s.batch * s.grad_accum * group.world)]
             count = max(1, sum(int((mask & valid).sum()) for _, valid, _, mask in batch))
             step_loss = 0.0
             stopped = False
             for m in range(s.grad_accum):
-                if should_stop is not None and should_stop():
+                if group.any(should_stop is not None and should_stop(), device):
                     stopped = True
                     break
-                part = batch[m * s.batch:(m + 1) * s.batch]
+                first = (m * group.world + group.rank) * s.batch
+                part = batch[first:first + s.batch]
                 codes = torch.stack([x[0] for x in part]).to(device)
                 valid = torch.stack([x[1] for x in part]).to(device)
                 smask = torch.stack([x[3] for x in part]).to(device)
                 hidden, tmask = captions.batch([x[2] for x in part], device)
+                torch.manual_seed(derive_seed(s.seed, "dropout", step, m, group.rank))    # LoRA dropout's draws
                 with autocast_for(device, amp if amp is not None else torch.float32):
                     mem = text_memory(train_lm, hidden, tmask)
                     loss = masked_loss(train_lm, codes, mem, stage, smask, valid, reduction="sum") / count
@@ -611,6 +457,15 @@ def train_lora(model, data_dir, out, settings: TrainSettings | None = None, *, p
                 opt.zero_grad(set_to_none=True)
                 result.cancelled = True
                 break
+            if group.world > 1:                # the gradients (and loss) of every process summed, in one call
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+                flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([step_loss], device=device)])
+                group.sum_(flat)
+                at = 0
+                for p, g in zip(params, grads):
+                    p.grad = flat[at:at + g.numel()].view_as(g).to(g.dtype)
+                    at += g.numel()
+                step_loss = float(flat[-1])
             if not math.isfinite(step_loss):
                 raise MagnetError(f"the training loss became {step_loss} at step {step + 1}: the training diverged. "
                                   f"Lower the learning rate (now {s.lr:g}).")
@@ -637,6 +492,7 @@ def train_lora(model, data_dir, out, settings: TrainSettings | None = None, *, p
             log(f"stopped at step {step} of {s.steps}: saved {result.path}; resume it with this file to continue")
         elif not result.cancelled:
             save(step, final=True)
+    group.barrier()                            # every process leaves once the files are written
     return result
 
 
