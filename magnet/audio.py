@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .deps import require
-from .errors import MagnetError
+from .errors import MagnetError, first_line
 
 
 def check_waveform(wav, what: str = "waveform") -> torch.Tensor:
@@ -225,9 +225,9 @@ def read_audio(path: str | Path) -> tuple[torch.Tensor, int]:
         data, sample_rate = sf.read(str(path), dtype="float32", always_2d=True)
     except MemoryError:
         raise MagnetError(f"Not enough memory to read {path}. Read a shorter file (or cut this one).") from None
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, AssertionError, OSError) as e:
-        raise MagnetError(f"Cannot read audio file {path} ({e or 'truncated'}). It is damaged or in a format libsndfile "
-                          f"does not read: convert it to WAV or FLAC.") from None
+    except Exception as e:      # whatever libsndfile or soundfile meets in a damaged file
+        raise MagnetError(f"Cannot read audio file {path} ({first_line(e) or type(e).__name__ or 'truncated'}). It "
+                          f"is damaged or in a format libsndfile does not read: convert it to WAV or FLAC.") from None
     if data.shape[0] == 0 or data.shape[1] == 0:
         raise MagnetError(f"Audio file {path} holds no samples. Give a file with audio in it.")
     return torch.from_numpy(np.ascontiguousarray(data.T)), int(sample_rate)

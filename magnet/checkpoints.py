@@ -482,10 +482,13 @@ def _load_converted(path: Path) -> Release:
         keys = list(f.keys())
         lm_state = LazyState(f, "lm.", keys)
         codec_state = {k.split(".", 1)[1]: f.get_tensor(k) for k in keys if not k.startswith("lm.")}
+    except MagnetError:
+        raise
     except SafetensorError as e:
         raise MagnetError(f"{path} is truncated or corrupt ({first_line(e)}). Convert the release again.") from None
-    except (OSError, RuntimeError) as e:
-        raise MagnetError(f"{path} could not be read ({first_line(e)}). Convert the release again.") from None
+    except Exception as e:      # whatever the reader meets in damaged bytes
+        raise MagnetError(f"{path} could not be read ({type(e).__name__}: {first_line(e)}). Convert the release "
+                          f"again.") from None
     try:
         cfg = LMConfig.from_dict(json.loads(meta["lm_config"]))
         codec_cfg = json.loads(meta["codec_config"])
@@ -497,10 +500,16 @@ def _load_converted(path: Path) -> Release:
         if content not in CONTENTS:       # files converted before the metadata kept it
             content = content_of_text_encoder(cfg.text_encoder)
         training = training_settings(json.loads(meta.get("training") or "{}"), content)
-    except (KeyError, TypeError, ValueError) as e:
+    except Exception as e:      # missing keys, bad JSON, JSON nested too deeply, fields of the wrong type ...
         raise MagnetError(f"{path}: its metadata is incomplete or damaged ({type(e).__name__}: "
                           f"{first_line(e)}). Convert the release again with `python -m magnet convert`.") from None
-    codec = Codec.from_config_and_state(codec_cfg, codec_state)
+    try:
+        codec = Codec.from_config_and_state(codec_cfg, codec_state)
+    except MagnetError:
+        raise
+    except Exception as e:      # a damaged codec config or codec weights
+        raise MagnetError(f"{path}: its codec is damaged ({type(e).__name__}: {first_line(e)}). Convert the "
+                          f"release again with `python -m magnet convert`.") from None
     check_codec_matches(cfg, codec, str(path), str(path))
     return Release(cfg, lm_state, codec, path, generation, training, content)
 

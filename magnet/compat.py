@@ -329,9 +329,9 @@ def load_torch_file(path: str | Path, what: str = "checkpoint") -> dict:
             f"{what} {path} contains Python objects other than tensors and plain values, so it was not "
             f"loaded (loading it could run code hidden in the file). Use the official release file from "
             f"its publisher. Detail: {_unsupported_global(e)}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
-        raise MagnetError(f"{what} {path} is truncated or corrupt ({first_line(e)}). Download the "
-                          f"file again.") from None
+    except Exception as e:      # whatever torch's reader meets in damaged bytes (IndexError, MemoryError, ...)
+        raise MagnetError(f"{what} {path} is truncated or corrupt ({type(e).__name__}: {first_line(e)}). Download "
+                          f"the file again.") from None
     if not isinstance(obj, dict):
         raise MagnetError(f"{what} {path} does not hold a dict of weights (found {type(obj).__name__}): "
                           f"this is not an official MAGNeT/MusicGen release file.")

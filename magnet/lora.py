@@ -151,7 +151,7 @@ def save_lora(path: str | Path, tensors: dict, meta: dict) -> Path:
 def load_lora(path: str | Path) -> LoraWeights:
     """Read and check a LoRA file: our metadata, finite tensors, consistent shapes; else a MagnetError naming
     the file and the fix."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
     path = Path(path).expanduser()
     if not path.is_file():
         raise MagnetError(f"LoRA file not found: {path}. Give the .safetensors file written by `python -m magnet "
@@ -160,7 +160,7 @@ def load_lora(path: str | Path) -> LoraWeights:
         with safe_open(str(path), "pt") as f:
             meta = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+    except Exception as e:      # whatever the safetensors reader meets in damaged bytes
         raise MagnetError(f"LoRA file {path} is not a readable .safetensors file ({first_line(e)}). It is damaged "
                           f"or not a LoRA: {_FIX}") from None
     if META_KEY not in meta:
