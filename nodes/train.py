@@ -21,7 +21,7 @@ from ..magnet.audio import wav_bytes
 from ..magnet.lora import DEFAULT_RANK, check_lora_fits, check_strength, load_lora
 from ..magnet.train import TrainSettings
 from . import comfy
-from .paths import NONE, list_datasets, list_loras, resolve_dataset, resolve_lora, save_path
+from .paths import NONE, list_datasets, list_loras, resolve_dataset, resolve_lora, save_path, token_cache
 from .common import CATEGORY, MODEL, TEXT_ENCODER, Handle, audio_out, finite, ready, seed_arg, user_errors
 
 log = logging.getLogger(__name__)
@@ -117,8 +117,9 @@ class MagnetTrainLora:
                                                          "(any format soundfile reads; captions from <name>.txt "
                                                          "or <name>.json beside each file, else the file name)"}),
                 "path": ("STRING", {"default": "",
-                                    "tooltip": "or a folder path (absolute, or relative to the input folder); "
-                                               "when not empty it is used instead of `dataset`"}),
+                                    "tooltip": "or a folder path relative to the input folder (or an absolute "
+                                               "path in a folder the administrator allows); when not empty it "
+                                               "is used instead of `dataset`"}),
                 "trigger": ("STRING", {"default": "",
                                        "tooltip": "an optional word put before every caption (e.g. mystyle); "
                                                   "use it in prompts to call up what was learnt"}),
@@ -185,8 +186,10 @@ class MagnetTrainLora:
             if not isinstance(previews, bool):
                 raise MagnetError(f"input `previews` {previews!r} must be true or false.")
             prompts = tuple(line.strip() for line in str(preview_prompts or "").splitlines() if line.strip())
+            cache = token_cache()
             settings = TrainSettings(steps=steps, rank=rank, lr=lr, batch=batch, seed=seed, trigger=trigger,
-                                     save_every=save_every, previews=previews, preview_prompts=prompts).checked()
+                                     save_every=save_every, previews=previews, preview_prompts=prompts,
+                                     cache_dir=None if cache is None else str(cache)).checked()
             data = resolve_dataset(dataset, path)
             out = save_path(save_name)
             resume = resolve_lora(str(resume_from).strip()) if str(resume_from or "").strip() else None

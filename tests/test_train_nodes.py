@@ -499,12 +499,35 @@ def test_dataset_list_and_path_resolution(pack, N, tmp_path, monkeypatch):
     assert N["MagnetTrainLora"].INPUT_TYPES()["required"]["dataset"][0] == ["none", "clips", "clips/more"]
     assert train.resolve_dataset("clips", "") == inp / "clips"
     assert train.resolve_dataset("none", "clips/more") == inp / "clips" / "more"
-    assert train.resolve_dataset("clips", str(tmp_path)) == tmp_path
+    assert train.resolve_dataset("none", str(inp / "clips")) == inp / "clips"      # absolute, inside input/
     MagnetError = pack.magnet.errors.MagnetError
     with pytest.raises(MagnetError, match="no dataset"):
         train.resolve_dataset("none", " ")
     with pytest.raises(MagnetError, match="is not a folder"):
         train.resolve_dataset("none", "nowhere")
+
+
+def test_a_workflow_reads_only_under_input_output_and_folders_an_administrator_allows(pack, tmp_path, monkeypatch):
+    paths = pack.nodes.paths
+    MagnetError = pack.magnet.errors.MagnetError
+    inp, out, elsewhere = tmp_path / "input", tmp_path / "output", tmp_path / "elsewhere"
+    for d in (inp / "clips", out / "renders", elsewhere / "audio"):
+        d.mkdir(parents=True)
+    (inp / "link_out").symlink_to(elsewhere / "audio")
+    (inp / "link_in").symlink_to(inp / "clips")
+    monkeypatch.setenv("MAGNET_INPUT_DIR", str(inp))
+    monkeypatch.setenv("MAGNET_OUTPUT_DIR", str(out))
+    monkeypatch.delenv("MAGNET_ALLOWED_DIRS", raising=False)
+    for dataset, path in (("none", "/etc"), ("none", "../elsewhere/audio"), ("none", "clips/../../elsewhere"),
+                          ("link_out", ""), ("none", "link_out"), ("../elsewhere", ""), ("none", str(elsewhere / "audio"))):
+        with pytest.raises(MagnetError, match="extra_model_paths.yaml.*MAGNET_ALLOWED_DIRS"):
+            paths.resolve_dataset(dataset, path)
+    assert paths.resolve_dataset("link_in", "") == (inp / "clips").resolve()         # a link that stays inside
+    assert paths.resolve_dataset("none", str(out / "renders")) == (out / "renders").resolve()
+    monkeypatch.setenv("MAGNET_ALLOWED_DIRS", str(elsewhere))                        # an administrator allows it
+    assert paths.resolve_dataset("none", str(elsewhere / "audio")) == (elsewhere / "audio").resolve()
+    assert paths.resolve_dataset("link_out", "") == (elsewhere / "audio").resolve()
+    assert paths.token_cache() == inp / ".magnet_cache"
 
 
 def test_save_names_are_plain_file_names(pack, loras_dir):
@@ -667,8 +690,11 @@ def test_train_node_plays_previews_made_with_the_lora_and_outputs_them(pack, N, 
                                                                       in_comfy, monkeypatch, tmp_path):
     import soundfile as sf
     temp = tmp_path / "temp"
+    def no_folder(name):
+        raise KeyError(name)
     monkeypatch.setattr(pack.nodes.comfy, "folder_paths", SimpleNamespace(
-        get_temp_directory=lambda: str(temp), get_input_directory=lambda: str(tmp_path / "input")), raising=False)
+        get_temp_directory=lambda: str(temp), get_input_directory=lambda: str(tmp_path / "input"),
+        get_output_directory=lambda: str(tmp_path / "output"), get_folder_paths=no_folder), raising=False)
     monkeypatch.setattr(pack.nodes.comfy, "model_dirs", lambda kind: [loras_dir])
     out = train(N, plain(pack, base), pack.nodes.common.Handle(t5, "t5-base", [None]), "heard", previews=True,
                 preview_prompts="mystyle one\n\nmystyle two\n")
