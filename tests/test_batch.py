@@ -307,3 +307,31 @@ def test_jobs_built_in_code_are_checked(music_model, tmp_path):
     with pytest.raises(MagnetError, match="holds a path separator"):
         batch.plan([batch.Job(0, "a", name="x/y")])
     assert json.dumps([it.filename for it in batch.plan([batch.Job(0, "a", name="x y")])]) == '["x y_0.wav"]'
+
+
+def test_torchrun_processes_write_the_files_of_one_process(ref, jobs, reference_set, tmp_path):
+    """Two real processes started by torchrun (RANK / WORLD_SIZE from the environment, no process group)."""
+    import subprocess
+    import sys
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({k: v for k, v in (("prompt", j.prompt), ("name", j.name),
+                                                               ("seconds", j.seconds)) if v is not None})
+                                 for j in jobs), encoding="utf-8")
+    script = tmp_path / "make_set.py"
+    script.write_text(
+        "import sys, torch\n"
+        "torch.set_num_threads(1)\n"
+        "from magnet import MagnetModel, batch\n"
+        f"model = MagnetModel.from_pretrained({str(ref / 'magnet-music')!r}, text_encoder={str(ref / 't5-base')!r},"
+        " device='cpu')\n"
+        "rank, world = batch.rank_and_world()\n"
+        "assert world == 2\n"
+        f"batch.generate_set(model, batch.read_prompt_file({str(prompts)!r}), sys.argv[1], per_prompt=2, seed=5,"
+        " rank=rank, world=world, seconds=0.3, decoding_steps=[2, 1, 1, 1])\n")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(tmp_path / "out")], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _files(tmp_path / "out") == reference_set
