@@ -31,20 +31,35 @@ def clip(music_model):
 # -- no import cycle --------------------------------------------------------------------------------
 
 def _engine_imports() -> dict[str, set[str]]:
-    """{module: the magnet modules it imports}, from every import statement of magnet/*.py, at module level
-    and inside functions (`from . import x`, `from .x import y`, `import magnet.x`, `from magnet.x import y`)."""
-    names = {p.stem for p in MAGNET.glob("*.py")}
+    """{module: the magnet modules it imports}, from every import statement of magnet/**/*.py (modules of a
+    subpackage named `cli.generate`, its __init__ `cli`), at module level and inside functions (`from . import x`,
+    `from .x import y`, `from .. import x`, `import magnet.x`, `from magnet.x import y`)."""
+    def name(path):
+        parts = list(path.relative_to(MAGNET).with_suffix("").parts)
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    paths = sorted(MAGNET.rglob("*.py"))
+    names = {name(p) for p in paths}
     graph = {}
-    for path in MAGNET.glob("*.py"):
+    for path in paths:
+        package = list(path.relative_to(MAGNET).parts[:-1])
         deps = set()
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.ImportFrom):
-                if node.level == 1 or (node.level == 0 and (node.module or "").split(".")[0] == "magnet"):
-                    parts = (node.module or "").split(".")[(0 if node.level else 1):]
-                    deps |= {parts[0]} if parts and parts[0] else {a.name for a in node.names}
+                if node.level:
+                    base = package[:len(package) - (node.level - 1)]
+                elif (node.module or "").split(".")[0] == "magnet":
+                    base = []
+                else:
+                    continue
+                parts = [p for p in (node.module or "").split(".") if p]
+                parts = parts[1:] if not node.level else parts
+                target = ".".join(base + parts)
+                for a in node.names:
+                    sub = ".".join(base + parts + [a.name])
+                    deps.add(sub if sub in names else target)
             elif isinstance(node, ast.Import):
-                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("magnet.")}
-        graph[path.stem] = {d for d in deps if d in names and d != path.stem}
+                deps |= {a.name.split(".", 1)[1] for a in node.names if a.name.startswith("magnet.")}
+        graph[name(path)] = {d for d in deps if d in names and d != name(path)}
     return graph
 
 
@@ -68,7 +83,8 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_engine_has_no_import_cycle_at_module_or_function_level():
     graph = _engine_imports()
-    assert "edit" in graph["__main__"] and "model" in graph["edit"]     # the parse sees both kinds of import
+    assert "edit" in graph["cli.vary"] and "model" in graph["edit"]     # the parse sees both kinds of import
+    assert "cli.common" in graph["cli.generate"] and "cli" in graph["__main__"]       # and the subpackage's
     assert "edit" not in graph["model"]
     assert _cycle(graph) is None, " -> ".join(_cycle(graph))
 
