@@ -137,6 +137,12 @@ def test_a_folder_that_is_not_an_official_release_is_never_looked_up(fake_hub, m
     assert fake_hub.fetched == [] and fake_hub.info_calls == 0
 
 
+def test_a_musicgen_name_is_refused_before_any_download(fake_hub, models, capsys):
+    rc, _, err = run(capsys, "generate", "x", "--model", "musicgen-small", "--device", "cpu")
+    one_line_error(rc, err, "MusicGen", "magnet-small-10secs")
+    assert fake_hub.info_calls == 0
+
+
 def test_download_and_no_download_together_are_refused(capsys):
     rc, _, err = run(capsys, "generate", "x", "--download", "--no-download")
     one_line_error(rc, err, "--no-download", "not allowed with")

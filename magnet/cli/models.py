@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import hub
+from ..defaults import KINDS, kind_of
+from ..errors import MagnetError
 from . import common
 
 
@@ -56,13 +58,17 @@ def prepare(a) -> Prepared:
     if path.exists():
         release = path                                        # a folder or file, used as it is
     elif _bare(name) and hub.is_official(name, "release"):
+        if kind_of(name) is None:
+            magnet = ", ".join(r for k in KINDS.values() for r in k.releases)
+            raise MagnetError(f"--model {name} is a MusicGen release; this command runs MAGNeT: give one of "
+                              f"{magnet}.")
         release = next((d / name for d in releases if (d / name).exists()), None) or fetch(name, releases[0] / name)
     elif a.download and hub.is_official(path.name, "release"):
         release = fetch(path.name, path)                      # --download: a path ending in an official name
     else:
         return Prepared(name, a.text_encoder, search)         # the loader says what is wrong with it
     text_encoder = a.text_encoder
-    if release.is_dir() and hub.is_official(release.name, "release"):
+    if release.is_dir() and kind_of(release.name) is not None:            # an official MAGNeT release
         if a.codec is None:
             _codec(release, search, fetch, releases[0])
         t5 = hub.release_text_encoder(release.name)
