@@ -1,6 +1,13 @@
-"""Downloads of the official models from the Hugging Face hub, always an explicit choice: the CLI's `download`
-command and `--download`, `from_pretrained(..., download=True)`, and the ComfyUI loaders' `download` widget
-(`if missing`). Only the official repositories below are ever contacted, never a name or URL from elsewhere.
+"""Downloads of the official models from the Hugging Face hub, and the models folder the command line keeps
+them in. What downloads: the CLI's `download` command, its `generate`/`vary`/`train` for an official model that
+is missing (unless `--no-download`), `from_pretrained(..., download=True)`, and the ComfyUI loaders' `download`
+widget (`if missing`). Only the official repositories below are ever contacted, never a name or URL from
+elsewhere.
+
+The command line's models folder (`models_dirs`): `--models-dir DIR` (DIR/magnet, DIR/text_encoders,
+DIR/clap, as in ComfyUI/models), else $MAGNET_MODELS_DIR (the releases folder, the one the nodes read outside
+ComfyUI; T5s and CLAPs go to $MAGNET_TEXT_ENCODERS_DIR / $MAGNET_CLAP_DIR, else beside it), else the per-user
+cache folder (`user_models_dir`).
 
 A download goes into a hidden `.<name>.partial` folder beside its target and is renamed to the target only
 when every file is there, so an interrupted download never leaves a folder that looks like a model; the next
@@ -14,6 +21,7 @@ import errno
 import logging
 import os
 import shutil
+import sys
 import threading
 from pathlib import Path
 from typing import Callable
@@ -100,6 +108,56 @@ def release_text_encoder(name: str) -> str | None:
 
 def default_folder(kind: str, short: str, models_dir: str | Path = "models") -> Path:
     return Path(models_dir) / FOLDERS[kind] / short
+
+
+DEFAULT_RELEASE = "magnet-small-10secs"          # what the command line generates with when given no --model
+MODELS_DIR_ENV = "MAGNET_MODELS_DIR"
+KIND_ENV = {"release": MODELS_DIR_ENV, "codec": MODELS_DIR_ENV, "text_encoder": "MAGNET_TEXT_ENCODERS_DIR",
+            "clap": "MAGNET_CLAP_DIR"}
+
+
+def user_models_dir() -> Path:
+    """The per-user models folder: $XDG_CACHE_HOME/magnet/models (default ~/.cache/magnet/models) on Linux and
+    other Unix systems, ~/Library/Caches/magnet/models on macOS, %LOCALAPPDATA%\\magnet\\models on Windows."""
+    if sys.platform == "win32":
+        base = os.environ.get("LOCALAPPDATA") or os.path.join(os.path.expanduser("~"), "AppData", "Local")
+    elif sys.platform == "darwin":
+        base = os.path.join(os.path.expanduser("~"), "Library", "Caches")
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "magnet" / "models"
+
+
+def _env_dirs(var: str) -> list[Path]:
+    return [Path(p) for p in os.environ.get(var, "").split(os.pathsep) if p.strip()]
+
+
+def models_dirs(kind: str, models_dir: str | Path | None = None) -> list[Path]:
+    """The folders the command line looks for models of `kind` in, the first the one it downloads into:
+    `models_dir`/magnet (text_encoders, clap) when given; else the kind's variable ($MAGNET_MODELS_DIR for
+    releases and codecs, $MAGNET_TEXT_ENCODERS_DIR, $MAGNET_CLAP_DIR: os.pathsep-separated lists, as the
+    nodes read them); else, when $MAGNET_MODELS_DIR is set, ../text_encoders (../clap) beside it if it is
+    named `magnet` (ComfyUI's layout), else that folder itself; else `user_models_dir()`/magnet (...)."""
+    return _models_dirs(kind, models_dir)[0]
+
+
+def models_dir_source(kind: str, models_dir: str | Path | None = None) -> str:
+    """How `models_dirs(kind, models_dir)` was chosen, for messages: '--models-dir', '$MAGNET_MODELS_DIR', ...
+    or 'the per-user models folder'."""
+    return _models_dirs(kind, models_dir)[1]
+
+
+def _models_dirs(kind: str, models_dir) -> tuple[list[Path], str]:
+    if models_dir is not None:
+        return [Path(models_dir) / FOLDERS[kind]], "--models-dir"
+    own = _env_dirs(KIND_ENV[kind])
+    if own:
+        return own, f"${KIND_ENV[kind]}"
+    releases = _env_dirs(MODELS_DIR_ENV)
+    if releases:
+        first = releases[0]
+        return [first.parent / FOLDERS[kind] if first.name == FOLDERS["release"] else first], f"${MODELS_DIR_ENV}"
+    return [user_models_dir() / FOLDERS[kind]], "the per-user models folder"
 
 
 def command(name: str, dest: str | Path) -> str:

@@ -38,6 +38,7 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
+from .defaults import DEFAULT_STEPS, MAX_STEPS, MUSIC_DEFAULTS
 from .errors import MagnetError
 from .text import TextCondition
 from .fastpath import DEFAULT_SETTINGS, LINEARS, FastPathSettings, StageForward
@@ -46,8 +47,6 @@ from .transformer import LM
 SPAN_ARRANGEMENTS = ("nonoverlap", "stride1")
 SPAN_SCORINGS = ("max", "prod")
 DONT_REMASK = -1e4
-DEFAULT_STEPS = (20, 10, 10, 10)
-MAX_STEPS = 1000            # per codebook
 
 Progress = Callable[[int, int], None]
 
@@ -97,11 +96,10 @@ class FastMode:
         return tuple(steps[:1]) + tuple(min(int(s), int(self.later_steps)) for s in steps[1:])
 
 
-# What a release's xp.cfg `generate.lm` stores for each sampling field that `SamplingParams` leaves at None
-# (its key there, where it differs), and the music releases' values, used where a release stores none.
+# The key a release's xp.cfg `generate.lm` stores a sampling field under, where it differs from the field's
+# name; the music releases' values (MUSIC_DEFAULTS, used where a release stores none) and every kind of
+# release's published values are in `magnet.defaults`.
 RELEASE_KEYS = {"temperature": "temp"}
-MUSIC_DEFAULTS = {"temperature": 3.0, "top_k": 0, "top_p": 0.9, "max_cfg_coef": 10.0, "min_cfg_coef": 1.0,
-                  "span_arrangement": "nonoverlap", "span_scoring": "max"}
 
 
 def release_value(name: str, defaults: dict | None):
@@ -123,10 +121,9 @@ class SamplingParams:
 
     A field left at None means the release's own setting: `check(n_q, defaults)` takes it from the release's
     xp.cfg `generate.lm` (`MagnetModel.generation_defaults`; `release_value`, `release_steps`), and where the
-    release stores none, from the music releases (temperature 3.0, top_k 0, top_p 0.9, max_cfg_coef 10,
-    min_cfg_coef 1, span_arrangement 'nonoverlap', span_scoring 'max', decoding_steps 20,10,10,10 / the
-    30 s releases' 60,10,10,10). So `SamplingParams()` runs a release as it was published (the audio-magnet
-    releases: temperature 3.5, top_p 0.8, max_cfg_coef 20). A value given always wins."""
+    release stores none, from the music releases (`defaults.MUSIC_DEFAULTS`, `defaults.DEFAULT_STEPS`). So
+    `SamplingParams()` runs a release as it was published (each kind's values: `defaults.KINDS`). A value given
+    always wins."""
     use_sampling: bool = True
     temperature: float | None = None
     top_k: int | None = None

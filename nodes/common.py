@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..magnet.defaults import DEFAULT_STEPS, fallback, per_release
 from ..magnet.errors import MagnetError, first_line
 from ..magnet.sampling import SPAN_ARRANGEMENTS, SPAN_SCORINGS, FastMode, SamplingParams, check_seed
 from . import comfy
@@ -132,8 +133,9 @@ def seed_input(tooltip: str = SEED_TOOLTIP) -> tuple:
 OWN, RELEASE = -1, "release"
 
 
-def _own(what: str) -> str:
-    return f"{OWN} = the release's own: {what}"
+def _own(*names: str) -> str:
+    """'-1 = the release's own: ' and what the releases use (`magnet.defaults.KINDS`, so it cannot drift)."""
+    return f"{OWN} = the release's own: {per_release(*names)}"
 
 
 # The sampling widgets, in widget order (ComfyUI saves widget values by position: add a new one at the end and
@@ -141,33 +143,32 @@ def _own(what: str) -> str:
 # node's optional ones: an API prompt that leaves one out gets the release's own.
 SAMPLING_WIDGETS = {
     "decoding_steps": ("STRING", {"default": "auto",
-                                  "tooltip": "decoding steps per codebook, e.g. 20,10,10,10. auto = the release's "
-                                             "own: 60,10,10,10 in the 30 s music releases, 20,10,10,10 in the 10 s "
-                                             "ones and audio-magnet (else 20,10,10,10). Numbers you type win"}),
+                                  "tooltip": f"decoding steps per codebook, e.g. {','.join(map(str, DEFAULT_STEPS))}. "
+                                             f"auto = the release's own: {per_release('decoding_steps')} (a release "
+                                             f"that stores none: {fallback('decoding_steps')}). Numbers you type "
+                                             f"win"}),
     "temperature": ("FLOAT", {"default": float(OWN), "min": float(OWN), "max": 20.0, "step": 0.05,
                               "tooltip": "initial temperature, annealed to 0 within each codebook. "
-                                         + _own("3.0 for the music releases, 3.5 for audio-magnet")}),
+                                         + _own("temperature")}),
     "top_k": ("INT", {"default": OWN, "min": OWN, "max": 100000,
                       "tooltip": "sample among the k most likely tokens; 0 = off (used when top_p is 0). "
-                                 + _own("0 (off) in every release: they use top_p")}),
+                                 + _own("top_k")}),
     "top_p": ("FLOAT", {"default": float(OWN), "min": float(OWN), "max": 1.0, "step": 0.01,
-                        "tooltip": "nucleus sampling; 0 = off. "
-                                   + _own("0.9 for the music releases, 0.8 for audio-magnet")}),
+                        "tooltip": "nucleus sampling; 0 = off. " + _own("top_p")}),
     "max_cfg_coef": ("FLOAT", {"default": float(OWN), "min": float(OWN), "max": 100.0, "step": 0.1,
                                "tooltip": "classifier-free guidance at the start of each codebook, annealed to "
-                                          "min_cfg_coef. " + _own("10 for the music releases, 20 for "
-                                                                  "audio-magnet")}),
+                                          "min_cfg_coef. " + _own("max_cfg_coef")}),
     "min_cfg_coef": ("FLOAT", {"default": float(OWN), "min": float(OWN), "max": 100.0, "step": 0.1,
-                               "tooltip": "guidance at the end of each codebook. "
-                                          + _own("1 in every release (music 10 -> 1, audio-magnet 20 -> 1)")}),
+                               "tooltip": "guidance at the end of each codebook. " + _own("min_cfg_coef")
+                                          + f" (guidance {per_release('max_cfg_coef', 'min_cfg_coef', join=' -> ')})"}),
     "span_arrangement": ([RELEASE, *SPAN_ARRANGEMENTS], {
         "default": RELEASE,
-        "tooltip": "release = the release's own (nonoverlap in every release). nonoverlap: re-mask whole 3-frame "
-                   "spans (the length is trimmed to a multiple of 3 frames); stride1: overlapping spans"}),
+        "tooltip": f"{RELEASE} = the release's own ({per_release('span_arrangement')}). nonoverlap: re-mask whole "
+                   f"3-frame spans (the length is trimmed to a multiple of 3 frames); stride1: overlapping spans"}),
     "span_scoring": ([RELEASE, *SPAN_SCORINGS], {
         "default": RELEASE,
-        "tooltip": "how a span's confidence is scored: max or prod. release = the release's own (max in every "
-                   "release)"}),
+        "tooltip": f"how a span's confidence is scored: max or prod. {RELEASE} = the release's own "
+                   f"({per_release('span_scoring')})"}),
     "fast": ("BOOLEAN", {"default": False, "label_on": "fast", "label_off": "exact", "tooltip": FastMode().summary()}),
 }
 

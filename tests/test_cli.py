@@ -13,6 +13,15 @@ from magnet.__main__ import main
 from magnet.errors import MagnetError
 
 
+@pytest.fixture(autouse=True)
+def _no_user_models_folder(tmp_path, monkeypatch):
+    """The models folder an official name would be looked for in: inside tmp_path, never the user's cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("LOCALAPPDATA", str(tmp_path / "cache"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MAGNET_MODELS_DIR", str(tmp_path / "models" / "magnet"))
+
+
 def run(capsys, *args):
     rc = main([str(a) for a in args])
     out, err = capsys.readouterr()

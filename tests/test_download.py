@@ -213,7 +213,8 @@ def test_the_size_is_optional_when_the_hub_does_not_tell_it(models, fake_hub, mo
     assert "(size unknown)" in lines[0] and (path / "spiece.model").is_file() and (path / "tokenizer.json").is_file()
 
 
-def test_api_and_cli_download_only_when_asked(ref, models, fake_hub, tmp_path, monkeypatch, capsys):
+def test_the_api_downloads_only_when_asked_and_the_cli_unless_told_not_to(ref, models, fake_hub, tmp_path,
+                                                                          monkeypatch, capsys):
     from magnet import __main__ as cli
     from magnet.model import MagnetModel
     monkeypatch.chdir(tmp_path)            # the bare name goes to ./models/magnet/<name>
@@ -221,9 +222,9 @@ def test_api_and_cli_download_only_when_asked(ref, models, fake_hub, tmp_path, m
         MagnetModel.from_pretrained("magnet-small-10secs", device="cpu")
     args = ["generate", "a riff", "--model", "magnet-small-10secs", "--seconds", "0.5", "--steps", "2,1,1,1",
             "--device", "cpu", "-o", str(tmp_path / "out.wav")]
-    assert cli.main(args) == 2                                      # not asked: no download
+    assert cli.main([*args, "--no-download"]) == 2                  # told not to: no download
     assert fake_hub.fetched == [] and fake_hub.info_calls == 0
-    rc = cli.main([*args, "--download"])
+    rc = cli.main([*args, "--download"])                            # the older flag: accepted, the default
     assert rc == 0 and (tmp_path / "out.wav").is_file()
     assert visible(models / "magnet") == ["encodec_32khz", "magnet-small-10secs"]
     assert visible(models / "text_encoders") == ["t5-base"]

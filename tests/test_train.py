@@ -471,3 +471,39 @@ def test_cli_trains_then_generates_and_varies_with_the_lora(ref, tmp_path, capsy
         rc = main(["generate", "x", "--model", str(ref / "magnet-music"), "--device", "cpu", "--lora", bad])
         err = capsys.readouterr().err
         assert rc == 2 and msg in err and err.count("\n") == 1, err
+
+
+def test_cli_ctrl_c_then_resume_gives_the_lora_of_a_run_never_stopped_and_writes_previews(ref, tmp_path, capsys,
+                                                                                         monkeypatch):
+    import os
+    import signal
+    import numpy as np
+    import soundfile as sf
+    import magnet.train as T
+    from magnet.__main__ import main
+    data = tmp_path / "data"
+    data.mkdir()
+    t = np.arange(22050) / 22050
+    sf.write(str(data / "a.wav"), (0.3 * np.sin(2 * np.pi * 330 * t)).astype(np.float32), 22050)
+    common = ["--model", str(ref / "magnet-music"), "--text-encoder", str(ref / "t5-base"), "--steps", "4",
+              "--rank", "2", "--lr", "1e-3", "--seed", str(2 ** 64 - 1), "--device", "cpu", "--no-preview"]
+    assert main(["train", str(data), "--out", str(tmp_path / "whole.safetensors"), *common]) == 0
+    real = T.train_lora
+
+    def ctrl_c_after_two(*a, progress=None, **k):          # the user presses Ctrl-C during step 2
+        def p(step, total, loss):
+            progress(step, total, loss)
+            if step == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, progress=p, **k)
+    monkeypatch.setattr(T, "train_lora", ctrl_c_after_two)
+    out = tmp_path / "my.safetensors"
+    assert main(["train", str(data), "--out", str(out), *common]) == 0
+    assert "continue with --resume" in capsys.readouterr().out and not out.exists()
+    monkeypatch.setattr(T, "train_lora", real)
+    part = tmp_path / "my.step2.safetensors"
+    assert main(["train", str(data), "--out", str(out), *common[:-1], "--resume", str(part),
+                 "--preview", "a tone", "--preview-seconds", "0.3"]) == 0
+    a, b = L.load_lora(out).tensors, L.load_lora(tmp_path / "whole.safetensors").tensors
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in (tmp_path / "my_previews").iterdir()) == ["step000004_0.wav"]
