@@ -327,3 +327,40 @@ def test_cli_evaluate_missing_model_folder(tmp_path, capsys):
     assert main(["evaluate", "--clap", str(tmp_path / "clap"), "--prompt", "x", *files]) == 2
     err = capsys.readouterr().err
     assert "CLAP model folder not found" in err and "--local-dir" in err
+
+
+def test_cli_generates_a_set_then_scores_it_and_measures_fad_between_sets(ref, tmp_path, clap_dir, capsys):
+    import json
+    from magnet.__main__ import main
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a low tone\n\nbright noise\n")
+    model = ["--model", str(ref / "magnet-music"), "--text-encoder", str(ref / "t5-base"), "--device", "cpu",
+             "--steps", "1,1,1,1", "--seconds", "0.4", "--no-download"]
+    out = tmp_path / "set"
+    assert main(["generate", "--prompts", str(prompts), "--out", str(out), "--per-prompt", "2", "--seed", "3",
+                 *model]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["00000_0.wav", "00000_1.wav", "00001_0.wav", "00001_1.wav"]
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / "00001_1.wav").unlink()
+    assert main(["generate", "--prompts", str(prompts), "--out", str(out), "--per-prompt", "2", "--seed", "3",
+                 "--batch", "4", *model]) == 0                  # a rerun makes only what is missing, the same bytes
+    assert "wrote 1 clip(s), 3 already there" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+    assert main(["evaluate", str(out), "--prompts", str(prompts), "--clap", str(clap_dir), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["count"] == 4 and -1 <= r["mean"] <= 1 and {x["prompt"] for x in r["per_file"]} == {"a low tone",
+                                                                                                   "bright noise"}
+    other = tmp_path / "other"
+    assert main(["generate", "--prompts", str(prompts), "--out", str(other), "--per-prompt", "2", "--seed", "9",
+                 *model]) == 0
+    capsys.readouterr()
+    stats = tmp_path / "ref.npz"
+    assert main(["evaluate", "--fad", str(out), str(other), "--embedding", "encodec", "--model",
+                 str(ref / "magnet-music"), "--no-download", "--json", "--save-stats", str(stats)]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["fad"] > 0 and r["ref_count"] == 4 and stats.is_file()
+    assert main(["evaluate", "--fad", str(stats), str(other), "--embedding", "encodec", "--model",
+                 str(ref / "magnet-music"), "--no-download", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fad"] == pytest.approx(r["fad"], rel=1e-9)
+    assert main(["evaluate", "--fad", str(stats), str(other), "--embedding", "clap", "--clap", str(clap_dir)]) == 2
+    assert "encodec" in capsys.readouterr().err                      # statistics of another embedding refused
