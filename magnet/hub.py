@@ -10,21 +10,26 @@ ComfyUI; T5s and CLAPs go to $MAGNET_TEXT_ENCODERS_DIR / $MAGNET_CLAP_DIR, else 
 cache folder (`user_models_dir`).
 
 A download goes into a hidden `.<name>.partial` folder beside its target and is renamed to the target only
-when every file is there, so an interrupted download never leaves a folder that looks like a model; the next
-attempt keeps the files already complete and resumes the one that was interrupted (huggingface_hub resumes
-its `.incomplete` files in a local folder). Offline, or without huggingface_hub, it fails with the files, the
+when every file is there and matches the size and sha256 the hub announces (`model_info(files_metadata=True)`;
+where the hub tells no sizes, loading the model is the check), so an interrupted or damaged download never
+leaves a folder that looks like a model; the next attempt keeps the files already complete (and matching) and
+resumes the one that was interrupted (huggingface_hub resumes its `.incomplete` files in a local folder). A
+file that does not match is deleted and downloaded once more, then refused. Processes and threads downloading
+the same folder take turns on a lock file (`.<name>.lock` beside it): the one that waited uses what the other
+brought. Offline, or without huggingface_hub, it fails with the files, the
 folder to put them in and the command that fetches them."""
 from __future__ import annotations
 
 import contextvars
 import errno
+import hashlib
 import logging
 import os
 import shutil
 import sys
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from .checkpoints import CODEC_FILE, OFFICIAL
 from .errors import MagnetError, first_line
@@ -54,6 +59,7 @@ PATTERNS = {kind: [*required, *optional] for kind, (required, optional) in FILES
 FOLDERS = {"release": "magnet", "codec": "magnet", "text_encoder": "text_encoders", "clap": "clap"}
 DOWNLOAD_CHOICES = ["if missing", "never"]
 PARTIAL = ".{}.partial"
+LOCK = ".{}.lock"
 Progress = Callable[[int, int], None]
 
 
@@ -189,17 +195,62 @@ def _is_absent(e: BaseException) -> bool:
     return type(e).__name__ in ("EntryNotFoundError", "RemoteEntryNotFoundError")
 
 
-def _sizes(hf, repo: str, revision: str | None) -> dict[str, int] | None:
-    """{file: bytes} of the repository, or None when the hub does not tell them (an older huggingface_hub, an
-    HTTP error: the size is only for the log, the download then finds out). An unreachable hub raises at once
-    (one wait for the user, not one per file)."""
+class Expected(NamedTuple):
+    """What the hub announces for one file: its size in bytes and, for a large (LFS) file, its sha256; either is
+    None when the hub does not tell it."""
+    size: int | None
+    sha256: str | None
+
+
+def _expected(hf, repo: str, revision: str | None) -> dict[str, Expected] | None:
+    """{file: Expected} of the repository, or None when the hub does not tell the files (an older
+    huggingface_hub, an HTTP error: the download then goes ahead unchecked and loading the model is the check).
+    An unreachable hub raises at once (one wait for the user, not one per file)."""
     try:
         info = hf.HfApi().model_info(repo, revision=revision, files_metadata=True)
-        return {s.rfilename: int(s.size or 0) for s in (info.siblings or [])}
+        out = {}
+        for s in info.siblings or []:
+            lfs = getattr(s, "lfs", None)
+            sha = lfs.get("sha256") if isinstance(lfs, dict) else getattr(lfs, "sha256", None)
+            size = getattr(s, "size", None)
+            out[s.rfilename] = Expected(int(size) if size is not None else None,
+                                        str(sha).lower() if sha else None)
+        return out
     except Exception as e:
         if _is_connection_error(e):
             raise
         return None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _mismatch(path: Path, want: Expected) -> str | None:
+    """How the file differs from what the hub announces ('... bytes where the hub announces ...'), or None
+    when it matches (or the hub announced nothing to compare with)."""
+    got = path.stat().st_size
+    if want.size is not None and got != want.size:
+        return f"{got:,} bytes where the hub announces {want.size:,}"
+    if want.sha256 is not None:
+        digest = _sha256(path)
+        if digest != want.sha256:
+            return f"sha256 {digest} where the hub announces {want.sha256}"
+    return None
+
+
+def _discard(partial: Path, f: str) -> None:
+    """Delete a file that failed its check, with huggingface_hub's notes about it (so it is fetched anew)."""
+    notes = partial / ".cache" / "huggingface" / "download"
+    for p in (partial / f, notes / f"{f}.metadata"):
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def _old_hub_kwargs(hf) -> dict:
@@ -252,15 +303,101 @@ class _Watch:
             self.thread.join()
 
 
+class _FolderLock:
+    """An exclusive lock that processes and threads downloading the same model share: a hidden `.<name>.lock`
+    file beside the model folder, locked with flock (Unix) or msvcrt.locking (Windows); the kernel lets go of it
+    when its holder dies. The holder deletes the file when done; a waiter that then wakes holding the deleted
+    file opens the path again, so two never hold it at once. Where the file system cannot lock (some network
+    shares) the download goes ahead alone, with a log line."""
+
+    def __init__(self, path: Path):
+        self.path, self.fd = Path(path), None
+
+    def acquire(self, blocking: bool = True) -> bool:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                if not _lock_fd(fd, blocking):
+                    os.close(fd)
+                    return False
+                try:
+                    same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+                except FileNotFoundError:
+                    same = False
+            except OSError as e:
+                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    os.close(fd)
+                    raise
+                log.warning("cannot lock %s (%s): downloading without waiting for other downloads of it",
+                            self.path, e.strerror or e)
+                self.fd = fd
+                return True
+            except BaseException:
+                os.close(fd)
+                raise
+            if same:
+                self.fd = fd
+                return True
+            os.close(fd)                                    # the holder deleted it meanwhile: lock the new one
+
+    def release(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is None:
+            return
+        try:
+            os.unlink(self.path)            # before unlocking, so a waiter that wakes finds it gone
+        except OSError:
+            pass                            # Windows: a waiter has it open; it stays, empty and hidden
+        try:
+            _unlock_fd(fd)
+        except OSError:
+            pass
+        os.close(fd)
+
+
+if sys.platform == "win32":
+    import msvcrt
+    import time
+
+    def _lock_fd(fd: int, blocking: bool) -> bool:
+        while True:
+            try:
+                os.lseek(fd, 0, os.SEEK_SET)
+                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+                return True
+            except PermissionError:                  # held by another
+                if not blocking:
+                    return False
+                time.sleep(0.2)
+
+    def _unlock_fd(fd: int) -> None:
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+else:
+    import fcntl
+
+    def _lock_fd(fd: int, blocking: bool) -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            return True
+        except BlockingIOError:
+            return False
+
+    def _unlock_fd(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
 def download(name: str, dest: str | Path | None = None, models_dir: str | Path = "models", *,
              progress: Progress | None = None, echo: Callable[[str], None] | None = None) -> Path:
     """Download an official release, T5, codec or CLAP into `dest` (default models/magnet/<name>,
     models/text_encoders/<name> or models/clap/<name>, the folders ComfyUI and the loaders look in).
 
-    The files go into `.<name>.partial` beside `dest` first and move to `dest` when all are there; a download
-    interrupted before keeps that folder and the next call resumes it. `progress(done_bytes, total_bytes)` is
-    called as the bytes arrive (when the hub tells the sizes); `echo` receives the lines to show the user
-    (default: the log)."""
+    The files go into `.<name>.partial` beside `dest` first, each checked against the size and sha256 the hub
+    announces, and move to `dest` when all are there and pass; a download interrupted before keeps that folder
+    and the next call resumes it. Another process or thread downloading the same folder is waited for (the lock
+    file `.<name>.lock` beside it), and what it brought is used. `progress(done_bytes, total_bytes)` is called
+    as the bytes arrive (when the hub tells the sizes); `echo` receives the lines to show the user (default: the
+    log)."""
     echo = echo or log.info
     repo, kind, short = resolve_name(name)
     dest = Path(dest) if dest is not None else default_folder(kind, short, models_dir)
@@ -268,6 +405,32 @@ def download(name: str, dest: str | Path | None = None, models_dir: str | Path =
         import huggingface_hub as hf
     except ImportError:
         raise missing(short, dest, "and downloading needs huggingface_hub (`pip install huggingface_hub`)") from None
+    existed = dest.exists()
+    lock = _FolderLock(dest.parent / LOCK.format(dest.name))
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if not lock.acquire(blocking=False):
+            echo(f"waiting for another download of {short} into {dest} to finish")
+            lock.acquire()
+    except OSError as e:
+        raise _unwritable(dest, e) from None
+    try:
+        if dest.exists() and not existed:
+            echo(f"{short} arrived in {dest} from another download")
+            return dest
+        return _download(hf, repo, kind, short, dest, progress, echo)
+    finally:
+        lock.release()
+
+
+def _unwritable(dest: Path, e: OSError) -> MagnetError:
+    return MagnetError(f"cannot write into {dest.parent} ({e.strerror or e}): choose a folder you can write "
+                       f"to (--dir / --models-dir, or the models folder's permissions).")
+
+
+def _download(hf, repo: str, kind: str, short: str, dest: Path, progress: Progress | None,
+              echo: Callable[[str], None]) -> Path:
+    """`download` once it holds the lock."""
     partial = dest.parent / PARTIAL.format(dest.name)
     try:
         partial.mkdir(parents=True, exist_ok=True)
@@ -275,39 +438,62 @@ def download(name: str, dest: str | Path | None = None, models_dir: str | Path =
         probe.touch()
         probe.unlink()
     except OSError as e:
-        raise MagnetError(f"cannot write into {dest.parent} ({e.strerror or e}): choose a folder you can write "
-                          f"to (--dir / --models-dir, or the models folder's permissions).") from None
+        raise _unwritable(dest, e) from None
     revision = REVISIONS.get(repo)
     required, optional = FILES[kind]
     try:
-        sizes = _sizes(hf, repo, revision)
+        expected = _expected(hf, repo, revision)
     except Exception as e:
         raise _download_error(e, short, repo, dest) from None
-    if sizes is not None:
-        lacking = [f for f in required if f not in sizes]
+    if expected is not None:
+        lacking = [f for f in required if f not in expected]
         if lacking:
             raise MagnetError(f"{repo} on the hub lacks {', '.join(lacking)}, which {short} needs. "
                               f"{by_hand(short, dest)}")
-        files = [f for f in (*required, *optional) if f in sizes]
-        total = sum(sizes[f] for f in files)
+        files = [f for f in (*required, *optional) if f in expected]
+        total = sum(expected[f].size or 0 for f in files)
         echo(f"downloading {short} from https://huggingface.co/{repo} ({_megabytes(total)}: {', '.join(files)}) "
              f"into {dest}")
+        unsized = [f for f in files if expected[f].size is None]
+        if unsized:
+            echo(f"  the hub does not tell the size of {', '.join(unsized)}: loading the model checks "
+                 f"{'it' if len(unsized) == 1 else 'them'}")
     else:
         files, total = [*required, *optional], 0
         echo(f"downloading {short} from https://huggingface.co/{repo} (size unknown) into {dest}")
+        echo("  the hub does not tell the files' sizes: they are not checked here, loading the model checks them")
     done = 0
     for f in files:
-        if (partial / f).is_file():              # complete from an earlier, interrupted attempt
-            done += (partial / f).stat().st_size
-            echo(f"  {f}: already downloaded")
-            continue
-        try:
-            with _Watch(partial, progress, done, total):
-                hf.hf_hub_download(repo, f, revision=revision, local_dir=str(partial), **_old_hub_kwargs(hf))
-        except Exception as e:
-            if f in optional and sizes is None and _is_absent(e):
+        want = expected.get(f) if expected is not None else None
+        if (partial / f).is_file():              # from an earlier, interrupted attempt: kept if it matches
+            bad = _mismatch(partial / f, want) if want is not None else None
+            if bad is None:
+                done += (partial / f).stat().st_size
+                echo(f"  {f}: already downloaded")
                 continue
-            raise _download_error(e, short, repo, dest) from None
+            echo(f"  {f}: the copy kept from an earlier attempt has {bad}: downloading it again")
+            _discard(partial, f)
+        for again in (False, True):
+            try:
+                with _Watch(partial, progress, done, total):
+                    hf.hf_hub_download(repo, f, revision=revision, local_dir=str(partial),
+                                       **({"force_download": True} if again else {}), **_old_hub_kwargs(hf))
+            except Exception as e:
+                if f in optional and expected is None and _is_absent(e):
+                    break
+                raise _download_error(e, short, repo, dest) from None
+            bad = _mismatch(partial / f, want) if want is not None and (partial / f).is_file() else None
+            if bad is None:
+                break
+            _discard(partial, f)
+            if not again:
+                echo(f"  {f}: the download has {bad}: downloading it again")
+                continue
+            raise MagnetError(
+                f"{f} of {short} from https://huggingface.co/{repo} came twice with {bad}, so it was deleted and "
+                f"{short} was not put in {dest}. Something between here and the hub alters or cuts the file (a "
+                f"proxy, a full disk, a flaky connection): try again later or on another network; the files that "
+                f"passed are kept in {partial} for the next attempt. Or {_lower(by_hand(short, dest))}")
         done += (partial / f).stat().st_size if (partial / f).is_file() else 0
         if progress is not None:
             progress(done, max(total, done))
@@ -315,6 +501,10 @@ def download(name: str, dest: str | Path | None = None, models_dir: str | Path =
     _move_into_place(partial, dest)
     echo(f"downloaded {short} into {dest}")
     return dest
+
+
+def _lower(text: str) -> str:
+    return text[:1].lower() + text[1:]
 
 
 def _download_error(e: BaseException, short: str, repo: str, dest: Path) -> MagnetError:

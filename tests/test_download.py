@@ -207,7 +207,7 @@ def test_a_bad_download_choice_is_a_clear_error(ours, models):
 
 
 def test_the_size_is_optional_when_the_hub_does_not_tell_it(models, fake_hub, monkeypatch):
-    monkeypatch.setattr(hub, "_sizes", lambda *a: None)
+    monkeypatch.setattr(hub, "_expected", lambda *a: None)
     lines = []
     path = hub.download("t5-base", models / "text_encoders" / "t5-base", echo=lines.append)
     assert "(size unknown)" in lines[0] and (path / "spiece.model").is_file() and (path / "tokenizer.json").is_file()
