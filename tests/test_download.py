@@ -26,8 +26,12 @@ class EntryNotFoundError(Exception):
 
 
 class FakeHub:
-    """The hub's files: repo id -> {file name: fixture path}. Records every file fetched; `fail` makes a
-    file's download raise (after writing part of it as huggingface_hub's .incomplete file)."""
+    """The hub's files: repo id -> {file name: fixture path}. Records every file fetched (and the keyword
+    arguments of each call in `calls`); `fail` makes a file's download raise (after writing part of it as
+    huggingface_hub's .incomplete file); `damage` {file: ["short" | "altered", ...]} makes its next downloads
+    arrive cut to half or with one byte changed (one entry used per download); `gate`, when set, is an Event
+    each download waits for. `model_info` announces every file's size and, for the large (LFS) files, its
+    sha256, as the hub does."""
 
     def __init__(self, ref: Path):
         self.repos = {
@@ -40,6 +44,9 @@ class FakeHub:
         }
         self.fetched: list[tuple[str, str]] = []
         self.fail: dict[str, BaseException] = {}
+        self.damage: dict[str, list[str]] = {}
+        self.gate = None
+        self.calls: list[tuple[str, dict]] = []
         self.info_calls = 0
 
     def hf_hub_download(self, repo_id, filename, *, revision=None, local_dir=None, **kw):
@@ -52,16 +59,33 @@ class FakeHub:
             part.parent.mkdir(parents=True, exist_ok=True)
             part.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
             raise self.fail.pop(filename)
+        if self.gate is not None:
+            assert self.gate.wait(10), "the other download never waited"
         self.fetched.append((repo_id, filename))
+        self.calls.append((filename, kw))
         out = Path(local_dir) / filename
-        shutil.copyfile(src, out)
+        data = src.read_bytes()
+        how = self.damage.get(filename, []) and self.damage[filename].pop(0)
+        if how == "short":
+            data = data[: len(data) // 2]
+        elif how == "altered":
+            data = data[:-1] + bytes([data[-1] ^ 0xFF])
+        out.write_bytes(data)
         return str(out)
 
     def model_info(self, repo_id, revision=None, files_metadata=False, **kw):
         self.info_calls += 1
         files = self.repos[repo_id]
-        return types.SimpleNamespace(siblings=[types.SimpleNamespace(rfilename=n, size=p.stat().st_size)
-                                               for n, p in files.items()])
+        return types.SimpleNamespace(siblings=[
+            types.SimpleNamespace(rfilename=n, size=p.stat().st_size,
+                                  lfs=types.SimpleNamespace(size=p.stat().st_size, sha256=sha256(p))
+                                  if p.suffix in (".bin", ".safetensors", ".model") else None)
+            for n, p in files.items()])
+
+
+def sha256(path: Path) -> str:
+    import hashlib
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture
