@@ -1,7 +1,6 @@
 """Fetching the official models on first use, against a fake hub (no network): `hf_hub_download` and
 `HfApi.model_info` replaced by stand-ins that copy the reference fixtures, an empty models folder, and the
 text-to-music template's graph run through the nodes; an interrupted download, offline, `never`."""
-import shutil
 import types
 from pathlib import Path
 

@@ -6,11 +6,13 @@ import threading
 from pathlib import Path
 
 import pytest
-
-from test_download import fake_hub, models, ours, visible, sha256  # noqa: F401  (fixtures)
+import test_download as base
+from test_download import NodeError, sha256, visible
 
 from magnet import hub
 from magnet.errors import MagnetError
+
+fake_hub, models, ours = base.fake_hub, base.models, base.ours        # the fixtures, shared
 
 T5 = "google-t5/t5-base"
 
@@ -72,7 +74,6 @@ def test_a_file_damaged_twice_is_refused_and_nothing_is_put_in_place(models, fak
 
 def test_the_node_refuses_a_release_damaged_twice_and_lists_nothing(ours, models, fake_hub):
     from magnet_node_pack.nodes.loaders import list_releases
-    from test_download import NodeError
     fake_hub.damage["state_dict.bin"] = ["short", "short"]
     with pytest.raises(NodeError, match=r"state_dict\.bin of magnet-small-10secs .* bytes where the hub announces"):
         ours["MagnetModelLoader"]().load("magnet-small-10secs", "cpu", "fp32", "if missing")
