@@ -28,6 +28,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT.parent / "shared" / "reference"
 SIZE = 640                                  # the thumbnails' size (square, as before)
+# Where the template browser of newer frontends (1.49, ComfyUI 0.33) draws its "Node graph" badge over a card:
+# 8 px from the top-left corner, 28 px tall and about 117 px wide, on a card 224-256 px wide that zooms 5 % on
+# hover. In thumbnail pixels (x0, y0, x1, y1) on the smallest card, with a margin: nothing of ours goes there.
+# (The 1.2x frontend of ComfyUI 0.3.64 draws nothing over the picture.)
+BADGE = (0, 0, 372, 112)
 # the release names the templates use -> the fixture standing in for them
 RELEASES = {"magnet-small-10secs": "magnet-music", "magnet-small-30secs": "magnet-music",
             "magnet-medium-10secs": "magnet-music", "audio-magnet-small": "magnet-audio",
@@ -234,14 +239,20 @@ def render(stem, wf, sinks, out: Path, overrides=None):
     title = wf_title(wf, stem)
     img = Image.new("RGB", (SIZE, SIZE), bg)
     draw = ImageDraw.Draw(img)
-    big = font(46)
-    y = 22
+    big = font(44)
     ink = "white" if luminance(bg) < 0.5 else "#1a1a1a"
+    # the top-left corner is BADGE: the newer template browser covers it with its "Node graph" badge; the
+    # template's number goes right of it, the title below it
+    small = font(20, bold=False)
+    tag = f"MAGNeT template {num}"
+    x = SIZE - 24 - draw.textlength(tag, font=small)
+    assert x >= BADGE[2], "the template's number would run under the badge"
+    draw.text((x, 44), tag, font=small, fill=accent)
+    y = BADGE[3]
     for line in wrap(draw, title, big, SIZE - 48)[:2]:
         draw.text((24, y), line, font=big, fill=ink)
-        y += 56
-    draw.text((24, y + 2), f"MAGNeT template {num}", font=font(20, bold=False), fill=accent)
-    top = y + 40
+        y += 52
+    top = y + 14
     nodes = {n["id"]: n for n in wf["nodes"]}
     saved = [(nodes[nid], kw) for nid, (typ, kw) in sorted(sinks.items())]
     audios = [(re.sub(r"^Save Audio \((.*)\)$", r"\1", n.get("title") or n["widgets_values"][0].split("/")[-1]),

@@ -74,6 +74,21 @@ def test_help_page_names_the_node_every_input_and_every_output(N, node):
         assert f"`{out}`" in text, (node, out)
 
 
+@pytest.mark.parametrize("node", sorted(load_pack().NODE_CLASS_MAPPINGS))
+def test_help_page_fits_a_narrow_side_panel(N, node):
+    """ComfyUI shows the page in a side panel a few hundred pixels wide: a Markdown table runs off its edge, so
+    the inputs are a list: each item opens with the name of the input it explains (or of several alike)."""
+    text = (DOCS / f"{node}.md").read_text(encoding="utf-8")
+    assert not [line for line in text.splitlines() if line.lstrip().startswith("|")], f"{node}: a table"
+    section = text.split("## Inputs", 1)[1].split("\n## ", 1)[0]
+    heads = re.findall(r"^- ((?:`[^`]+`(?:, |,\n  )?)+)", section, re.M)
+    named = [name for head in heads for name in re.findall(r"`([^`]+)`", head)]
+    assert sorted(named) == sorted(inp for inp, _ in inputs(N[node])), (node, named)
+    # inline code breaks only at spaces: a longer word runs past the panel's edge (a path: name its last part)
+    long = [w for span in re.findall(r"`([^`\n]+)`", text) for w in span.split() if len(w) > 26]
+    assert not long, (node, long)
+
+
 def test_sampling_tooltips_state_the_releases_own_settings(N):
     """Every MAGNeT sampling node offers the release's own settings (auto, -1, release) as the defaults, and its
     tooltips say what the releases use."""

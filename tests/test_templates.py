@@ -172,3 +172,12 @@ def test_thumbnails_keep_the_browser_size():
     for p in WORKFLOWS:
         g = luma_blocks(p.with_suffix(".jpg"))
         assert g.shape == (80, 80), (p.stem, g.shape)              # 640 x 640, like every card
+
+
+def test_thumbnails_leave_the_corner_under_the_newer_browsers_badge_empty():
+    """The template browser of newer frontends (1.49, ComfyUI 0.33) draws a "Node graph" badge over a card's
+    top-left corner: up to 372 x 112 of the 640 px thumbnail on its smallest card, hover zoom included
+    (scripts/make_thumbnails.py BADGE). The title must not be drawn there: the corner is plain background."""
+    for p in WORKFLOWS:
+        corner = luma_blocks(p.with_suffix(".jpg"))[:112 // 8, :372 // 8]
+        assert float(corner.max() - corner.min()) < 3, f"{p.stem}.jpg draws under the badge"
