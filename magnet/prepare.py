@@ -152,6 +152,8 @@ def prepare_folder(folder, clap=None, *, overwrite: bool = False, loudness: floa
                     result.skipped.append((path, str(e)))
                     say.warn(f"skipped {rel}: {e}")
                 else:
+                    if analysis.problem:
+                        say.warn(f"{rel}: no tempo and key: {analysis.problem}")
                     result.analysed += 1
                     result.seconds += analysis.seconds
                     entry = _entry(rel, analysis, _caption(path, analysis, overwrite, result))

@@ -98,6 +98,7 @@ class Analysis:
     tags: dict[str, dict[str, float]]
     bpm: int | None = None
     key: str | None = None
+    problem: str | None = None          # why tempo and key are missing although librosa is installed
 
 
 def caption_text(a: Analysis) -> str:
@@ -245,17 +246,21 @@ class Tagger:
     def analyse(self, windows: list[np.ndarray], sample_rate: int, seconds: float) -> Analysis:
         """Tags, tempo and key of a file's windows (mono float32 at `sample_rate`)."""
         tags = self.tags(windows, sample_rate)
-        bpm = key = None
+        bpm = key = problem = None
         if self.librosa is not None:
             lr = self.librosa
-            with warnings.catch_warnings(), np.errstate(all="ignore"):
-                warnings.simplefilter("ignore")
-                low = [lr.resample(np.ascontiguousarray(w, dtype=np.float32), orig_sr=int(sample_rate),
-                                   target_sr=ANALYSIS_RATE, res_type="soxr_hq") if sample_rate != ANALYSIS_RATE
-                       else np.ascontiguousarray(w, dtype=np.float32) for w in windows]
-                bpm = estimate_tempo(lr, low)
-                key = estimate_key(lr, low)
-        return Analysis(seconds=seconds, tags=tags, bpm=bpm, key=key)
+            try:
+                with warnings.catch_warnings(), np.errstate(all="ignore"):
+                    warnings.simplefilter("ignore")
+                    low = [lr.resample(np.ascontiguousarray(w, dtype=np.float32), orig_sr=int(sample_rate),
+                                       target_sr=ANALYSIS_RATE, res_type="soxr_hq") if sample_rate != ANALYSIS_RATE
+                           else np.ascontiguousarray(w, dtype=np.float32) for w in windows]
+                    bpm = estimate_tempo(lr, low)
+                    key = estimate_key(lr, low)
+            except Exception as e:          # librosa failing on this audio: the tags still stand
+                bpm = key = None
+                problem = f"librosa failed on it ({type(e).__name__}: {first_line(e)})"
+        return Analysis(seconds=seconds, tags=tags, bpm=bpm, key=key, problem=problem)
 
 
 @torch.inference_mode()

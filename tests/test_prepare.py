@@ -193,7 +193,7 @@ def test_the_key_is_the_best_krumhansl_schmuckler_profile():
     assert tagging.key_of_chroma(np.ones(12)) is None
 
 
-def test_with_librosa_captions_end_with_tempo_and_key(scorer, tmp_path):
+def test_with_librosa_captions_end_with_tempo_and_key(scorer, tmp_path, monkeypatch):
     pytest.importorskip("librosa")
     sr = 22050
     t = np.arange(8 * sr) / sr
@@ -208,6 +208,16 @@ def test_with_librosa_captions_end_with_tempo_and_key(scorer, tmp_path):
     assert result.tempo_and_key is True
     assert e["key"] == "A minor" and abs(e["bpm"] - 120) <= 3
     assert e["caption"].endswith(f", {e['bpm']} bpm, A minor")
+    lr = sys.modules["librosa"]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no luck")
+    monkeypatch.setattr(lr.onset, "onset_strength", broken)
+    messages = []
+    prepare_folder(tmp_path, scorer, overwrite=True, log=messages.append)            # the tags still stand
+    (e,) = manifest(tmp_path)
+    assert e["bpm"] is None and e["key"] is None and e["tags"]
+    assert any("a.wav: no tempo and key: librosa failed on it (RuntimeError: no luck)" in m for m in messages)
 
 
 # -- training reads the manifest -------------------------------------------------------------------------------
