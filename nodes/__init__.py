@@ -31,3 +31,10 @@ for _cls in (MagnetTrainLora, MagnetLoraLoader):
     NODE_CLASSES.append(_cls)
     NODE_CLASS_MAPPINGS[_cls.__name__] = _cls
     NODE_DISPLAY_NAME_MAPPINGS[_cls.__name__] = _cls.DISPLAY_NAME
+
+from .prepare import MagnetPrepareDataset  # noqa: E402
+
+for _cls in (MagnetPrepareDataset,):
+    NODE_CLASSES.append(_cls)
+    NODE_CLASS_MAPPINGS[_cls.__name__] = _cls
+    NODE_DISPLAY_NAME_MAPPINGS[_cls.__name__] = _cls.DISPLAY_NAME
