@@ -60,6 +60,7 @@ class TrainSettings:
     cond_dropout: float | None = None
     crop_seconds: float | None = None
     cache_dir: str | None = None
+    loudness: float | None = None
     previews: bool = True
     preview_prompts: tuple = ()
     preview_seconds: float | None = None
@@ -98,6 +99,13 @@ class TrainSettings:
                 raise MagnetError(f"training setting {name} = {v!r} must be {what}.")
         if isinstance(s.seed, bool) or not isinstance(s.seed, int):
             raise MagnetError(f"training seed {s.seed!r} must be a whole number (any size).")
+        if s.loudness is not None:
+            from .audio import LUFS_RANGE
+            v = s.loudness
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not LUFS_RANGE[0] <= v <= LUFS_RANGE[1]:
+                raise MagnetError(f"training setting loudness = {v!r} must be a loudness in LUFS between "
+                                  f"{LUFS_RANGE[0]:g} and {LUFS_RANGE[1]:g} (e.g. -14), or None to train on the "
+                                  f"files as they are.")
         if not isinstance(s.trigger, str):
             raise MagnetError(f"trigger {s.trigger!r} must be a text.")
         prompts = (s.preview_prompts,) if isinstance(s.preview_prompts, str) else tuple(s.preview_prompts or ())
@@ -354,13 +362,14 @@ def train_lora(model, data_dir, out, settings: TrainSettings | None = None, *, p
     data_dir = Path(data_dir).expanduser()
     if not group.main:                  # the first process encodes (and caches) the files, then the others read
         group.barrier()
-    data = AudioFolder(data_dir, model, trigger=s.trigger, cache_dir=s.cache_dir)
-    val = AudioFolder(s.val_dir, model, trigger=s.trigger, what="validation folder") if s.val_dir else None
+    data = AudioFolder(data_dir, model, trigger=s.trigger, cache_dir=s.cache_dir, loudness=s.loudness)
+    val = (AudioFolder(s.val_dir, model, trigger=s.trigger, what="validation folder", loudness=s.loudness)
+           if s.val_dir else None)
     if group.main:
         group.barrier()
     for p, why in data.skipped:
         log(f"skipped {p} ({why})")
-    fingerprint = dataset_fingerprint(data.digests, data.captions)
+    fingerprint = dict(dataset_fingerprint(data.digests, data.captions), loudness=s.loudness)
     if state is not None:
         from .train_state import check_resume
         check_resume(state, {"release": state.info["release"], "rank": s.rank, "alpha": s.alpha,

@@ -159,7 +159,9 @@ def check_resume(state: TrainState, current: dict) -> None:
             want, have = sorted(want), sorted(have)
         if want != have:
             if key == "dataset":
-                what = ("other audio" if want.get("audio") != have.get("audio") else "other captions")
+                what = ("other audio" if want.get("audio") != have.get("audio") else "other captions"
+                        if want.get("captions") != have.get("captions") else
+                        f"loudness target {want.get('loudness')} then, {have.get('loudness')} now")
                 raise MagnetError(f"cannot resume {state.path}: the dataset differs ({want.get('clips')} clips "
                                   f"then, {have.get('clips')} now; {what}). Resume with the same files and "
                                   f"captions, or start a new training.")

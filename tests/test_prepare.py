@@ -361,3 +361,21 @@ def test_the_node_prepares_a_folder_under_the_input_folder(pack, N, scorer, tmp_
     assert again[1] == 2 and (folder / "b.txt").read_text() != "mine"
     with pytest.raises(pack.magnet.errors.MagnetError, match="^MAGNeT Prepare Dataset: no dataset"):
         node().prepare(Handle(scorer, "tiny"), "none", "", False)
+
+
+def test_cli_prepare_writes_captions_and_the_manifest(tmp_path, capsys, no_librosa):
+    import json
+    from magnet.__main__ import main
+    data = tmp_path / "data"
+    data.mkdir()
+    tone(data / "a.wav")
+    tone(data / "b.wav", freq=550.0)
+    (data / "b.txt").write_text("my own words")
+    clap = tiny_clap(tmp_path / "clap" / "tiny-clap")
+    assert main(["prepare", str(data), "--clap", str(clap), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert (data / "a.txt").is_file() and (data / "b.txt").read_text() == "my own words"
+    lines = [json.loads(x) for x in (data / "magnet_dataset.jsonl").read_text().splitlines()]
+    assert sorted(x["file"] for x in lines) == ["a.wav", "b.wav"] and "magnet_dataset.jsonl" in out
+    assert main(["prepare", str(data), "--no-download", "--models-dir", str(tmp_path / "empty")]) == 2
+    assert "larger_clap_music" in capsys.readouterr().err

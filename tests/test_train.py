@@ -507,3 +507,12 @@ def test_cli_ctrl_c_then_resume_gives_the_lora_of_a_run_never_stopped_and_writes
     a, b = L.load_lora(out).tensors, L.load_lora(tmp_path / "whole.safetensors").tensors
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert sorted(p.name for p in (tmp_path / "my_previews").iterdir()) == ["step000004_0.wav"]
+
+
+def test_a_loudness_target_is_part_of_what_a_resume_must_keep(music_model, tmp_path, monkeypatch):
+    folder, _ = clip_folder(tmp_path, monkeypatch, music_model)
+    first = train_lora(music_model, folder, tmp_path / "a.safetensors", fast(steps=2, loudness=-14.0))
+    with pytest.raises(MagnetError, match="loudness target -14.0 then, None now"):
+        train_lora(music_model, folder, tmp_path / "b.safetensors", fast(steps=4), resume=first.path)
+    with pytest.raises(MagnetError, match="loudness"):
+        fast(loudness=5.0).checked()

@@ -1,4 +1,4 @@
-"""The command line: `python -m magnet generate|vary|train|convert|download|evaluate|doctor ...` (see
+"""The command line: `python -m magnet generate|vary|train|prepare|convert|download|evaluate|doctor ...` (see
 `python -m magnet -h`). One module per subcommand, each with `add(subparsers)` and `run(args)`; what they share
 (options, the number check, the models folder) is in `common` and `models`.
 
@@ -10,9 +10,9 @@ import os
 import sys
 
 from ..errors import MagnetError
-from . import common, convert, doctor, download, evaluate, generate, train, vary
+from . import common, convert, doctor, download, evaluate, generate, prepare, train, vary
 
-SUBCOMMANDS = (generate, vary, download, convert, evaluate, doctor, train)      # in the order -h lists them
+SUBCOMMANDS = (generate, vary, download, convert, evaluate, doctor, prepare, train)      # in the order -h lists them
 
 
 def build_parser() -> common.Parser:

@@ -59,19 +59,6 @@ def _read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def _clap_folder(a, fetch: bool = True) -> str | None:
-    """--clap, else larger_clap_music in the models folder (downloaded there when missing and `fetch`)."""
-    from .. import hub
-    if a.clap:
-        return a.clap
-    name = next(iter(hub.CLAPS))
-    dirs = hub.models_dirs("clap", a.models_dir)
-    found = next((d / name for d in dirs if (d / name / "config.json").is_file()), None)
-    if found is not None or not fetch:
-        return None if found is None else str(found)
-    return str(models._Fetcher(a)(name, dirs[0] / name))
-
-
 def run(a) -> int:
     if a.fad is not None:
         return run_fad(a)
@@ -96,7 +83,7 @@ def run(a) -> int:
         raise MagnetError(f"{len(a.audio)} audio files but {len(prompts)} prompts in {a.prompts}: give one "
                           f"prompt per file (in the same order), or a single prompt for all files.")
     clips = [audio.read_audio(f) for f in a.audio]  # every file is checked before the model loads
-    clap = _clap_folder(a)
+    clap = models.clap_folder(a)
     common.echo(f"loading {clap} ...")
     scorer = ClapScorer.from_pretrained(clap, device=device)
     scores = scorer.score([w for w, _ in clips], [sr for _, sr in clips], prompts, loudness=loudness,
@@ -126,7 +113,7 @@ def run_set(a) -> int:
     batch_size = common.number(a.batch_size, "--batch-size", "give a number of windows >= 1, e.g. 16.", whole=True,
                                lo=1)
     device = common.device(a.device)
-    r = clap_score_outputs(a.audio[0], a.prompts, _clap_folder(a), loudness=loudness, batch_size=batch_size,
+    r = clap_score_outputs(a.audio[0], a.prompts, models.clap_folder(a), loudness=loudness, batch_size=batch_size,
                            device=device)
     if a.json:
         print(json.dumps(r))
@@ -145,8 +132,8 @@ def run_fad(a) -> int:
         raise MagnetError("--fad compares two sets given after it (--fad REF GEN): leave out the other files.")
     loudness = common.loudness(a.loudness, off=True)
     device = common.device(a.device)
-    embedding = a.embedding or ("clap" if _clap_folder(a, fetch=False) else "encodec")
-    clap = _clap_folder(a) if embedding == "clap" else None
+    embedding = a.embedding or ("clap" if models.clap_folder(a, fetch=False) else "encodec")
+    clap = models.clap_folder(a) if embedding == "clap" else None
     model = models.prepare(a).release if embedding == "encodec" else None
     bar = common.ProgressBar("embedding", unit="clip")
     try:

@@ -94,3 +94,16 @@ def load(a, *, device=None, dtype=None):
     common.echo(f"loading {p.release} ...")
     return MagnetModel.from_pretrained(p.release, text_encoder=p.text_encoder, device=device, dtype=dtype,
                                        codec=a.codec, search_dirs=p.search_dirs)
+
+
+def clap_folder(a, fetch: bool = True) -> str | None:
+    """--clap, else larger_clap_music in the models folder (downloaded there when missing and `fetch`)."""
+    from .. import hub
+    if a.clap:
+        return a.clap
+    name = next(iter(hub.CLAPS))
+    dirs = hub.models_dirs("clap", a.models_dir)
+    found = next((d / name for d in dirs if (d / name / "config.json").is_file()), None)
+    if found is not None or not fetch:
+        return None if found is None else str(found)
+    return str(_Fetcher(a)(name, dirs[0] / name))

@@ -49,6 +49,9 @@ def add(sub) -> None:
     t.add_argument("--val-dir", default=None, help="folder of held-out clips: a validation loss at each save")
     t.add_argument("--crop-seconds", default=None, help="training window in seconds (default: the release's)")
     t.add_argument("--cache-dir", default=None, help="token cache folder (default: DATA_DIR/.magnet_cache)")
+    t.add_argument("--loudness", default=None, metavar="LUFS",
+                   help="normalise each file to this loudness (e.g. -14) in what is encoded for training; the files "
+                        "are never changed (default: as recorded)")
     t.add_argument("--resume", default=None, metavar="LORA",
                    help="continue a run from a LoRA it wrote (e.g. OUT_STEM.step120.safetensors after Ctrl-C) and the "
                         "training state beside it: the same LoRA, bit for bit on the CPU, as a run never stopped; "
@@ -86,7 +89,7 @@ def settings(a):
         val_dir=a.val_dir,
         crop_seconds=None if a.crop_seconds is None else n(a.crop_seconds, "--crop-seconds",
                                                            "give the training window in seconds, e.g. 10."),
-        cache_dir=a.cache_dir, previews=not a.no_preview, preview_prompts=tuple(a.preview),
+        cache_dir=a.cache_dir, loudness=common.loudness(a.loudness), previews=not a.no_preview, preview_prompts=tuple(a.preview),
         preview_seconds=None if a.preview_seconds is None else n(
             a.preview_seconds, "--preview-seconds", "give the previews' length in seconds, e.g. 5.", lo=0, lo_open=True),
         preview_dir=str(previews_dir(Path(a.out)))).checked()
