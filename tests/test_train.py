@@ -129,7 +129,7 @@ def clip_folder(tmp_path, monkeypatch, model, seed=0, name="data"):
     (folder / "clip.txt").write_text(CAPTION)
     codes = torch.randint(0, model.cfg.card, (model.cfg.n_q, model.max_frames),
                           generator=torch.Generator().manual_seed(seed))
-    monkeypatch.setattr(D, "encode_file", lambda m, p: codes.clone())
+    monkeypatch.setattr(D, "encode_file", lambda m, p, **k: codes.clone())
     return folder, codes
 
 
