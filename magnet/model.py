@@ -28,8 +28,8 @@ from .checkpoints import Release, build_lm, load_release
 from .codec import Codec
 from .devices import autocast_for, codec_device, parse_device, parse_dtype
 from .errors import MagnetError
-from .fastpath import FastPathSettings
 from .sampling import SamplingParams, SpanArrangement
+from .stage_forward import DecodingSettings
 from .text import TextCondition, TextEncoder
 from .transformer import LM
 
@@ -176,7 +176,7 @@ class CodecLM:
         self.lm, self.codec, self.text_encoder = lm, codec, text_encoder
         self.source = source
         self.generation_defaults = generation or {}
-        self.fastpath = FastPathSettings()        # how MAGNeT's forward runs (magnet.fastpath)
+        self.decoding = DecodingSettings()        # how MAGNeT's forward runs (magnet.stage_forward)
         self._seed_record = threading.local()
         if text_encoder is not None and text_encoder.dim != lm.cfg.text_dim:
             raise MagnetError(f"text encoder {text_encoder.folder} has width {text_encoder.dim}, but this model "
@@ -548,10 +548,10 @@ class MagnetModel(CodecLM):
         def decode(generator, _seed):
             if frames <= self.max_frames:
                 return sampling.generate(self.lm, cond, frames, params, prompt=prompt, generator=generator,
-                                         progress=progress, rescorer=rescorer, fastpath=self.fastpath)
+                                         progress=progress, rescorer=rescorer, decoding=self.decoding)
             return longform.generate_long(self.lm, cond, frames, params, window=self.max_frames, overlap=overlap,
                                           prompt=prompt, generator=generator, progress=progress,
-                                          rescorer=rescorer, fastpath=self.fastpath)
+                                          rescorer=rescorer, decoding=self.decoding)
         return self.seeded(seed, decode)
 
     def regenerate(self, codes: torch.Tensor, start: float, end: float, prompts: Sequence[str] | str, *,
@@ -593,7 +593,7 @@ class MagnetModel(CodecLM):
         a, b = region
         return self.seeded(seed, lambda generator, _seed: longform.regenerate_region(
             self.lm, cond, codes, a, b, params, window=self.max_frames, generator=generator, progress=progress,
-            rescorer=rescorer, fastpath=self.fastpath))
+            rescorer=rescorer, decoding=self.decoding))
 
     # -- LoRA (magnet/lora.py) ------------------------------------------------------------------------------
     def with_lora(self, lora, strength: float = 1.0) -> "MagnetModel":
