@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import InitVar, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable, Protocol, Sequence
 
 import torch
@@ -65,7 +65,6 @@ class FastMode:
         (bf16 weights and activations: AMX or avx512_bf16), 'int8' (int8 weights, dynamically quantized
         int8 activations: VNNI/AVX2) or 'fp32' (the weights themselves). A low-precision copy is made on first use; the float32 weights it
         replaces are held in float16 meanwhile and restored exactly when exact mode runs (`magnet.lowp`).
-        `int8=False` (the earlier field) is linears='fp32'.
     skip_unit_cfg: on steps whose guidance coefficient is 1 to within 1e-5 (the last step of each
         stage with min_cfg_coef = 1: the schedule gives 0.9999996 there), only the conditional rows run
         and their logits are used as they are, instead of mixing in the null-condition pass.
@@ -73,11 +72,6 @@ class FastMode:
     later_steps: int | None = 5
     linears: str = "auto"
     skip_unit_cfg: bool = True
-    int8: InitVar[bool | None] = None
-
-    def __post_init__(self, int8):
-        if int8 is not None and not int8:
-            object.__setattr__(self, "linears", "fp32")
 
     def summary(self) -> str:
         """One line for tooltips and help texts, made from these fields (so it cannot drift from them)."""

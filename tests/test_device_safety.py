@@ -312,7 +312,7 @@ def test_no_step_waits_on_the_device(model, settings):
     prompt = torch.randint(0, card, (2, 4, 5), generator=torch.Generator().manual_seed(0))
     saved, model.decoding = model.decoding, settings
     try:
-        fast_modes = (False, FastMode(int8=False))
+        fast_modes = (False, FastMode(linears="fp32"))
         for n, (sampling, fields) in enumerate(SAMPLING.items()):
             for a, arr in enumerate(("nonoverlap", "stride1")):
                 fast = fast_modes[(n + a) % 2]

@@ -97,7 +97,6 @@ def test_the_choice_is_forced_by_the_mode_or_the_environment(fresh_choice, monke
     cpu = torch.device("cpu")
     assert linears.fast_linears(FastMode(linears="bf16"), cpu) == "bf16"
     assert linears.fast_linears(FastMode(linears="fp32"), cpu) is None
-    assert linears.fast_linears(FastMode(int8=False), cpu) is None           # the earlier field
     for path in ("bf16", "int8", "fp32"):
         monkeypatch.setenv(linears.LINEARS_ENV, path.upper())
         if path == "int8" and not linears.int8_available():

@@ -184,7 +184,7 @@ def test_fewer_later_steps_leave_codebook_0_exactly_as_in_exact_mode(music_model
     exact mode: its stage runs first, with the same steps and the same random numbers."""
     kw = dict(seed=5, duration=2.0, decoding_steps=(6, 4, 4, 4), use_sampling=use_sampling)
     exact = music_model.generate(["dub techno", "rain"], **kw)
-    steps_only = music_model.generate(["dub techno", "rain"], fast=FastMode(later_steps=2, int8=False,
+    steps_only = music_model.generate(["dub techno", "rain"], fast=FastMode(later_steps=2, linears="fp32",
                                                                              skip_unit_cfg=False), **kw)
     assert torch.equal(steps_only[:, 0], exact[:, 0])
     assert not torch.equal(steps_only[:, 1:], exact[:, 1:])
@@ -206,7 +206,7 @@ def test_null_pass_is_skipped_only_where_the_guidance_coefficient_is_one(music_m
         rows.append(mem.batch)
         return real(codes, mem, *a, **k)
     monkeypatch.setattr(lm, "forward", spy)
-    fast = FastMode(later_steps=None, int8=False)
+    fast = FastMode(later_steps=None, linears="fp32")
     music_model.generate(["x"], seed=0, duration=1.0, decoding_steps=(4, 3, 2, 1), fast=fast)
     # the last step of each stage of >1 steps has m = cos(pi/2) ~ -4e-8: coefficient 1 - 4e-7
     assert rows == [2, 2, 2, 1] + [2, 2, 1] + [2, 1] + [2]
@@ -223,7 +223,7 @@ def test_skipping_the_null_pass_at_coefficient_one_changes_nothing_else(music_mo
     two-pass exact decoding."""
     kw = dict(duration=2.0, decoding_steps=(5, 3, 3, 3), use_sampling=False, max_cfg_coef=1.0, min_cfg_coef=1.0)
     exact = music_model.generate(["dub techno", "rain"], **kw)
-    skip = music_model.generate(["dub techno", "rain"], fast=FastMode(later_steps=None, int8=False), **kw)
+    skip = music_model.generate(["dub techno", "rain"], fast=FastMode(later_steps=None, linears="fp32"), **kw)
     assert torch.equal(skip, exact)
 
 
