@@ -47,9 +47,9 @@ from .text import TextCondition
 
 def _engine(model) -> dict:
     """Keyword arguments every engine call of `model` takes besides the sampling ones: its forward settings
-    (`model.fastpath`) where the model has them."""
-    fastpath = getattr(model, "fastpath", None)
-    return {} if fastpath is None else {"fastpath": fastpath}
+    (`model.decoding`) where the model has them."""
+    decoding = getattr(model, "decoding", None)
+    return {} if decoding is None else {"decoding": decoding}
 
 
 def _sampling(model, params: SamplingParams | None, fast=None, kw: dict | None = None) -> SamplingParams:

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from . import sampling
-from .fastpath import FastPathSettings
 from .sampling import Progress, Rescorer, SamplingParams, SpanArrangement, StepCounter
+from .stage_forward import DecodingSettings
 from .text import TextCondition
 from .transformer import LM
 
@@ -81,7 +81,7 @@ def generate_long(lm: LM, cond: TextCondition, frames: int, params: SamplingPara
                   overlap: int | None = None, prompt: torch.Tensor | None = None,
                   generator: torch.Generator | None = None, progress: Progress | None = None,
                   rescorer: Rescorer | None = None, job: StepCounter | None = None,
-                  fastpath: FastPathSettings | None = None) -> torch.Tensor:
+                  decoding: DecodingSettings | None = None) -> torch.Tensor:
     """Decode exactly `frames` frames [B, K, frames] of any length by sliding a window of at most
     `window` frames (the release's window; trimmed to `SpanArrangement.usable_window`) with `overlap`
     frames of context (default: half the window).
@@ -104,7 +104,7 @@ def generate_long(lm: LM, cond: TextCondition, frames: int, params: SamplingPara
     for w in plan:
         context = out[..., w.start:w.start + w.context] if w.context else None
         codes = sampling.generate(lm, cond, w.frames, params, prompt=context,
-                                  generator=generator, job=job, rescorer=rescorer, fastpath=fastpath)
+                                  generator=generator, job=job, rescorer=rescorer, decoding=decoding)
         if codes.shape[-1] != w.frames:      # cannot happen within a usable window; guard the invariant
             raise RuntimeError(f"window {w} came back with {codes.shape[-1]} frames")
         new = codes[..., w.context:]
@@ -124,7 +124,7 @@ def region_window(total: int, start: int, end: int, window: int) -> tuple[int, i
 def regenerate_region(lm: LM, cond: TextCondition, codes: torch.Tensor, start: int, end: int,
                       params: SamplingParams, *, window: int, generator: torch.Generator | None = None,
                       progress: Progress | None = None, rescorer: Rescorer | None = None,
-                      job: StepCounter | None = None, fastpath: FastPathSettings | None = None) -> torch.Tensor:
+                      job: StepCounter | None = None, decoding: DecodingSettings | None = None) -> torch.Tensor:
     """Codes [B, K, T] with frames [start, end) regenerated in every codebook, conditioned on the frames
     around them (within one window of at most `window` frames centred on the region). Every other code
     is returned unchanged. Runs one decoding (sum(decoding_steps) steps)."""
@@ -144,7 +144,7 @@ def regenerate_region(lm: LM, cond: TextCondition, codes: torch.Tensor, start: i
         generator, _ = sampling.make_generator(None, next(lm.parameters()).device)
     job = job or StepCounter(total=sum(params.decoding_steps), progress=progress)
     new = sampling.generate(lm, cond, we - ws, params, given=given, keep=keep, generator=generator,
-                            job=job, rescorer=rescorer, fastpath=fastpath)
+                            job=job, rescorer=rescorer, decoding=decoding)
     out = codes.clone()
     out[..., start:end] = new[..., start - ws:end - ws].to(out.device)
     return out

@@ -271,8 +271,8 @@ def apply_lora(model, lora, strength: float = 1.0):
     new.lm = merged_lm(model.lm, lora, strength)
     if hasattr(model, "_seed_record"):
         new._seed_record = threading.local()
-    if hasattr(model, "fastpath"):
-        new.fastpath = copy.copy(model.fastpath)
+    if hasattr(model, "decoding"):
+        new.decoding = copy.copy(model.decoding)
     new.loras = list(getattr(model, "loras", [])) + [(lora.name, strength)]
     return new
 

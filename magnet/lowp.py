@@ -1,7 +1,7 @@
 """Fast mode's one low-precision copy: the exact weights it replaces, kept losslessly and restored on demand.
 
 Fast mode on the CPU runs the transformer's linear layers on a low-precision copy of their weights (bf16 or
-int8, `magnet.fastpath`). Kept beside the float32 weights, that copy would make fast mode need more memory
+int8, `magnet.linears`). Kept beside the float32 weights, that copy would make fast mode need more memory
 than exact mode. Instead, while the copy exists, each float32 weight it replaces is held as a *record*: the
 same parameter with its data in float16, where float16 holds every one of its values exactly (true of the
 official releases, published in float16). A record is 2 bytes per weight instead of 4, so fast mode holds
@@ -15,8 +15,8 @@ plan, applying a LoRA, training, ComfyUI's weight patches): each record becomes 
 weight it was (about 1 s per GiB of float32 weights), and the fast copy is dropped with it. So exact mode after
 fast mode on the same loaded model is still exact; switching back and forth costs a restore and a new copy.
 
-This module only knows parameters; which ones fast mode records is `fastpath`'s business. Swaps and restores
-take one process-wide lock.
+This module only knows parameters; which ones fast mode records is the business of `magnet.linears`. Swaps
+and restores take one process-wide lock.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ _lock = threading.RLock()
 # id(parameter) -> (weak reference to it, the dtype it had before it became a record). Keyed by id: tensors
 # compare by value, so a WeakKeyDictionary of tensors cannot look them up.
 _records: dict = {}
-# callbacks run after a restore, with the module restored (fastpath drops its copy there)
+# callbacks run after a restore, with the module restored (magnet.linears drops its copy there)
 _on_restore: list = []
 
 

@@ -31,8 +31,8 @@ from .checkpoints import CONTENTS, Release, build_lm, content_of_text_encoder, l
 from .codec import Codec
 from .devices import autocast_for, codec_device, parse_device, parse_dtype
 from .errors import MagnetError
-from .fastpath import FastPathSettings
 from .sampling import SamplingParams, SpanArrangement
+from .stage_forward import DecodingSettings
 from .text import TextCondition, TextEncoder
 from .transformer import LM
 
@@ -99,7 +99,7 @@ class CodecLM:
         self.generation_defaults = generation or {}
         self.content = content if content in CONTENTS else content_of_text_encoder(lm.cfg.text_encoder)
         self.training_defaults = training_settings(training, self.content)
-        self.fastpath = FastPathSettings()        # how MAGNeT's forward runs (magnet.fastpath)
+        self.decoding = DecodingSettings()        # how MAGNeT's forward runs (magnet.stage_forward)
         self._seed_record = threading.local()
         self.check_text_encoder(text_encoder)
 
@@ -498,10 +498,10 @@ class MagnetModel(CodecLM):
         def decode(generator, _seed):
             if frames <= self.max_frames:
                 return sampling.generate(self.lm, cond, frames, params, prompt=prompt, generator=generator,
-                                         progress=progress, rescorer=rescorer, fastpath=self.fastpath)
+                                         progress=progress, rescorer=rescorer, decoding=self.decoding)
             return longform.generate_long(self.lm, cond, frames, params, window=self.max_frames, overlap=overlap,
                                           prompt=prompt, generator=generator, progress=progress,
-                                          rescorer=rescorer, fastpath=self.fastpath)
+                                          rescorer=rescorer, decoding=self.decoding)
         return self.seeded(seed, decode)
 
     def regenerate(self, codes: torch.Tensor, start: float, end: float, prompts: Sequence[str] | str, *,
@@ -543,7 +543,7 @@ class MagnetModel(CodecLM):
         a, b = region
         return self.seeded(seed, lambda generator, _seed: longform.regenerate_region(
             self.lm, cond, codes, a, b, params, window=self.max_frames, generator=generator, progress=progress,
-            rescorer=rescorer, fastpath=self.fastpath))
+            rescorer=rescorer, decoding=self.decoding))
 
     # -- LoRA (magnet/lora.py) ------------------------------------------------------------------------------
     def with_lora(self, lora, strength: float = 1.0) -> "MagnetModel":

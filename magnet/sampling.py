@@ -21,11 +21,11 @@ number of spans to mask, made before the stage starts; the stride1 search bounds
 the host, sampling is `exponential_race` (not `torch.multinomial`, which checks its input on the host on
 every call), and the check for NaN / infinite logits stays on the device until it is read once per stage,
 after the stage's last step (`bool(nonfinite)`). The forward adds no wait on CUDA and MPS; only the CPU's
-position pruning (`fastpath.FastPathSettings.prune_on_cpu`) reads which positions to compute, on the CPU,
-where there is no device to wait for. No float64 tensor is made either (MPS has no float64).
+position pruning (`stage_forward.DecodingSettings.prune_on_cpu`) reads which positions to compute, on the
+CPU, where there is no device to wait for. No float64 tensor is made either (MPS has no float64).
 tests/test_device_safety.py checks all three on the CPU.
 
-Each stage's forward is a `fastpath.StageForward`: the same logits as `LM.forward`, with less work (on
+Each stage's forward is a `stage_forward.StageForward`: the same logits as `LM.forward`, with less work (on
 the CPU only the positions a step uses are computed). Fast mode (`SamplingParams.fast`) is described in
 `FastMode`.
 """
@@ -33,15 +33,16 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import InitVar, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable, Protocol, Sequence
 
 import torch
 
 from .defaults import DEFAULT_STEPS, MAX_STEPS, MUSIC_DEFAULTS
 from .errors import MagnetError
+from .linears import LINEARS
+from .stage_forward import DEFAULT_SETTINGS, DecodingSettings, StageForward
 from .text import TextCondition
-from .fastpath import DEFAULT_SETTINGS, LINEARS, FastPathSettings, StageForward
 from .transformer import LM
 
 SPAN_ARRANGEMENTS = ("nonoverlap", "stride1")
@@ -59,11 +60,10 @@ class FastMode:
         steps). None leaves the steps as given.
     linears: the transformer's linear layers on the CPU (float32 weights; ignored on other devices):
         'auto' (the fastest path this CPU runs, from its features or measured once:
-        `fastpath.choose_linears`; the environment variable MAGNET_FAST_LINEARS can set it), 'bf16'
+        `linears.choose_linears`; the environment variable MAGNET_FAST_LINEARS can set it), 'bf16'
         (bf16 weights and activations: AMX or avx512_bf16), 'int8' (int8 weights, dynamically quantized
         int8 activations: VNNI/AVX2) or 'fp32' (the weights themselves). A low-precision copy is made on first use; the float32 weights it
         replaces are held in float16 meanwhile and restored exactly when exact mode runs (`magnet.lowp`).
-        `int8=False` (the earlier field) is linears='fp32'.
     skip_unit_cfg: on steps whose guidance coefficient is 1 to within 1e-5 (the last step of each
         stage with min_cfg_coef = 1: the schedule gives 0.9999996 there), only the conditional rows run
         and their logits are used as they are, instead of mixing in the null-condition pass.
@@ -71,11 +71,6 @@ class FastMode:
     later_steps: int | None = 5
     linears: str = "auto"
     skip_unit_cfg: bool = True
-    int8: InitVar[bool | None] = None
-
-    def __post_init__(self, int8):
-        if int8 is not None and not int8:
-            object.__setattr__(self, "linears", "fp32")
 
     def summary(self) -> str:
         """One line for tooltips and help texts, made from these fields (so it cannot drift from them)."""
@@ -429,15 +424,15 @@ def generate(lm: LM, cond: TextCondition, frames: int, params: SamplingParams, *
              prompt: torch.Tensor | None = None, given: torch.Tensor | None = None,
              keep: torch.Tensor | None = None, generator: torch.Generator | None = None,
              progress: Progress | None = None, job: StepCounter | None = None,
-             rescorer: Rescorer | None = None, fastpath: FastPathSettings | None = None) -> torch.Tensor:
+             rescorer: Rescorer | None = None, decoding: DecodingSettings | None = None) -> torch.Tensor:
     """Decode `frames` frames of codes [B, K, frames] for the prompts of `cond`.
 
     prompt [B, K, P] (P < frames): leading codes kept unchanged (continuation). More generally,
     `given` [B, K, frames] with `keep` (bool [frames]): the kept frames' codes are fixed in every
     codebook and the others generated around them (the model is bidirectional). With the `nonoverlap`
     arrangement the result is trimmed to a multiple of `span_len` frames, as the reference does.
-    progress(done, total) is called after every decoding step. fastpath: how the forward runs
-    (`magnet.fastpath.FastPathSettings`; the defaults when None).
+    progress(done, total) is called after every decoding step. decoding: how the forward runs
+    (`magnet.stage_forward.DecodingSettings`; the defaults when None).
 
     The inputs are taken as checked: the model classes check prompts, codes and the conditioning's text
     width once, where the user hands them in (`MagnetModel.check_prompt_codes`, `check_condition`).
@@ -463,7 +458,7 @@ def generate(lm: LM, cond: TextCondition, frames: int, params: SamplingParams, *
     job = job or StepCounter(total=sum(params.decoding_steps), progress=progress)
     if rescorer is not None and rescorer.weight == 0:
         rescorer = None
-    settings = fastpath or DEFAULT_SETTINGS
+    settings = decoding or DEFAULT_SETTINGS
     first_codebook = getattr(lm, "first_codebook", 0)   # an LM that decodes only codebooks >= k says k
 
     cond = cond.to(dev)

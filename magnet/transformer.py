@@ -9,8 +9,9 @@ MAGNeT attends fully for codebook 0 and within a band of `subcodes_context` fram
 MusicGen is causal and decodes frame by frame with a key/value cache (`KVCache`).
 
 `LM.forward` / `Layer.forward` are the specification of the model, for both: MusicGen runs them (causal,
-optionally cached); MAGNeT's decoding loop runs `magnet.fastpath`, which computes the same logits with
-less work and is tested against them.
+optionally cached); MAGNeT's decoding loop hands `LM.forward` a plan (`plan=`, a
+`magnet.stage_forward.StepPlan`) that computes the same logits with less work and is tested against them.
+This module imports nothing of the decoding loop's: the plan is an object it is given and calls.
 """
 from __future__ import annotations
 
@@ -342,22 +343,22 @@ class LM(nn.Module):
         return x + sin_embedding(codes.shape[-1], self.cfg.dim, self.cfg.max_period, x.device, x.dtype, offset)
 
     def forward(self, codes: torch.Tensor, mem: Memory, stage: int = -1, heads=None,
-                cache: KVCache | None = None, *, fastpath=None) -> torch.Tensor:
+                cache: KVCache | None = None, *, plan=None) -> torch.Tensor:
         """codes [b, K, T] -> logits [B, len(heads), T, card] (all codebooks when `heads` is None).
 
         `b` may be smaller than the memory's batch B when B is a multiple of b: the codes are then
         shared by every group of b rows (classifier-free guidance runs the same codes with the
         conditional and the null memory).
 
-        This is the specification. `fastpath` (a `magnet.fastpath.StepPlan`, given by the decoding loop
-        for MAGNeT's pre-norm non-causal LM) computes the same logits with less work (and, in fast mode,
-        bf16 or int8 layers); see `magnet.fastpath`.
+        This is the specification. `plan` (a `magnet.stage_forward.StepPlan`, given by the decoding loop for
+        MAGNeT's pre-norm non-causal LM) computes the same logits with less work (and, in fast mode, bf16 or
+        int8 layers): `plan.run(lm, codes, mem, stage, heads)` is called under the weights' lock.
         """
         with lowp.cpu_lock(self.linears[0].weight.device):    # no weight swap while this forward reads them
-            if lowp.held() and not getattr(fastpath, "linears", None):
+            if lowp.held() and not getattr(plan, "linears", None):
                 lowp.restore(self)             # fast mode's float16 records -> the exact float32 weights
-            if fastpath is not None:
-                return fastpath.run(self, codes, mem, stage, heads)
+            if plan is not None:
+                return plan.run(self, codes, mem, stage, heads)
             return self._forward(codes, mem, stage, heads, cache)
 
     def _forward(self, codes, mem, stage, heads, cache):

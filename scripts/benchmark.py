@@ -60,9 +60,11 @@ from pathlib import Path
 
 import torch
 
-SCALES = {"small": dict(dim=1024, num_heads=16, num_layers=24), "medium": dict(dim=1536, num_heads=24, num_layers=48)}
+from magnet.random_models import HIDDEN_SCALE, RELEASE_SCALES, random_lm, random_release, release_arch
+
 HERE = Path(__file__).resolve()
-REF_TOOLS = HERE.parents[2] / "shared" / "reference" / "tools"
+REFERENCE = HERE.parents[2] / "shared" / "reference"           # the reference fixtures beside the project
+REF_TOOLS = REFERENCE / "tools"
 
 
 def matmul_gflops(kind: str = "mm", seconds: float = 2.0, n: int = 1024) -> float:
@@ -84,11 +86,10 @@ def matmul_gflops(kind: str = "mm", seconds: float = 2.0, n: int = 1024) -> floa
     return flops / (time.perf_counter() - t0) / 1e9
 
 
-def step_gflop(scale: str, batch: int, frames: int, stage: int, context: int = 5, text_len: int = 12,
-               card: int = 2048) -> float:
+def step_gflop(scale: str, batch: int, frames: int, stage: int, context: int = 5, text_len: int = 12) -> float:
     """Matmul GFLOP of one dense decoding step (see the module docstring)."""
-    s = SCALES[scale]
-    D, L, F = s["dim"], s["num_layers"], 4 * s["dim"]
+    s = release_arch(scale)
+    D, L, F, card = s["dim"], s["num_layers"], s["ffn_dim"], s["card"]
     rows, T = 2 * batch, frames
     keys = T if stage == 0 else min(T, 2 * context + 1)
     macs = L * (rows * T * (4 * D * D + 2 * D * F)          # self-attention projections, feed-forward
@@ -99,30 +100,14 @@ def step_gflop(scale: str, batch: int, frames: int, stage: int, context: int = 5
     return 2 * macs / 1e9
 
 
-def build(scale: str, device, dtype, seconds: float):
-    from magnet.transformer import LM, LMConfig
-    sys.path.insert(0, str(HERE.parents[1] / "tests"))
-    from random_weights import init_random
-    s = SCALES[scale]
-    cfg = LMConfig(kind="magnet", ffn_dim=4 * s["dim"], n_q=4, card=2048, text_dim=768, segment_duration=seconds,
-                   **s)
-    with torch.device("meta"):
-        lm = LM(cfg)
-    lm = lm.to_empty(device="cpu")
-    init_random(lm)
-    with torch.no_grad():                     # float16 values, as the releases are published
-        for p in lm.parameters():
-            p.copy_(p.half().float())
-    return lm.to(device=device, dtype=dtype).eval().requires_grad_(False)
-
-
 def run_ours(a) -> dict:
-    from magnet.fastpath import FastPathSettings, fast_copy, fast_linears
+    from magnet.linears import fast_copy, fast_linears
     from magnet.sampling import FastMode, SamplingParams, StepCounter, generate, make_generator
+    from magnet.stage_forward import DecodingSettings
     from magnet.text import TextCondition
     dev = torch.device(a.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
-    lm = build(a.scale, dev, dtype, a.seconds)
+    lm = random_lm(a.scale, seconds=a.seconds, device=dev, dtype=dtype)    # float16 values, as published
     fast = FastMode() if a.impl == "fast" else False
     prep_s, copy_mb, recorded_mb = 0.0, 0.0, 0.0
     linears = fast_linears(fast, dev, dtype)
@@ -132,18 +117,18 @@ def run_ours(a) -> dict:
         prep_s = time.perf_counter() - t0
         copy_mb, recorded_mb = copy.nbytes / 2 ** 20, copy.recorded / 2 ** 20
     B, L = a.batch, 12
-    hidden = torch.randn(2 * B, L, 768)
+    hidden = torch.randn(2 * B, L, lm.cfg.text_dim)
     mask = torch.ones(2 * B, L, dtype=torch.long)
     mask[B:] = 0
     cond = TextCondition(["x"] * B, hidden, mask, torch.zeros(2 * B, L, dtype=torch.long), "random")
     frames = int(a.seconds * 50)
     full = SamplingParams(decoding_steps=[int(x) for x in a.steps.split(",")], fast=fast).check(4).decoding_steps
     steps = full
-    settings = FastPathSettings()
+    settings = DecodingSettings()
     if a.measure_steps:
         steps = SamplingParams(decoding_steps=[int(x) for x in a.measure_steps.split(",")], fast=fast).check(4)
         steps = steps.decoding_steps
-        settings = FastPathSettings(prune_on_cpu=False)   # every step of a stage then costs the same: extrapolation holds
+        settings = DecodingSettings(prune_on_cpu=False)   # every step of a stage then costs the same: extrapolation holds
     stamps = []
     job = StepCounter(total=sum(steps), progress=lambda d, t: stamps.append(time.perf_counter()))
     params = SamplingParams(decoding_steps=steps, fast=fast)
@@ -152,7 +137,7 @@ def run_ours(a) -> dict:
     ac = autocast_for(dev, dtype)
     t0 = time.perf_counter()
     with ac:
-        generate(lm, cond, frames, params, generator=gen, job=job, fastpath=settings)
+        generate(lm, cond, frames, params, generator=gen, job=job, decoding=settings)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     total = time.perf_counter() - t0
@@ -238,9 +223,7 @@ def bench_load(a):
 
 
 def make_release(dst: str):
-    sys.path.insert(0, str(HERE.parents[1] / "tests"))
-    from conftest import REFERENCE, make_release as make
-    d = make(REFERENCE / "magnet-music", Path(dst), dim=1024, num_heads=16, num_layers=24, hidden_scale=4)
+    d = random_release(REFERENCE / "magnet-music", Path(dst), **RELEASE_SCALES["small"], hidden_scale=HIDDEN_SCALE)
     pkg = torch.load(d / "state_dict.bin", weights_only=True)
     pkg["best_state"] = {k: v.half() for k, v in pkg["best_state"].items()}       # as published
     torch.save(pkg, d / "state_dict.bin")
@@ -249,7 +232,7 @@ def make_release(dst: str):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scale", nargs="+", default=["small"], choices=list(SCALES))
+    ap.add_argument("--scale", nargs="+", default=["small"], choices=list(RELEASE_SCALES))
     ap.add_argument("--batch", nargs="+", type=int, default=[1])
     ap.add_argument("--impl", nargs="+", default=["exact", "fast", "reference"], choices=["exact", "fast", "reference"])
     ap.add_argument("--seconds", type=float, default=10.0)
@@ -285,7 +268,7 @@ def main():
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {a.device}, {a.dtype}")
     if a.device == "cpu":
-        from magnet.fastpath import choose_linears, cpu_features_text
+        from magnet.linears import choose_linears, cpu_features_text
         print(f"CPU features: {cpu_features_text()}")
         print(f"fast mode here: {choose_linears().describe()}")
         mm, dnn = matmul_gflops("mm"), matmul_gflops("onednn")

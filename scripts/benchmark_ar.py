@@ -10,7 +10,7 @@ Modes (batch 1, classifier-free guidance on, as in real use):
   rescored   MAGNeT with the MusicGen rescorer (one teacher-forced MusicGen pass per step, w = 0.5)
 
 Both LMs are built from an LMConfig (the release architecture; no weights needed) and filled by
-`tests/random_weights.py`; the text memory is a random T5-like hidden state, so this times the
+`magnet.random_models`; the text memory is a random T5-like hidden state, so this times the
 LMs and the decoding loops only (T5 and the codec are the same for every mode). The default --steps is
 small so that the whole run stays around 10-15 minutes on a 2-core CPU; every MAGNeT step costs the
 same, so the table also gives the wall time extrapolated to the releases' 20,10,10,10 steps.
@@ -31,34 +31,26 @@ import torch
 from magnet import sampling
 from magnet.devices import autocast_for
 from magnet.musicgen import ARParams, MusicGenModel, MusicGenRescorer, ar_decode
+from magnet.random_models import RELEASE_SCALES, TEXT_DIMS, random_lm
 from magnet.sampling import SamplingParams
 from magnet.text import TextCondition
-from magnet.transformer import LM, LMConfig
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
-from random_weights import init_random  # noqa: E402
+from magnet.transformer import LM
 
 SCALES = {"tiny": dict(dim=64, num_heads=4, num_layers=2),     # a smoke test of the script itself
-          "small": dict(dim=1024, num_heads=16, num_layers=24),
-          "medium": dict(dim=1536, num_heads=24, num_layers=48)}
+          **RELEASE_SCALES}
 RELEASE_STEPS = (20, 10, 10, 10)
 FRAME_RATE = 50
 
 
 def build(kind: str, scale: str, seconds: float, device, dtype, seed: int) -> LM:
-    arch = SCALES[scale]
-    common = dict(ffn_dim=4 * arch["dim"], n_q=4, card=2048, text_dim=768, **arch)
-    if kind == "magnet":
-        cfg = LMConfig(kind="magnet", segment_duration=max(10.0, seconds), **common)
-    else:
-        cfg = LMConfig(kind="musicgen", causal=True, subcodes_context=-1, delays=[0, 1, 2, 3],
-                       segment_duration=max(30.0, seconds), **common)
-    return init_random(LM(cfg), seed).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    window = max(10.0, seconds) if kind == "magnet" else max(30.0, seconds)
+    return random_lm(SCALES[scale], kind=kind, seconds=window, device=device, dtype=dtype, seed=seed,
+                     float16_values=False)
 
 
 def text_condition(device) -> TextCondition:
     g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(2, 12, 768, generator=g) * 0.1
+    hidden = torch.randn(2, 12, TEXT_DIMS["music"], generator=g) * 0.1
     mask = torch.zeros(2, 12, dtype=torch.long)
     mask[0] = 1
     return TextCondition(["benchmark"], hidden.to(device), mask.to(device), torch.zeros(2, 12, dtype=torch.long),

@@ -28,21 +28,14 @@ from pathlib import Path
 
 import torch
 
+from magnet.random_models import random_lm, release_arch
+
 HERE = Path(__file__).resolve()
-SMALL = dict(dim=1024, num_heads=16, num_layers=24)
+SMALL = release_arch("small")
 
 
 def build(seconds: float):
-    from magnet.transformer import LM, LMConfig
-    sys.path.insert(0, str(HERE.parents[1] / "tests"))
-    from random_weights import init_random
-    cfg = LMConfig(kind="magnet", ffn_dim=4 * SMALL["dim"], n_q=4, card=2048, text_dim=768, segment_duration=seconds,
-                   **SMALL)
-    with torch.device("meta"):
-        lm = LM(cfg)
-    lm = lm.to_empty(device="cpu")
-    init_random(lm)
-    return lm.float().eval().requires_grad_(False)
+    return random_lm("small", seconds=seconds, float16_values=False)
 
 
 def run_train(a) -> dict:
@@ -59,8 +52,8 @@ def run_train(a) -> dict:
     params = [p for m in adapters.values() for p in (m.lora_A, m.lora_B)]
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95))
     g = torch.Generator().manual_seed(0)
-    codes = torch.randint(0, 2048, (1, 4, T), generator=g)
-    hidden, tmask = torch.randn(1, 12, 768, generator=g), torch.ones(1, 12, dtype=torch.long)
+    codes = torch.randint(0, SMALL["card"], (1, SMALL["n_q"], T), generator=g)
+    hidden, tmask = torch.randn(1, 12, SMALL["text_dim"], generator=g), torch.ones(1, 12, dtype=torch.long)
     table = span_starts_table(T, 3)
     saved, seen = [0], set()
 
@@ -99,12 +92,12 @@ def run_train(a) -> dict:
 
 
 def run_decode(a) -> dict:
-    from magnet.fastpath import FastPathSettings
     from magnet.sampling import SamplingParams, StepCounter, generate, make_generator
+    from magnet.stage_forward import DecodingSettings
     from magnet.text import TextCondition
     lm = build(a.seconds)
     T = int(a.seconds * 50)
-    hidden = torch.randn(2, 12, 768)
+    hidden = torch.randn(2, 12, SMALL["text_dim"])
     mask = torch.ones(2, 12, dtype=torch.long)
     mask[1:] = 0
     cond = TextCondition(["x"], hidden, mask, torch.zeros(2, 12, dtype=torch.long), "random")
@@ -114,7 +107,7 @@ def run_decode(a) -> dict:
     gen, _ = make_generator(0, "cpu")
     t0 = time.perf_counter()
     generate(lm, cond, T, SamplingParams(decoding_steps=steps), generator=gen, job=job,
-             fastpath=FastPathSettings(prune_on_cpu=False))
+             decoding=DecodingSettings(prune_on_cpu=False))
     times = [b - a_ for a_, b in zip([t0] + stamps[:-1], stamps)]
     return dict(step_s=sorted(times)[len(times) // 2], steps=times,
                 peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -149,7 +142,8 @@ def main():
     dec2 = child("decode", a)          # again after: the machine's speed drifts
     dstep = (dec["step_s"] + dec2["step_s"]) / 2
     T = int(a.seconds * 50)
-    print(f"small architecture (dim 1024, 16 heads, 24 layers, 4 x 2048), {a.seconds:g} s = {T} frames, batch 1, "
+    print(f"small architecture (dim {SMALL['dim']}, {SMALL['num_heads']} heads, {SMALL['num_layers']} layers, "
+          f"{SMALL['n_q']} x {SMALL['card']}), {a.seconds:g} s = {T} frames, batch 1, "
           f"rank {a.rank} on {', '.join(__import__('magnet.lora', fromlist=['x']).DEFAULT_TARGETS)}, float32 CPU, "
           f"{plain['threads']} threads")
     print(f"  exact decoding step (cond + null rows) : {dstep:6.2f} s   (runs: {dec['step_s']:.2f}, {dec2['step_s']:.2f})"

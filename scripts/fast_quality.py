@@ -7,7 +7,7 @@ It first prints the CPU's features and the linear layers fast mode chooses on it
 
 1. the low-precision linear layers, each path of --paths that runs here: 'int8' (int8 weights, dynamically
    quantized int8 activations), 'bf16' (bf16 weights and activations; self-attention reads bf16 q/k/v,
-   `FastPathSettings.bf16_attention`) and 'bf16-fp32attn' (the same with float32 attention). One forward per
+   `DecodingSettings.bf16_attention`) and 'bf16-fp32attn' (the same with float32 attention). One forward per
    stage on the same codes (half of them masked), fp32 vs the path: relative logit error, KL(p_fp32 || p_path)
    of the guided distribution at temperature 1 with the guidance coefficients of the first and last steps
    (10 and 1), and how often the argmax agrees. The weights are float16 values, as the releases are published.
@@ -27,30 +27,29 @@ release sees; the fixtures' weights are random too.
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 import math
-import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 HERE = Path(__file__).resolve()
-sys.path.insert(0, str(HERE.parent))
+REFERENCE = HERE.parents[2] / "shared" / "reference"           # the reference fixtures beside the project
 
-# name -> (FastMode.linears, FastPathSettings.bf16_attention)
+# name -> (FastMode.linears, DecodingSettings.bf16_attention)
 VARIANTS = {"int8": ("int8", True), "bf16": ("bf16", True), "bf16-fp32attn": ("bf16", False)}
 
 
 def runs_here(name: str) -> bool:
-    from magnet import fastpath
-    return {"int8": fastpath.int8_available, "bf16": fastpath.bf16_available}[VARIANTS[name][0]]()
+    from magnet import linears
+    return {"int8": linears.int8_available, "bf16": linears.bf16_available}[VARIANTS[name][0]]()
 
 
 def forward(lm, codes, mem, stage: int, copy=None) -> torch.Tensor:
     """One stage's logits [rows, T, card]: on a fast copy, or exactly (copy None: the float32 weights, restored
     from the float16 records a fast copy leaves; this drops the copy)."""
     from magnet import lowp
-    from magnet.fastpath import parallel_forward
+    from magnet.stage_forward import parallel_forward
     if copy is None:
         lowp.restore(lm)
     with torch.inference_mode():
@@ -75,22 +74,23 @@ def report_line(label: str, r: dict) -> str:
 
 
 def random_model_report(scale: str, frames: int, paths: list):
-    from benchmark import build
-    from magnet.fastpath import fast_copy
+    from magnet.linears import fast_copy
+    from magnet.random_models import random_lm
     from magnet.sampling import cfg_mix
-    lm = build(scale, "cpu", torch.float32, frames / 50)
+    lm = random_lm(scale, seconds=frames / 50)          # float16 values, as the releases are published
+    card, n_q = lm.cfg.card, lm.cfg.n_q
     g = torch.Generator().manual_seed(0)
     B, L = 1, 12
-    hidden = torch.randn(2 * B, L, 768, generator=g)
+    hidden = torch.randn(2 * B, L, lm.cfg.text_dim, generator=g)
     mask = torch.ones(2 * B, L, dtype=torch.long)
     mask[B:] = 0
     with torch.inference_mode():
         mem = lm.memory(hidden, mask, null_rows=B)
     inputs = []
-    for stage in range(4):
-        codes = torch.randint(0, 2048, (B, 4, frames), generator=g)
-        codes[:, stage + 1:] = 2048
-        codes[:, stage, torch.rand(frames, generator=g) < 0.5] = 2048
+    for stage in range(n_q):
+        codes = torch.randint(0, card, (B, n_q, frames), generator=g)
+        codes[:, stage + 1:] = card
+        codes[:, stage, torch.rand(frames, generator=g) < 0.5] = card
         inputs.append(codes)
     refs = [forward(lm, codes, mem, stage) for stage, codes in enumerate(inputs)]
     for name in paths:
@@ -105,7 +105,7 @@ def random_model_report(scale: str, frames: int, paths: list):
         print(report_line("mean", {k: sum(r[k] for r in rs) / len(rs) for k in rs[0]}))
     m = float(torch.cos(torch.tensor(1.0) * math.pi * 0.5))        # the masking rate of a stage's last step
     coef = m * 10 + (1 - m) * 1
-    a = forward(lm, torch.randint(0, 2048, (B, 4, frames), generator=g), mem, 1)
+    a = forward(lm, torch.randint(0, card, (B, n_q, frames), generator=g), mem, 1)
     mixed, cond = cfg_mix(a, B, coef), a[:B]
     same = (mixed.argmax(-1) == cond.argmax(-1)).float().mean().item()
     print(f"null pass at the last step (coefficient {coef!r}): max |logit change| "
@@ -113,13 +113,12 @@ def random_model_report(scale: str, frames: int, paths: list):
 
 
 def fixture_report(paths: list):
-    from conftest import REFERENCE, golden_prompts  # noqa: F401
     from safetensors.torch import load_file
 
     from magnet import MagnetModel
     from magnet.sampling import FastMode, SamplingParams
     golden = load_file(str(REFERENCE / "golden.safetensors"))
-    # (label, fast mode, FastPathSettings.bf16_attention)
+    # (label, fast mode, DecodingSettings.bf16_attention)
     rows = ([(f"{name} only", FastMode(later_steps=None, skip_unit_cfg=False, linears=VARIANTS[name][0]),
               VARIANTS[name][1]) for name in paths]
             + [("null-pass skip only", FastMode(later_steps=None, linears="fp32"), True),
@@ -127,17 +126,19 @@ def fixture_report(paths: list):
             + [(f"all, {name}", FastMode(linears=VARIANTS[name][0]), VARIANTS[name][1]) for name in paths])
     for name, t5 in (("music", "t5-base"), ("audio", "t5-large")):
         model = MagnetModel.from_pretrained(REFERENCE / f"magnet-{name}", text_encoder=REFERENCE / t5, device="cpu")
-        cond = model.encode_text(golden_prompts(model, golden, name))
+        ids = golden[f"{name}.t5_input_ids"]                 # the goldens' prompts, cond rows first
+        cond = model.encode_text(model.text_encoder.tokenizer.batch_decode(ids[: ids.shape[0] // 2],
+                                                                           skip_special_tokens=True))
         base = SamplingParams(use_sampling=False, decoding_steps=(20, 10, 10, 10))
         exact = model.generate_from_condition(cond, frames=100, params=base).codes
         print(f"fixture {name} (greedy, 100 frames, steps 20,10,10,10): tokens equal to exact mode, per codebook")
-        settings = model.fastpath
+        settings = model.decoding
         for label, fast, attn in rows:
-            model.fastpath = replace(settings, bf16_attention=attn)
+            model.decoding = replace(settings, bf16_attention=attn)
             codes = model.generate_from_condition(cond, frames=100, params=replace(base, fast=fast)).codes
             agree = (codes == exact).float().mean(dim=(0, 2))
             print(f"  {label:22} " + "  ".join(f"cb{k} {100 * v:5.1f}%" for k, v in enumerate(agree.tolist())))
-        model.fastpath = settings
+        model.decoding = settings
 
 
 def main():
@@ -148,7 +149,7 @@ def main():
                     help="the low-precision paths to compare with fp32 (default: all)")
     ap.add_argument("--fixtures", action="store_true", help="also decode the fixtures end to end")
     a = ap.parse_args()
-    from magnet.fastpath import choose_linears, cpu_features_text
+    from magnet.linears import choose_linears, cpu_features_text
     print(f"CPU: {cpu_features_text()}; fast mode here: {choose_linears().describe()}")
     paths = [name for name in a.paths if runs_here(name)]
     for name in sorted(set(a.paths) - set(paths)):
@@ -156,7 +157,6 @@ def main():
     torch.manual_seed(0)
     random_model_report(a.scale, a.frames, paths)
     if a.fixtures:
-        sys.path.insert(0, str(HERE.parents[1] / "tests"))
         fixture_report(paths)
 
 

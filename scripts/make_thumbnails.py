@@ -7,9 +7,9 @@ a frame of the video it writes, the CLAP scores it shows, with the template's ti
 The fixtures are tiny random-weight models, so the sound is noise; the pictures are still each template's
 real output (lengths, regions, loops, scenes, the video).
 
-    python scripts/make_thumbnails.py [--only magnet_05_best_of_four ...]
+    PYTHONPATH=tests python scripts/make_thumbnails.py [--only magnet_05_best_of_four ...]
 
-Needs Pillow (not a dependency of the pack: `pip install Pillow`) and pytest (the graph runner's module).
+Needs pytest and the test suite's modules on the path (PYTHONPATH=tests: the graph runner's module).
 """
 from __future__ import annotations
 
@@ -54,17 +54,14 @@ def fail(msg):
     sys.exit(f"make_thumbnails: {msg}")
 
 
-try:
-    from PIL import Image, ImageDraw, ImageFont
-except ImportError:
-    fail("needs Pillow, which the pack itself does not: pip install Pillow")
-sys.path.insert(0, str(ROOT / "tests"))
+from PIL import Image, ImageDraw, ImageFont                          # noqa: E402  (a dependency of the pack)
 try:
     from test_workflows import load, run_graph                     # the suite's graph runner
     from pack import load_pack
     from tiny_clap import tiny_clap
 except ImportError as e:
-    fail(f"needs the test modules' imports ({e}): pip install -e .[test]")
+    fail(f"needs the test modules ({e}): run it as PYTHONPATH=tests python scripts/make_thumbnails.py, after "
+         f"pip install -e .[test]")
 
 
 # ---------------------------------------------------------------- stand-ins for the core nodes

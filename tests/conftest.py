@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 
@@ -71,29 +69,8 @@ def golden_prompts(model, golden, name) -> list[str]:
 def make_release(src: Path, dst: Path, seed: int = 0, **transformer_lm) -> Path:
     """Copy the official-format release `src` to `dst`, changing transformer_lm fields in its xp.cfg
     (plus `segment_duration`, `span_len`) and filling the LM with random weights of the new shape."""
-    from magnet.checkpoints import TEXT_PROJ_KEY, lm_config_from_xp, parse_xp_cfg
-    from magnet.transformer import LM
-    from random_weights import init_random
-    dst.mkdir(parents=True, exist_ok=True)
-    shutil.copy(src / "compression_state_dict.bin", dst / "compression_state_dict.bin")
-    pkg = torch.load(src / "state_dict.bin", weights_only=True)
-    xp = parse_xp_cfg(pkg["xp.cfg"], "fixture")
-    if "segment_duration" in transformer_lm:
-        xp["dataset"]["segment_duration"] = transformer_lm.pop("segment_duration")
-    if "span_len" in transformer_lm:
-        xp["masking"]["span_len"] = transformer_lm.pop("span_len")
-    xp["transformer_lm"].update(transformer_lm)
-    text_dim = pkg["best_state"][TEXT_PROJ_KEY + "weight"].shape[1]
-    probe = {TEXT_PROJ_KEY + "weight": torch.zeros(1, text_dim)}
-    cfg = lm_config_from_xp(xp, probe, "fixture")
-    lm = init_random(LM(cfg), seed)
-    with torch.no_grad():
-        lm.text_proj.weight.normal_(0, 0.05)
-    state = {(TEXT_PROJ_KEY + k[len("text_proj."):] if k.startswith("text_proj.") else k): v
-             for k, v in lm.state_dict().items()}
-    torch.save({"best_state": state, "xp.cfg": yaml.safe_dump(xp), "version": "1.3.0", "exported": True},
-               dst / "state_dict.bin")
-    return dst
+    from magnet.random_models import random_release
+    return random_release(src, dst, seed, **transformer_lm)
 
 
 class Spy:

@@ -32,17 +32,17 @@ def clip(music_model):
 # -- no import cycle --------------------------------------------------------------------------------
 
 def _engine_imports() -> dict[str, set[str]]:
-    """{module: the magnet modules it imports}, from every import statement of magnet/**/*.py (modules of a
-    subpackage named `cli.generate`, its __init__ `cli`), at module level and inside functions (`from . import x`,
-    `from .x import y`, `from .. import x`, `import magnet.x`, `from magnet.x import y`)."""
-    def name(path):
+    """{module: the magnet modules it imports}, from every import statement of magnet/**/*.py, at module level
+    and inside functions (`from . import x`, `from .x import y`, `from ..x import y`, `import magnet.x`,
+    `from magnet.x import y`). Modules of subpackages are named by their dotted path (`doctor.checks`; a
+    package's `__init__` by the package's name)."""
+    def name(path: Path) -> str:
         parts = list(path.relative_to(MAGNET).with_suffix("").parts)
-        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-    paths = sorted(MAGNET.rglob("*.py"))
-    names = {name(p) for p in paths}
+        return ".".join(parts[:-1] if parts[-1] == "__init__" and len(parts) > 1 else parts)
+    paths = {name(p): p for p in MAGNET.rglob("*.py")}
     graph = {}
-    for path in paths:
-        package = list(path.relative_to(MAGNET).parts[:-1])
+    for mod, path in paths.items():
+        package = mod.split(".") if path.name == "__init__.py" and mod != "__init__" else mod.split(".")[:-1]
         deps = set()
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.ImportFrom):
@@ -52,15 +52,13 @@ def _engine_imports() -> dict[str, set[str]]:
                     base = []
                 else:
                     continue
-                parts = [p for p in (node.module or "").split(".") if p]
-                parts = parts[1:] if not node.level else parts
-                target = ".".join(base + parts)
-                for a in node.names:
-                    sub = ".".join(base + parts + [a.name])
-                    deps.add(sub if sub in names else target)
+                parts = base + [p for p in (node.module or "").split(".")[(0 if node.level else 1):] if p]
+                for a in node.names:             # `from . import edit`: the module edit; `from .x import y`: x
+                    sub = ".".join(parts + [a.name])
+                    deps.add(sub if sub in paths else ".".join(parts))
             elif isinstance(node, ast.Import):
                 deps |= {a.name.split(".", 1)[1] for a in node.names if a.name.startswith("magnet.")}
-        graph[name(path)] = {d for d in deps if d in names and d != name(path)}
+        graph[mod] = {d for d in deps if d in paths and d != mod}
     return graph
 
 
@@ -86,8 +84,19 @@ def test_the_engine_has_no_import_cycle_at_module_or_function_level():
     graph = _engine_imports()
     assert "edit" in graph["model"] and "arguments" in graph["edit"]     # the parse sees the imports
     assert "model" not in graph["edit"]       # the model's editing methods delegate down to edit, never up
-    assert "cli.common" in graph["cli.generate"] and "cli" in graph["__main__"]       # and the subpackage's
+    assert "cli.common" in graph["cli.generate"] and "cli" in graph["__main__"]       # and the subpackages'
+    assert {"doctor.checks", "stage_forward"} <= graph["doctor"] | graph["doctor.checks"]
+    assert "model" in graph["doctor.checks"]                              # `from ..model import` inside a function
     assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+def test_the_decoding_forward_depends_one_way():
+    """The LM (the specification) imports nothing of the forward that decoding runs on it; the linear layers and
+    the CUDA graphs know nothing of the stage forward that uses them."""
+    graph = _engine_imports()
+    assert not graph["transformer"] & {"stage_forward", "linears", "cuda_graphs", "sampling"}
+    assert "stage_forward" not in graph["linears"] | graph["cuda_graphs"] | graph["lowp"]
+    assert {"linears", "cuda_graphs", "transformer"} <= graph["stage_forward"]
 
 
 def test_the_cycle_check_finds_a_cycle():
@@ -132,7 +141,7 @@ def test_every_generation_returns_the_seed_it_used(music_model, clip):
 
 
 def test_the_seed_is_made_and_recorded_in_one_place(music_model):
-    source = "\n".join(p.read_text() for p in MAGNET.glob("*.py"))
+    source = "\n".join(p.read_text() for p in MAGNET.rglob("*.py"))
     assert len(re.findall(r"(?<!def )make_generator\(seed", source)) == 1 and source.count(".last_seed = ") == 1
 
 

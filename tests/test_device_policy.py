@@ -112,11 +112,11 @@ def test_autocast_on_cuda_follows_the_weights(monkeypatch):
 
 
 def test_every_autocast_site_goes_through_the_helper():
-    """torch.autocast is called only by devices.autocast_for (and fastpath's CUDA-graph capture, which runs on
+    """torch.autocast is called only by devices.autocast_for (and cuda_graphs' graph capture, which runs on
     CUDA only)."""
-    allowed = {ROOT / "magnet" / "devices.py", ROOT / "magnet" / "fastpath.py"}
+    allowed = {ROOT / "magnet" / "devices.py", ROOT / "magnet" / "cuda_graphs.py"}
     offenders = []
-    for path in sorted([*(ROOT / "magnet").glob("*.py"), *(ROOT / "nodes").glob("*.py")]):
+    for path in sorted([*(ROOT / "magnet").rglob("*.py"), *(ROOT / "nodes").glob("*.py")]):
         if path in allowed:
             continue
         for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):

@@ -19,14 +19,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from magnet import edit, fastpath
-from magnet.fastpath import FastPathSettings
+from magnet import edit, linears
 from magnet.model import MagnetModel
+from magnet.random_models import init_random
 from magnet.sampling import (FastMode, SamplingParams, exponential_race, half_to_even_midpoint, race_floor,
                              race_winner, sample_tokens)
+from magnet.stage_forward import DecodingSettings
 from magnet.text import TextCondition
 from magnet.transformer import LM, LMConfig
-from random_weights import init_random
 
 STEPS = (3, 1, 1, 1)        # 3 steps: stride1's middle step runs its span search; the other stages mask all
 LOOP_STEPS = (3, 2, 2, 2)   # several steps in every stage, for the step loop's checks
@@ -225,22 +225,22 @@ def _paths(m: MagnetModel):
     yield "unconditional", lambda: m.generate_from_condition(uncond, frames=24, params=plain, seed=8)
 
 
-@pytest.mark.parametrize("forward, linears", [("cpu", "bf16"), ("cpu", "int8"), ("gpu-like", "bf16")])
-def test_no_decoding_path_makes_a_float64_tensor(model, forward, linears, monkeypatch):
+@pytest.mark.parametrize("forward, path", [("cpu", "bf16"), ("cpu", "int8"), ("gpu-like", "bf16")])
+def test_no_decoding_path_makes_a_float64_tensor(model, forward, path, monkeypatch):
     """forward 'cpu': the CPU's own forward (pruned positions; fast mode with each of its low-precision
     linears, whatever this CPU would choose); 'gpu-like': the static-buffer forward CUDA replays from
     graphs, without pruning."""
-    if linears == "int8" and not fastpath.int8_available():
+    if path == "int8" and not linears.int8_available():
         pytest.skip("this torch has no CPU int8 kernels")
-    monkeypatch.setenv(fastpath.LINEARS_ENV, linears)
-    # The one exclusion: making the int8 copy (magnet/fastpath.py, Int8Linear.__init__: `.double()`, then
+    monkeypatch.setenv(linears.LINEARS_ENV, path)
+    # The one exclusion: making the int8 copy (magnet/linears.py, Int8Linear.__init__: `.double()`, then
     # torch.quantize_per_channel) makes float64 per-channel weight scales, which the CPU's quantized kernels
     # require; the copy is made once per LM, before any decoding. It is made here, outside the mode, so the
     # fast paths below check everything else, the low-precision forward included.
-    fastpath.fast_copy(model.lm, linears, model.fastpath.int8_reduce_range)
-    settings = FastPathSettings() if forward == "cpu" else FastPathSettings(prune_on_cpu=False,
+    linears.fast_copy(model.lm, path, model.decoding.int8_reduce_range)
+    settings = DecodingSettings() if forward == "cpu" else DecodingSettings(prune_on_cpu=False,
                                                                             static_steps_on_cpu=True)
-    saved, model.fastpath = model.fastpath, settings
+    saved, model.decoding = model.decoding, settings
     ran = []
     try:
         for name, call in _paths(model):
@@ -252,7 +252,7 @@ def test_no_decoding_path_makes_a_float64_tensor(model, forward, linears, monkey
             assert not mode.found, f"{name}: float64 made by {mode.found[:5]}"
             ran.append(name)
     finally:
-        model.fastpath = saved
+        model.decoding = saved
     assert len(ran) == (2 * (6 + 5) + 1 if forward == "cpu" else 2 * 6)
 
 
@@ -301,8 +301,8 @@ class StepLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("settings", [FastPathSettings(prune_on_cpu=False, static_steps_on_cpu=True),
-                                      FastPathSettings(prune_on_cpu=False)], ids=["cuda-like", "mps-like"])
+@pytest.mark.parametrize("settings", [DecodingSettings(prune_on_cpu=False, static_steps_on_cpu=True),
+                                      DecodingSettings(prune_on_cpu=False)], ids=["cuda-like", "mps-like"])
 def test_no_step_waits_on_the_device(model, settings):
     """Between two steps of a stage no op reads a tensor back (the forwards CUDA and MPS take: static
     buffers, or the plain forward; int8 is CPU-only, so fast mode runs without it here). The once-per-
@@ -310,9 +310,9 @@ def test_no_step_waits_on_the_device(model, settings):
     cond = tiny_cond()
     card = model.cfg.card
     prompt = torch.randint(0, card, (2, 4, 5), generator=torch.Generator().manual_seed(0))
-    saved, model.fastpath = model.fastpath, settings
+    saved, model.decoding = model.decoding, settings
     try:
-        fast_modes = (False, FastMode(int8=False))
+        fast_modes = (False, FastMode(linears="fp32"))
         for n, (sampling, fields) in enumerate(SAMPLING.items()):
             for a, arr in enumerate(("nonoverlap", "stride1")):
                 fast = fast_modes[(n + a) % 2]
@@ -323,7 +323,7 @@ def test_no_step_waits_on_the_device(model, settings):
                                                   progress=log.mark, rescorer=UniformRescorer(card))
                 _assert_no_sync_within_a_stage(log.events, params.decoding_steps, f"{arr}/{sampling}/{fast}")
     finally:
-        model.fastpath = saved
+        model.decoding = saved
 
 
 def _assert_no_sync_within_a_stage(events, steps, name):

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from magnet import doctor, fastpath
+from magnet import doctor, linears, random_models, stage_forward
 from magnet.__main__ import main
 from magnet.sampling import FastMode
 
@@ -28,15 +28,15 @@ def by_name(report):
 
 
 def test_every_check_passes_on_this_cpu_with_its_numbers(capsys, monkeypatch):
-    monkeypatch.setattr(doctor, "SMALL", SMALL_ARCH)       # the speed check's architecture, small: cheap here
+    monkeypatch.setattr(doctor.speed, "ARCH", SMALL_ARCH)  # the speed check's architecture, small: cheap here
     rc, out, err = run_doctor(capsys, "--json")
     assert len(out.strip().splitlines()) == 1               # one JSON object on stdout ...
     report = json.loads(out)
     assert rc == 0 and report["ok"] is True, report["verdict"]
     assert report["device"] == "cpu" and report["dtype"] == "float32" and report["torch"] == torch.__version__
     env = report["environment"]
-    assert env["cpu"]["cores"] >= 1 and env["kernels"]["onednn_linears"] == fastpath.onednn_available()
-    assert env["kernels"]["int8_fast_mode"] == fastpath.int8_available() and env["default_dtype"] == "float32"
+    assert env["cpu"]["cores"] >= 1 and env["kernels"]["onednn_linears"] == linears.onednn_available()
+    assert env["kernels"]["int8_fast_mode"] == linears.int8_available() and env["default_dtype"] == "float32"
 
     checks = by_name(report)
     assert [c["name"] for c in report["checks"]] == TINY_CHECKS + ["speed"]
@@ -59,11 +59,11 @@ def test_every_check_passes_on_this_cpu_with_its_numbers(capsys, monkeypatch):
     assert speed["arch"] == SMALL_ARCH and speed["frames"] == 500 and speed["seconds_per_step"] > 0
     assert speed["rtf_exact"] == pytest.approx(50 * speed["seconds_per_step"] / 10)
     assert speed["peak_memory_gib"] > 0 and speed["peak_memory_kind"] == "process peak RSS"
-    if fastpath.fast_linears(FastMode(), torch.device("cpu")):
+    if linears.fast_linears(FastMode(), torch.device("cpu")):
         assert speed["seconds_per_step_fast"] > 0 and speed["rtf_fast"] > 0 and speed["fast_copy_seconds"] >= 0
         assert speed["fast_linears"] == env["kernels"]["fast_linears"]["path"]
-    assert env["cpu"]["features"] == fastpath.cpu_features()
-    assert env["kernels"]["fast_linears"]["path"] == fastpath.choose_linears().path
+    assert env["cpu"]["features"] == linears.cpu_features()
+    assert env["kernels"]["fast_linears"]["path"] == linears.choose_linears().path
 
     lines = err.strip().splitlines()                        # ... the human-readable report on stderr
     assert lines[0] == "MAGNeT doctor" and any(line.startswith("kernels ") for line in lines)
@@ -72,16 +72,16 @@ def test_every_check_passes_on_this_cpu_with_its_numbers(capsys, monkeypatch):
 
 
 def test_a_broken_path_and_a_raising_check_are_reported_and_the_doctor_goes_on(capsys, monkeypatch):
-    real = fastpath.StageForward.logits
+    real = stage_forward.StageForward.logits
 
     def off_by_one(self, codes, used, coef):
         logits, guided = real(self, codes, used, coef)
         return logits + 1.0, guided
-    monkeypatch.setattr(fastpath.StageForward, "logits", off_by_one)
+    monkeypatch.setattr(stage_forward.StageForward, "logits", off_by_one)
 
     def explode(*a, **k):
         raise RuntimeError("the codec exploded\nsecond line of the message")
-    monkeypatch.setattr(doctor, "check_codec", explode)
+    monkeypatch.setattr(doctor.checks, "check_codec", explode)
     rc, out, err = run_doctor(capsys, "--no-speed")
     assert rc == 1 and "Traceback" not in err
     lines = out.strip().splitlines()
@@ -96,8 +96,8 @@ def test_a_broken_path_and_a_raising_check_are_reported_and_the_doctor_goes_on(c
 
 
 def test_the_report_as_json_names_the_failed_check_and_its_error(monkeypatch):
-    monkeypatch.setattr(doctor, "check_longform", lambda *a: 1 / 0)
-    monkeypatch.setattr(doctor, "check_logits", lambda *a, **k: (False, {"max_abs_error": math.nan}, "nan"))
+    monkeypatch.setattr(doctor.checks, "check_longform", lambda *a: 1 / 0)
+    monkeypatch.setattr(doctor.checks, "check_logits", lambda *a, **k: (False, {"max_abs_error": math.nan}, "nan"))
     report = doctor.run("cpu", speed=False, echo=lambda line: None)
     assert report["ok"] is False
     checks = by_name(json.loads(doctor.to_json(report)))   # strict JSON: NaN became null
@@ -108,10 +108,10 @@ def test_the_report_as_json_names_the_failed_check_and_its_error(monkeypatch):
 
 @pytest.mark.parametrize("path", ["bf16", "int8", "fp32"])
 def test_speed_check_times_exact_and_fast_steps_of_the_given_architecture(path, monkeypatch):
-    if path == "int8" and not fastpath.int8_available():
+    if path == "int8" and not linears.int8_available():
         pytest.skip("this torch has no CPU int8 kernels")
-    monkeypatch.setenv(fastpath.LINEARS_ENV, path)          # the choice forced, as a user can
-    ok, n, text = doctor.check_speed(torch.device("cpu"), "fp32", SMALL_ARCH, frames=90)
+    monkeypatch.setenv(linears.LINEARS_ENV, path)          # the choice forced, as a user can
+    ok, n, text = doctor.speed.check_speed(torch.device("cpu"), "fp32", SMALL_ARCH, frames=90)
     assert ok and n["frames"] == 90 and n["timed_steps"] == 1 and n["dtype"] == "float32"
     assert n["seconds_per_step"] > 0 and n["rtf_exact"] == pytest.approx(50 * n["seconds_per_step"] / 1.8)
     assert n["weights_gib"] > 0 and "s/step" in text and "RTF" in text
@@ -156,17 +156,17 @@ def test_the_static_step_path_cuda_runs_is_checked_replay_by_replay(tmp_path, mo
     """What CUDA runs (static buffers, a graph per stage, its first replay checked against eager), here on the
     CPU through `static_steps_on_cpu`: each of the logits check's steps after the first is a replay."""
     import magnet.model
-    from magnet.fastpath import FastPathSettings
-    monkeypatch.setattr(magnet.model, "FastPathSettings", lambda: FastPathSettings(static_steps_on_cpu=True))
-    tiny = doctor.Tiny()
-    dev = magnet.model.MagnetModel.from_pretrained(doctor._write_tiny_release(tiny, tmp_path), text_encoder=False,
-                                                   device="cpu")
-    ref = doctor._reference(dev)
-    cond = doctor._condition(tiny.batch, tiny.text_len, tiny.text_dim, 0)
-    ok, n, text = doctor.check_logits(dev, ref, 1, cond, tiny.frames, 4, 0, [])
+    from magnet.stage_forward import DecodingSettings
+    monkeypatch.setattr(magnet.model, "DecodingSettings", lambda: DecodingSettings(static_steps_on_cpu=True))
+    tiny = random_models.Tiny()
+    dev = magnet.model.MagnetModel.from_pretrained(random_models.write_tiny_release(tiny, tmp_path),
+                                                   text_encoder=False, device="cpu")
+    ref = doctor.checks.reference(dev)
+    cond = doctor.checks.condition(tiny.batch, tiny.text_len, tiny.text_dim, 0)
+    ok, n, text = doctor.checks.check_logits(dev, ref, 1, cond, tiny.frames, 4, 0, [])
     assert ok and n["path"] == "static buffers" and n["max_abs_error"] <= n["tolerance"]
-    ok, n, text = doctor.check_graphs(dev)                  # the replays passed their check: still on
+    ok, n, text = doctor.checks.check_graphs(dev)                  # the replays passed their check: still on
     assert ok and n["graphs"] == "on" and n["verified_shapes"] == 1
     monkeypatch.setenv("MAGNET_CUDA_GRAPHS", "0")
-    ok, n, text = doctor.check_graphs(dev)
+    ok, n, text = doctor.checks.check_graphs(dev)
     assert ok and n["graphs"] == "off" and "MAGNET_CUDA_GRAPHS=0" in text

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from magnet import fastpath
+from magnet import linears
+from magnet.random_models import init_random
 from magnet.transformer import LM, LMConfig
-from random_weights import init_random
 
 
 def _lm(seed=0):
@@ -21,13 +21,13 @@ def _weights(lm):
             (layer.linear1, "weight"), (layer.linear2, "weight")]
 
 
-@pytest.mark.skipif(not fastpath.int8_available(), reason="this torch has no CPU int8 kernels")
+@pytest.mark.skipif(not linears.int8_available(), reason="this torch has no CPU int8 kernels")
 @pytest.mark.parametrize("index", range(6))
 @pytest.mark.parametrize("how", ["replaced", "replaced_in_inference_mode", "changed_in_place"])
 def test_int8_copy_is_remade_when_any_weight_changes(index, how):
     lm = _lm()
-    first = fastpath.fast_copy(lm, "int8")
-    assert fastpath.fast_copy(lm, "int8") is first           # unchanged weights: the same copy
+    first = linears.fast_copy(lm, "int8")
+    assert linears.fast_copy(lm, "int8") is first           # unchanged weights: the same copy
     module, name = _weights(lm)[index]
     w = getattr(module, name)
     if how == "changed_in_place":
@@ -37,5 +37,5 @@ def test_int8_copy_is_remade_when_any_weight_changes(index, how):
         ctx = torch.inference_mode() if how == "replaced_in_inference_mode" else torch.no_grad()
         with ctx:
             setattr(module, name, torch.nn.Parameter(w + 1.0, requires_grad=False))
-    second = fastpath.fast_copy(lm, "int8")
+    second = linears.fast_copy(lm, "int8")
     assert second is not first

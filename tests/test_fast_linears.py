@@ -1,16 +1,16 @@
 """Fast mode's linear layers: which path a machine gets (bf16, int8 or fp32), that every path stays close to
-float32, and that its one low-precision copy leaves exact mode exact (magnet.fastpath, magnet.lowp)."""
+float32, and that its one low-precision copy leaves exact mode exact (magnet.linears, magnet.lowp)."""
 import copy
 import threading
 
 import pytest
 import torch
 
-from magnet import fastpath, lowp
+from magnet import linears, lowp, stage_forward
 from magnet.errors import MagnetError
 from magnet.sampling import FastMode, SamplingParams
+from magnet.random_models import init_random
 from magnet.transformer import LM, LMConfig
-from random_weights import init_random
 
 # -- the choice ---------------------------------------------------------------------------------------------
 
@@ -27,16 +27,16 @@ AVX2 = {"fp32": 180.0, "int8": 420.0}                       # an AVX2-only CPU: 
     ({"fp32": 300.0}, "fp32"),
 ])
 def test_the_fastest_path_wins_only_by_a_margin_over_float32(rates, path):
-    assert fastpath.pick_linears(rates) == path
+    assert linears.pick_linears(rates) == path
 
 
 @pytest.fixture()
 def fresh_choice(monkeypatch):
     """The measured choice forgotten before and after (it is cached per thread count)."""
-    monkeypatch.delenv(fastpath.LINEARS_ENV, raising=False)
-    fastpath._measured_choice.cache_clear()
+    monkeypatch.delenv(linears.LINEARS_ENV, raising=False)
+    linears._measured_choice.cache_clear()
     yield
-    fastpath._measured_choice.cache_clear()
+    linears._measured_choice.cache_clear()
 
 
 AMX_CPU = dict.fromkeys(["amx_bf16", "amx_int8", "avx512_bf16", "vnni", "avx2"], True)
@@ -54,7 +54,7 @@ def no_measuring(paths):
     (AMX_CPU, False, False, "fp32", "no bf16 or int8 kernels"),                 # a torch without the kernels
 ])
 def test_clear_features_decide_without_measuring(features, bf16, int8, path, how):
-    choice = fastpath.decide_linears(features, bf16, int8, no_measuring)
+    choice = linears.decide_linears(features, bf16, int8, no_measuring)
     assert choice.path == path and how in choice.how and choice.rates == {}
 
 
@@ -68,76 +68,75 @@ def test_clear_features_decide_without_measuring(features, bf16, int8, path, how
 ])
 def test_unclear_features_are_settled_by_measuring(features, bf16, int8, rates, path):
     asked = []
-    choice = fastpath.decide_linears(features, bf16, int8, lambda paths: asked.append(paths) or
+    choice = linears.decide_linears(features, bf16, int8, lambda paths: asked.append(paths) or
                                      {p: rates[p] for p in paths})
     assert asked == [["fp32"] + (["bf16"] if bf16 else []) + ["int8"]]
     assert choice.path == path and choice.rates == rates and "measured" in choice.how
 
 
 def test_the_machine_choice_is_made_once(fresh_choice, monkeypatch):
-    monkeypatch.setattr(fastpath, "cpu_features", lambda: {})
-    monkeypatch.setattr(fastpath, "bf16_accelerated", lambda: False)
-    monkeypatch.setattr(fastpath, "int8_available", lambda: True)
+    monkeypatch.setattr(linears, "cpu_features", lambda: {})
+    monkeypatch.setattr(linears, "bf16_accelerated", lambda: False)
+    monkeypatch.setattr(linears, "int8_available", lambda: True)
     asked = []
-    monkeypatch.setattr(fastpath, "measure_linears", lambda paths: asked.append(paths) or dict(AVX2))
-    choice = fastpath.choose_linears()
+    monkeypatch.setattr(linears, "measure_linears", lambda paths: asked.append(paths) or dict(AVX2))
+    choice = linears.choose_linears()
     assert choice.path == "int8" and "int8 linears (measured" in choice.describe()
-    assert fastpath.fast_linears(FastMode(), torch.device("cpu")) == "int8"
-    assert fastpath.choose_linears() is choice and len(asked) == 1
+    assert linears.fast_linears(FastMode(), torch.device("cpu")) == "int8"
+    assert linears.choose_linears() is choice and len(asked) == 1
 
 
 def test_measuring_gives_a_rate_for_each_path_that_runs():
-    paths = ["fp32", "bf16"] + (["int8"] if fastpath.int8_available() else [])
-    rates = fastpath.measure_linears(paths, rounds=1)
+    paths = ["fp32", "bf16"] + (["int8"] if linears.int8_available() else [])
+    rates = linears.measure_linears(paths, rounds=1)
     assert set(rates) == set(paths) and all(r > 0 for r in rates.values())
 
 
 def test_the_choice_is_forced_by_the_mode_or_the_environment(fresh_choice, monkeypatch):
-    monkeypatch.setattr(fastpath, "measure_linears", lambda paths: pytest.fail("a forced path is not measured"))
+    monkeypatch.setattr(linears, "measure_linears", lambda paths: pytest.fail("a forced path is not measured"))
     cpu = torch.device("cpu")
-    assert fastpath.fast_linears(FastMode(linears="bf16"), cpu) == "bf16"
-    assert fastpath.fast_linears(FastMode(linears="fp32"), cpu) is None
-    assert fastpath.fast_linears(FastMode(int8=False), cpu) is None           # the earlier field
+    assert linears.fast_linears(FastMode(linears="bf16"), cpu) == "bf16"
+    assert linears.fast_linears(FastMode(linears="fp32"), cpu) is None
     for path in ("bf16", "int8", "fp32"):
-        monkeypatch.setenv(fastpath.LINEARS_ENV, path.upper())
-        if path == "int8" and not fastpath.int8_available():
+        monkeypatch.setenv(linears.LINEARS_ENV, path.upper())
+        if path == "int8" and not linears.int8_available():
             continue
-        choice = fastpath.choose_linears()
-        assert choice.path == path and fastpath.LINEARS_ENV in choice.how
-    monkeypatch.setenv(fastpath.LINEARS_ENV, "bf16")
-    assert fastpath.fast_linears(FastMode(linears="fp32"), cpu) is None      # the mode's own setting wins
+        choice = linears.choose_linears()
+        assert choice.path == path and linears.LINEARS_ENV in choice.how
+    monkeypatch.setenv(linears.LINEARS_ENV, "bf16")
+    assert linears.fast_linears(FastMode(linears="fp32"), cpu) is None      # the mode's own setting wins
     # never on other devices or other weight dtypes
-    assert fastpath.fast_linears(FastMode(), torch.device("cuda")) is None
-    assert fastpath.fast_linears(FastMode(), cpu, torch.bfloat16) is None
-    assert fastpath.fast_linears(False, cpu) is None
+    assert linears.fast_linears(FastMode(), torch.device("cuda")) is None
+    assert linears.fast_linears(FastMode(), cpu, torch.bfloat16) is None
+    assert linears.fast_linears(False, cpu) is None
 
 
 def test_bad_settings_are_refused_naming_the_fix(fresh_choice, monkeypatch):
-    monkeypatch.setenv(fastpath.LINEARS_ENV, "amx")
-    with pytest.raises(MagnetError, match=f"{fastpath.LINEARS_ENV}='amx'.*auto, bf16, int8 or fp32"):
-        fastpath.choose_linears()
-    monkeypatch.delenv(fastpath.LINEARS_ENV)
+    monkeypatch.setenv(linears.LINEARS_ENV, "amx")
+    with pytest.raises(MagnetError, match=f"{linears.LINEARS_ENV}='amx'.*auto, bf16, int8 or fp32"):
+        linears.choose_linears()
+    monkeypatch.delenv(linears.LINEARS_ENV)
     with pytest.raises(MagnetError, match="FastMode.linears 'fp8'"):
         SamplingParams(fast=FastMode(linears="fp8")).check(4)
 
 
 def test_a_forced_path_this_torch_cannot_run_falls_back_with_a_warning(fresh_choice, monkeypatch, caplog):
-    monkeypatch.setattr(fastpath, "int8_available", lambda: False)
-    monkeypatch.setattr(fastpath, "bf16_accelerated", lambda: False)
-    monkeypatch.setattr(fastpath, "cpu_features", lambda: {"avx2": True})
+    monkeypatch.setattr(linears, "int8_available", lambda: False)
+    monkeypatch.setattr(linears, "bf16_accelerated", lambda: False)
+    monkeypatch.setattr(linears, "cpu_features", lambda: {"avx2": True})
     with caplog.at_level("WARNING", logger="magnet"):
-        choice = fastpath.choose_linears("int8")
+        choice = linears.choose_linears("int8")
     assert choice.path == "fp32" and "int8 unavailable" in choice.how
     assert any("int8 linears were asked for" in r.getMessage() for r in caplog.records)
 
 
 def test_cpu_features_are_read_and_named():
-    f = fastpath.cpu_features()
+    f = linears.cpu_features()
     assert {"amx_bf16", "avx512_bf16", "vnni", "avx2", "torch_capability", "machine"} <= set(f)
-    text = fastpath.cpu_features_text({"avx2": True, "machine": "x86_64", "torch_capability": "AVX2"})
+    text = linears.cpu_features_text({"avx2": True, "machine": "x86_64", "torch_capability": "AVX2"})
     assert text == "AVX2 (x86_64, torch CPU kernels AVX2)"
     amx = dict.fromkeys(["amx_bf16", "amx_int8", "avx512_bf16", "vnni", "avx2"], True)
-    assert fastpath.cpu_features_text(amx).startswith("AMX-BF16 AMX-INT8 avx512_bf16 VNNI AVX2")
+    assert linears.cpu_features_text(amx).startswith("AMX-BF16 AMX-INT8 avx512_bf16 VNNI AVX2")
 
 
 # -- every path: close to float32, finite --------------------------------------------------------------------
@@ -168,18 +167,18 @@ TOLERANCE = {("bf16", True): 0.02, ("bf16", False): 0.02, ("int8", True): 0.06}
 
 @pytest.mark.parametrize("path, bf16_attention", list(TOLERANCE))
 def test_every_path_gives_finite_logits_within_its_tolerance(path, bf16_attention):
-    if path == "int8" and not fastpath.int8_available():
+    if path == "int8" and not linears.int8_available():
         pytest.skip("this torch has no CPU int8 kernels")
     lm = _lm()
     mem, codes = _inputs(lm)
     with torch.inference_mode():
         for stage in range(4):
             ref = lm(codes, mem, stage=stage, heads=[stage])
-            copy = fastpath.fast_copy(lm, path, bf16_attention=bf16_attention)
+            copy = linears.fast_copy(lm, path, bf16_attention=bf16_attention)
             wanted = torch.zeros(codes.shape[-1], dtype=torch.bool)
             wanted[::3] = True
             for w in (None, wanted):                      # every position, and pruned positions
-                out = fastpath.parallel_forward(lm, codes, mem, stage, [stage], w, copy)
+                out = stage_forward.parallel_forward(lm, codes, mem, stage, [stage], w, copy)
                 r = ref if w is None else ref[:, :, w]
                 assert torch.isfinite(out).all()
                 err = ((out.float() - r).norm() / r.norm()).item()
@@ -195,24 +194,24 @@ def _param_bytes(lm):
 
 @pytest.mark.parametrize("path", ["bf16", "int8"])
 def test_fast_mode_holds_one_copy_and_no_more_memory_than_exact_mode(path):
-    if path == "int8" and not fastpath.int8_available():
+    if path == "int8" and not linears.int8_available():
         pytest.skip("this torch has no CPU int8 kernels")
     lm = _lm(layers=3)
     exact = _param_bytes(lm)
-    copy = fastpath.fast_copy(lm, path)
+    copy = linears.fast_copy(lm, path)
     held = _param_bytes(lm) + copy.nbytes
     assert copy.kept == 0 and copy.recorded > 0.75 * exact
     # bf16: 4 bytes per replaced weight as in exact mode, plus a bf16 copy of the cross-attention's query rows
     # (whose packed projection stays float32 for the text memory); int8: 3 bytes per replaced weight
     assert held <= (1.04 if path == "bf16" else 0.85) * exact, (held, exact)
-    fastpath.drop_fast_copy(lm)
-    assert _param_bytes(lm) == exact and lm not in fastpath._fast_copies
+    linears.drop_fast_copy(lm)
+    assert _param_bytes(lm) == exact and lm not in linears._fast_copies
 
 
 def test_weights_float16_cannot_hold_stay_float32_beside_the_copy():
     lm = _lm(fp16_values=False)                           # float32 values: a merged LoRA, a float32 fine-tune
     before = {k: v.clone() for k, v in lm.state_dict().items()}
-    copy = fastpath.fast_copy(lm, "bf16")
+    copy = linears.fast_copy(lm, "bf16")
     assert copy.recorded == 0 and copy.kept > 0
     assert all(p.dtype == torch.float32 for p in lm.parameters())
     assert all(torch.equal(v, before[k]) for k, v in lm.state_dict().items())
@@ -226,13 +225,13 @@ def test_exact_use_after_fast_mode_is_bit_identical_and_drops_the_copy():
     before = {k: v.clone() for k, v in lm.state_dict().items()}
     with torch.inference_mode():                          # as ComfyUI runs nodes
         ref, ref_memory = lm(codes, mem, stage=1), lm.memory(*text)
-        fastpath.fast_copy(lm, "bf16")
+        linears.fast_copy(lm, "bf16")
         assert lm.transformer.layers[0].cross_attention.in_proj.weight.dtype == torch.float32
         memory = lm.memory(*text)                         # the text memory reads exact weights
         assert all(torch.equal(a, b) for kv, ref_kv in zip(memory.kv, ref_memory.kv) for a, b in zip(kv, ref_kv))
         assert lm.transformer.layers[0].linear1.weight.dtype == torch.float16
         again = lm(codes, mem, stage=1)                   # exact use restores
-    assert torch.equal(again, ref) and lm not in fastpath._fast_copies
+    assert torch.equal(again, ref) and lm not in linears._fast_copies
     for k, v in lm.state_dict().items():
         assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
     assert lowp.restore(lm) == 0                          # nothing left to restore

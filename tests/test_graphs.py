@@ -1,27 +1,28 @@
 """The CUDA-graph path's policy, checks and fallbacks, run on the CPU through the static-buffer path
-(`FastPathSettings.static_steps_on_cpu`: the same bookkeeping, with an eager forward in place of the replay)."""
+(`DecodingSettings.static_steps_on_cpu`: the same bookkeeping, with an eager forward in place of the replay)."""
 import logging
 
 import pytest
 import torch
 
 import magnet.transformer as transformer
-from magnet import fastpath
-from magnet.fastpath import FastPathSettings, StageForward, StaticStep, graph_state, graphs_allowed_by_env
+from magnet import cuda_graphs
+from magnet.cuda_graphs import StaticStep, graph_state, graphs_allowed_by_env
+from magnet.stage_forward import DecodingSettings, StageForward
 
-EAGER = FastPathSettings(prune_on_cpu=False)
+EAGER = DecodingSettings(prune_on_cpu=False)
 
 
-def static(**kw) -> FastPathSettings:
-    return FastPathSettings(static_steps_on_cpu=True, prune_on_cpu=False, **kw)
+def static(**kw) -> DecodingSettings:
+    return DecodingSettings(static_steps_on_cpu=True, prune_on_cpu=False, **kw)
 
 
 @pytest.fixture
 def model(music_model, monkeypatch):
     """The music fixture with fresh graph state (the state is per model and the model is shared)."""
-    fastpath._graph_states.pop(music_model.lm, None)
+    cuda_graphs._graph_states.pop(music_model.lm, None)
     yield music_model
-    fastpath._graph_states.pop(music_model.lm, None)
+    cuda_graphs._graph_states.pop(music_model.lm, None)
 
 
 def _count(monkeypatch, cls):
@@ -36,7 +37,7 @@ def _count(monkeypatch, cls):
 
 
 def _generate(model, settings, monkeypatch, **kw):
-    monkeypatch.setattr(model, "fastpath", settings)
+    monkeypatch.setattr(model, "decoding", settings)
     kw = {"seed": 3, "duration": 1.2, "decoding_steps": (6, 3, 4, 2), **kw}
     return model.generate(["dub techno"], **kw)
 

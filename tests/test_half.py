@@ -3,9 +3,9 @@ largest value (65504) still give finite logits that match float32."""
 import pytest
 import torch
 
-from magnet.fastpath import FastPathSettings, StageForward
+from magnet.random_models import init_random
+from magnet.stage_forward import DecodingSettings, StageForward
 from magnet.transformer import LM, LMConfig
-from random_weights import init_random
 
 FRAMES = 1500      # 30 s: the longest official window
 
@@ -47,7 +47,7 @@ def test_activations_beyond_fp16_range_give_finite_logits_equal_to_float32():
     for stage, ref in refs.items():
         spec = lm16(codes, mem16, stage=stage, heads=[stage]).float()
         fast, _ = StageForward(lm16, mem16, guided=True, batch=1, stage=stage, n_steps=1,
-                               settings=FastPathSettings()).logits(codes, torch.ones(1, FRAMES, dtype=torch.bool), 3.0)
+                               settings=DecodingSettings()).logits(codes, torch.ones(1, FRAMES, dtype=torch.bool), 3.0)
         scale = float(ref.abs().amax())
         for out in (spec, fast.unsqueeze(1) if fast.dim() == 3 else fast):
             assert bool(torch.isfinite(out).all())

@@ -84,8 +84,8 @@ def test_temperature_anneals_linearly_to_the_floor(music_model, monkeypatch):
     monkeypatch.setattr(s.torch, "softmax", spy)
     params = SamplingParams(use_sampling=False, temperature=2.0, max_cfg_coef=1.0, min_cfg_coef=1.0,
                             decoding_steps=(4, 1, 1, 1))
-    from magnet.fastpath import FastPathSettings
-    s.generate(lm, cond, 30, params, fastpath=FastPathSettings(prune_on_cpu=False))  # logits of every position
+    from magnet.stage_forward import DecodingSettings
+    s.generate(lm, cond, 30, params, decoding=DecodingSettings(prune_on_cpu=False))  # logits of every position
     n = 4
     for i in range(n):
         # cfg coef 1 -> guided logits == conditional logits

@@ -1,4 +1,4 @@
-"""Speed work, checked for what it must not change: the fast path (magnet.fastpath: pruned positions,
+"""Speed work, checked for what it must not change: the decoding forward (magnet.stage_forward: pruned positions,
 band attention without a [T, T] matrix, oneDNN linears, shared first self-attention, static buffers)
 computes the same function as the specification, `LM.forward`, and decodes every golden
 token-identically; its int8 layers stay within a tolerance of it; fast mode changes only what `FastMode`
@@ -12,13 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REFERENCE_SAMPLING, golden_prompts
-from magnet import fastpath
-from magnet.fastpath import (FastPathSettings, StaticStep, active_positions, band_attention, drop_fast_copy,
-                             fast_copy, parallel_forward)
+from magnet import linears
+from magnet.cuda_graphs import StaticStep
 from magnet.errors import MagnetError
+from magnet.linears import drop_fast_copy, fast_copy
+from magnet.random_models import init_random
 from magnet.sampling import FastMode, SamplingParams
+from magnet.stage_forward import DecodingSettings, active_positions, band_attention, parallel_forward
 from magnet.transformer import LM, LMConfig, band_mask
-from random_weights import init_random
 
 
 def small_lm(seed=0, **kw) -> LM:
@@ -118,7 +119,7 @@ def test_band_attention_equals_sdpa_with_the_band_mask(n, width):
 def test_exact_mode_decodes_every_golden_with_and_without_pruning(models, golden, golden_cfg, monkeypatch, name,
                                                                   key, arrangement, scoring, prune):
     model = models[name]
-    monkeypatch.setattr(model, "fastpath", FastPathSettings(prune_on_cpu=prune))
+    monkeypatch.setattr(model, "decoding", DecodingSettings(prune_on_cpu=prune))
     cond = model.encode_text(golden_prompts(model, golden, name))
     params = SamplingParams(use_sampling=False, decoding_steps=golden_cfg["decoding_steps"],
                             span_arrangement=arrangement, span_scoring=scoring, **REFERENCE_SAMPLING)
@@ -133,7 +134,7 @@ def test_sampled_codes_do_not_depend_on_pruning(music_model, monkeypatch, kw):
     a seed gives the same codes as computing every position."""
     out = []
     for prune in (True, False):
-        monkeypatch.setattr(music_model, "fastpath", FastPathSettings(prune_on_cpu=prune))
+        monkeypatch.setattr(music_model, "decoding", DecodingSettings(prune_on_cpu=prune))
         out.append(music_model.generate(["dub techno", "rain"], seed=3, duration=1.5,
                                         decoding_steps=(4, 3, 2, 2), **kw))
     assert torch.equal(out[0], out[1])
@@ -144,11 +145,11 @@ def test_pruned_steps_ask_for_the_masked_spans_only(music_model, monkeypatch):
     asked = []
     real = lm.forward
 
-    def spy(codes, mem, *a, fastpath=None, **k):
+    def spy(codes, mem, *a, plan=None, **k):
         stage = k.get("stage", -1)
         masked = codes[:, stage] == lm.mask_id
-        asked.append((fastpath.wanted, masked.any(dim=0)))
-        return real(codes, mem, *a, fastpath=fastpath, **k)
+        asked.append((plan.wanted, masked.any(dim=0)))
+        return real(codes, mem, *a, plan=plan, **k)
     monkeypatch.setattr(lm, "forward", spy)
     music_model.generate(["x"], seed=0, duration=1.2, decoding_steps=(4, 3, 3, 3))
     assert asked[0][0] is None                          # first step: everything is masked
@@ -183,7 +184,7 @@ def test_fewer_later_steps_leave_codebook_0_exactly_as_in_exact_mode(music_model
     exact mode: its stage runs first, with the same steps and the same random numbers."""
     kw = dict(seed=5, duration=2.0, decoding_steps=(6, 4, 4, 4), use_sampling=use_sampling)
     exact = music_model.generate(["dub techno", "rain"], **kw)
-    steps_only = music_model.generate(["dub techno", "rain"], fast=FastMode(later_steps=2, int8=False,
+    steps_only = music_model.generate(["dub techno", "rain"], fast=FastMode(later_steps=2, linears="fp32",
                                                                              skip_unit_cfg=False), **kw)
     assert torch.equal(steps_only[:, 0], exact[:, 0])
     assert not torch.equal(steps_only[:, 1:], exact[:, 1:])
@@ -205,7 +206,7 @@ def test_null_pass_is_skipped_only_where_the_guidance_coefficient_is_one(music_m
         rows.append(mem.batch)
         return real(codes, mem, *a, **k)
     monkeypatch.setattr(lm, "forward", spy)
-    fast = FastMode(later_steps=None, int8=False)
+    fast = FastMode(later_steps=None, linears="fp32")
     music_model.generate(["x"], seed=0, duration=1.0, decoding_steps=(4, 3, 2, 1), fast=fast)
     # the last step of each stage of >1 steps has m = cos(pi/2) ~ -4e-8: coefficient 1 - 4e-7
     assert rows == [2, 2, 2, 1] + [2, 2, 1] + [2, 1] + [2]
@@ -222,13 +223,13 @@ def test_skipping_the_null_pass_at_coefficient_one_changes_nothing_else(music_mo
     two-pass exact decoding."""
     kw = dict(duration=2.0, decoding_steps=(5, 3, 3, 3), use_sampling=False, max_cfg_coef=1.0, min_cfg_coef=1.0)
     exact = music_model.generate(["dub techno", "rain"], **kw)
-    skip = music_model.generate(["dub techno", "rain"], fast=FastMode(later_steps=None, int8=False), **kw)
+    skip = music_model.generate(["dub techno", "rain"], fast=FastMode(later_steps=None, linears="fp32"), **kw)
     assert torch.equal(skip, exact)
 
 
 @pytest.mark.parametrize("path", ["bf16", "int8"])
 def test_low_precision_linears_stay_close_and_exact_weights_come_back(path):
-    if path == "int8" and not fastpath.int8_available():
+    if path == "int8" and not linears.int8_available():
         pytest.skip("this torch has no CPU int8 kernels")
     lm = small_lm(dim=64, num_heads=4, ffn_dim=256, num_layers=2, card=32)
     with torch.no_grad():                                 # float16 values, as the releases are published
@@ -254,13 +255,13 @@ def test_low_precision_linears_stay_close_and_exact_weights_come_back(path):
     lm(codes, mem, stage=0)                               # exact use: the exact weights, bit for bit, and no copy
     for k, v in lm.state_dict().items():
         assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
-    assert lm not in fastpath._fast_copies
+    assert lm not in linears._fast_copies
     copy = fast_copy(lm, path)
     with torch.no_grad():
         lm.transformer.layers[0].linear1.weight.mul_(2)   # weights changed: the copy is remade
     assert fast_copy(lm, path) is not copy
     drop_fast_copy(lm)
-    assert lm not in fastpath._fast_copies and lm.transformer.layers[0].linear1.weight.dtype == torch.float32
+    assert lm not in linears._fast_copies and lm.transformer.layers[0].linear1.weight.dtype == torch.float32
 
 
 def test_fast_mode_generates_through_the_api(music_model):
@@ -327,7 +328,7 @@ def test_static_steps_decode_the_goldens_and_the_same_samples(models, golden, go
     cond = model.encode_text(golden_prompts(model, golden, name))
     params = SamplingParams(use_sampling=False, decoding_steps=golden_cfg["decoding_steps"], **REFERENCE_SAMPLING)
     sampled = model.generate(["dub techno"], seed=2, duration=1.2, decoding_steps=(4, 3, 2, 1))
-    monkeypatch.setattr(model, "fastpath", FastPathSettings(static_steps_on_cpu=True, graph_min_steps=2))
+    monkeypatch.setattr(model, "decoding", DecodingSettings(static_steps_on_cpu=True, graph_min_steps=2))
     made = []
     real = StaticStep.__init__
 

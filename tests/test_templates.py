@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from jpeg_dc import luma_blocks
-from pack import ROOT
 from pack import widget_inputs
 from test_workflows import WORKFLOWS, load
 

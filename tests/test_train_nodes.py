@@ -367,7 +367,7 @@ def test_a_comfyui_patch_after_fast_mode_is_made_from_the_exact_weights(pack, N,
     out = load(N, handle, "style.safetensors", 1.0)
     patched = logits(used(pack, out))
     expected = logits(used(pack, handle))                   # the base again (ComfyUI unpatches)
-    pack.magnet.fastpath.fast_copy(m.lm, "bf16")            # fast mode ran on the base
+    pack.magnet.linears.fast_copy(m.lm, "bf16")            # fast mode ran on the base
     assert sum(pack.magnet.lowp.is_record(p) for p in m.lm.parameters()) >= 5 * m.lm.cfg.num_layers
     used(pack, out)                                         # ComfyUI patches the LoRA clone
     assert all(p.dtype == torch.float32 for p in m.lm.parameters())
