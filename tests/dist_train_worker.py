@@ -19,7 +19,9 @@ def main() -> int:
             os._exit(3)                                # a process that dies after joining
         model = MagnetModel.from_pretrained(args["release"], text_encoder=args["t5"], device="cpu")
         res = train_lora(model, args["data"], args["out"], TrainSettings(**args["settings"]))
-        print(json.dumps({"rank": group.rank, "world": group.world, "steps": res.steps_done, "losses": res.losses}))
+        report = {"rank": group.rank, "world": group.world, "steps": res.steps_done, "losses": res.losses}
+        with open(f"{args['out']}.rank{group.rank}.json", "w") as f:       # one file each: stdout lines interleave
+            json.dump(report, f)
     except MagnetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
