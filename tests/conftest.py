@@ -129,3 +129,12 @@ def pack():
 @pytest.fixture(scope="module")
 def N(pack):
     return pack.NODE_CLASS_MAPPINGS
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny models (thread hand-offs would cost more than their work)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -14,12 +14,7 @@ from magnet.errors import MagnetError
 FAST = dict(seconds=0.3, decoding_steps=[2, 1, 1, 1])      # 15 frames, 5 forwards: milliseconds a clip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: thread hand-offs cost more than the work
 
 
 def _write(tmp_path, name, text):

@@ -14,13 +14,7 @@ from tiny_clap import SR, WINDOW
 from tiny_clap import tiny_clap as _tiny_clap
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model's ops are microseconds: thread hand-offs would cost more than the work."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: thread hand-offs cost more than the work
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,7 @@ except ImportError:          # scipy is not a dependency: an independent eigenva
     _scipy_linalg = None
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: thread hand-offs cost more than the work
 
 
 def _reference_fd(a, b, use_scipy=True):

@@ -24,12 +24,7 @@ from tiny_clap import tiny_clap
 CATEGORIES = [c.name for c in tagging.VOCABULARY]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: thread hand-offs cost more than the work
 
 
 @pytest.fixture(scope="module")
